@@ -1,0 +1,163 @@
+//! The catalog: a redb database beside the segments.
+//!
+//! It names the segments that exist and their state (the manifest). The log
+//! is the source of truth for events; the catalog is the source of truth for
+//! which files are part of the store. Ordering protocol and recovery are in
+//! `docs/format.md` ("Catalog").
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::StorageError;
+
+/// segment id → postcard `SegmentMeta`, behind a version byte.
+const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
+/// Small named values: `format_version`.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// Version byte in front of every postcard value.
+const META_VERSION: u8 = 1;
+/// Version of the catalog's tables; bumped with any change to them.
+pub const CATALOG_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SegmentState {
+    /// Takes appends; its `.log` file is the data.
+    Active,
+    /// Rolled: no more appends; its `.log` awaits sealing.
+    Sealing,
+    /// Its `.seg` file is the data; immutable.
+    Sealed,
+}
+
+/// The manifest entry of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentMeta {
+    pub state: SegmentState,
+    /// Global arrival number of the segment's first row.
+    pub first_seq: u64,
+    /// Rows, for a sealed segment (0 while active or sealing: the log says).
+    pub rows: u32,
+    pub min_ts_us: i64,
+    pub max_ts_us: i64,
+    /// Bytes of the segment's data file once sealed.
+    pub bytes: u64,
+}
+
+fn catalog_err(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Catalog(e.to_string())
+}
+
+fn encode_meta(meta: &SegmentMeta) -> Result<Vec<u8>, StorageError> {
+    let mut out = vec![META_VERSION];
+    out.extend(postcard::to_stdvec(meta).map_err(catalog_err)?);
+    Ok(out)
+}
+
+fn decode_meta(bytes: &[u8]) -> Result<SegmentMeta, StorageError> {
+    match bytes.split_first() {
+        Some((&META_VERSION, rest)) => postcard::from_bytes(rest).map_err(catalog_err),
+        Some((v, _)) => Err(StorageError::Catalog(format!(
+            "segment entry has unknown version {v}"
+        ))),
+        None => Err(StorageError::Catalog("empty segment entry".into())),
+    }
+}
+
+pub struct Catalog {
+    db: Database,
+}
+
+impl Catalog {
+    pub fn open(path: &Path) -> Result<Catalog, StorageError> {
+        let db = Database::create(path).map_err(catalog_err)?;
+        let catalog = Catalog { db };
+        let txn = catalog.db.begin_write().map_err(catalog_err)?;
+        {
+            let mut meta = txn.open_table(META).map_err(catalog_err)?;
+            let version = meta
+                .get("format_version")
+                .map_err(catalog_err)?
+                .map(|v| v.value().to_vec());
+            match version {
+                None => {
+                    meta.insert("format_version", &CATALOG_VERSION.to_le_bytes()[..])
+                        .map_err(catalog_err)?;
+                }
+                Some(v) if v == CATALOG_VERSION.to_le_bytes() => {}
+                Some(v) => {
+                    return Err(StorageError::Catalog(format!(
+                        "catalog format version {v:?} is not supported (expected {CATALOG_VERSION})"
+                    )));
+                }
+            }
+            txn.open_table(SEGMENTS).map_err(catalog_err)?;
+        }
+        txn.commit().map_err(catalog_err)?;
+        Ok(catalog)
+    }
+
+    /// Every segment, by id.
+    pub fn segments(&self) -> Result<Vec<(u64, SegmentMeta)>, StorageError> {
+        let txn = self.db.begin_read().map_err(catalog_err)?;
+        let table = txn.open_table(SEGMENTS).map_err(catalog_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(catalog_err)? {
+            let (k, v) = entry.map_err(catalog_err)?;
+            out.push((k.value(), decode_meta(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Applies `changes` (upserts, and removals as `None`) in one durable
+    /// transaction.
+    pub fn apply(&self, changes: &[(u64, Option<SegmentMeta>)]) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(catalog_err)?;
+        {
+            let mut table = txn.open_table(SEGMENTS).map_err(catalog_err)?;
+            for (id, meta) in changes {
+                match meta {
+                    Some(meta) => {
+                        table
+                            .insert(*id, &encode_meta(meta)?[..])
+                            .map_err(catalog_err)?;
+                    }
+                    None => {
+                        table.remove(*id).map_err(catalog_err)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(catalog_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_round_trips_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.redb");
+        let meta = SegmentMeta {
+            state: SegmentState::Sealed,
+            first_seq: 10,
+            rows: 5,
+            min_ts_us: -3,
+            max_ts_us: 9,
+            bytes: 1234,
+        };
+        {
+            let c = Catalog::open(&path).unwrap();
+            c.apply(&[(1, Some(meta)), (2, Some(meta))]).unwrap();
+            c.apply(&[(2, None)]).unwrap();
+        }
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.segments().unwrap(), vec![(1, meta)]);
+        assert!(decode_meta(&[9, 0]).is_err());
+        assert!(decode_meta(&[]).is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! The file seam under the active log: real files, and a fault-injecting
+//! variant that simulates a power loss at a chosen sync point.
+//!
+//! Only the write side of the active segment goes through the seam: it is
+//! the one place where a torn write can happen. Sealed segments are written
+//! whole, fsynced and renamed before the catalog names them.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The active log's write handle.
+pub trait LogFile: Send {
+    /// Appends `buf` at the end of the file.
+    fn append(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// Makes every appended byte durable (fdatasync).
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// Creates and opens log files; one per data directory.
+pub trait FileSystem: Send + Sync {
+    /// Opens `path` for appending; creates it if missing.
+    fn open_log(&self, path: &Path) -> io::Result<Box<dyn LogFile>>;
+}
+
+/// Plain files.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFs;
+
+struct RealLog(File);
+
+impl LogFile for RealLog {
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl FileSystem for RealFs {
+    fn open_log(&self, path: &Path) -> io::Result<Box<dyn LogFile>> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Box::new(RealLog(file)))
+    }
+}
+
+/// Fsyncs a directory so that a create, rename or unlink in it is durable.
+pub fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+/// What the faulty file system does when its plan fires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// At sync number `at_sync` (counted from 1 across all log files), keep
+    /// only `keep_per_mille`/1000 of the bytes appended since the previous
+    /// sync, then fail that sync and every later call: the machine lost power.
+    TearAtSync { at_sync: u64, keep_per_mille: u32 },
+    /// Every append fails with "no space left on device" once `after_bytes`
+    /// bytes have been appended in total (the disk filled up).
+    DiskFullAfter { after_bytes: u64 },
+}
+
+/// Real files with one planned fault. Cloning shares the plan and counters.
+#[derive(Clone)]
+pub struct FaultyFs {
+    fault: Fault,
+    syncs: Arc<AtomicU64>,
+    appended: Arc<AtomicU64>,
+    dead: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultyFs {
+    pub fn new(fault: Fault) -> FaultyFs {
+        FaultyFs {
+            fault,
+            syncs: Arc::new(AtomicU64::new(0)),
+            appended: Arc::new(AtomicU64::new(0)),
+            dead: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether the planned power loss has happened.
+    pub fn fired(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+}
+
+struct FaultyLog {
+    file: File,
+    fs: FaultyFs,
+    synced_len: u64,
+    len: u64,
+}
+
+fn power_lost() -> io::Error {
+    io::Error::other("simulated power loss")
+}
+
+impl LogFile for FaultyLog {
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        if self.fs.fired() {
+            return Err(power_lost());
+        }
+        let before = self.fs.appended.fetch_add(buf.len() as u64, Ordering::SeqCst);
+        if let Fault::DiskFullAfter { after_bytes } = self.fs.fault
+            && before + buf.len() as u64 > after_bytes
+        {
+            self.fs.appended.fetch_sub(buf.len() as u64, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        self.file.write_all(buf)?;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        if self.fs.fired() {
+            return Err(power_lost());
+        }
+        let n = self.fs.syncs.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Fault::TearAtSync {
+            at_sync,
+            keep_per_mille,
+        } = self.fs.fault
+            && n == at_sync
+        {
+            let unsynced = self.len - self.synced_len;
+            let keep = unsynced * u64::from(keep_per_mille.min(1000)) / 1000;
+            self.file.set_len(self.synced_len + keep)?;
+            self.file.sync_all()?;
+            self.fs.dead.store(true, Ordering::SeqCst);
+            return Err(power_lost());
+        }
+        self.file.sync_data()?;
+        self.synced_len = self.len;
+        Ok(())
+    }
+}
+
+impl FileSystem for FaultyFs {
+    fn open_log(&self, path: &Path) -> io::Result<Box<dyn LogFile>> {
+        if self.fired() {
+            return Err(power_lost());
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Box::new(FaultyLog {
+            file,
+            fs: self.clone(),
+            synced_len: len,
+            len,
+        }))
+    }
+}

@@ -1,0 +1,189 @@
+//! Event ids: their 64-bit hash, the fast read of an id from a record, and
+//! the in-memory filter that keeps idempotency checks off the disk.
+//!
+//! The hash is XXH3-64 of the id's bytes. It is stored in sealed segments'
+//! id tables, so changing it changes the format version.
+
+use super::record::RecordError;
+
+/// XXH3-64 of an event id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdHash(pub u64);
+
+pub fn hash_id(id: &str) -> IdHash {
+    IdHash(xxhash_rust::xxh3::xxh3_64(id.as_bytes()))
+}
+
+fn varint(buf: &[u8], at: &mut usize) -> Result<u64, RecordError> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *buf.get(*at).ok_or(RecordError::Decode("truncated varint".into()))?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(RecordError::Decode("varint too long".into()))
+}
+
+/// Reads the id (field 1) and timestamp (field 2) of a `RecordV1` without
+/// decoding the rest.
+pub fn peek_id_and_timestamp(payload: &[u8]) -> Result<(&str, i64), RecordError> {
+    let mut at = 0usize;
+    let mut id: &str = "";
+    let mut ts = 0i64;
+    while at < payload.len() {
+        let key = varint(payload, &mut at)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                let v = varint(payload, &mut at)?;
+                if field == 2 {
+                    // sint64: zig-zag.
+                    ts = ((v >> 1) as i64) ^ -((v & 1) as i64);
+                }
+            }
+            2 => {
+                let len = varint(payload, &mut at)? as usize;
+                let end = at
+                    .checked_add(len)
+                    .filter(|&e| e <= payload.len())
+                    .ok_or(RecordError::Decode("length past the end".into()))?;
+                if field == 1 {
+                    id = std::str::from_utf8(&payload[at..end])
+                        .map_err(|_| RecordError::Decode("id is not UTF-8".into()))?;
+                }
+                at = end;
+            }
+            1 => at += 8,
+            5 => at += 4,
+            _ => return Err(RecordError::Decode(format!("wire type {wire}"))),
+        }
+        // Fields 1 and 2 come first in every record evdb writes; stop early.
+        if field > 2 {
+            break;
+        }
+    }
+    if at > payload.len() {
+        return Err(RecordError::Decode("fixed field past the end".into()));
+    }
+    Ok((id, ts))
+}
+
+const BLOCK_BITS: usize = 512;
+const WORDS_PER_BLOCK: usize = BLOCK_BITS / 64;
+const PROBES: u32 = 6;
+/// Bits per id at the filter's capacity: with 6 probes in a 512-bit block
+/// this gives a false-positive rate near 1 %.
+const BITS_PER_ID: usize = 12;
+
+/// A blocked Bloom filter over id hashes: one cache line per lookup.
+///
+/// False positives only cost a look into the sealed segments' id tables;
+/// a false negative is impossible, so a "no" lets an append skip the disk.
+#[derive(Debug, Clone)]
+pub struct IdFilter {
+    words: Vec<u64>,
+    block_mask: usize,
+    len: usize,
+    capacity: usize,
+}
+
+impl IdFilter {
+    pub fn with_capacity(ids: usize) -> IdFilter {
+        let bits = (ids.max(1 << 14) * BITS_PER_ID).next_power_of_two();
+        let blocks = bits / BLOCK_BITS;
+        IdFilter {
+            words: vec![0; blocks * WORDS_PER_BLOCK],
+            block_mask: blocks - 1,
+            len: 0,
+            capacity: bits / BITS_PER_ID,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether more ids were added than the filter was sized for (its
+    /// false-positive rate then climbs; rebuild it larger).
+    pub fn is_over_capacity(&self) -> bool {
+        self.len > self.capacity
+    }
+
+    fn probes(&self, hash: IdHash) -> (usize, impl Iterator<Item = u32> + use<>) {
+        let block = (hash.0 as usize) & self.block_mask;
+        let mut h = (hash.0 >> 32) as u32 | 1;
+        let step = (hash.0.rotate_left(17) as u32) | 1;
+        let bits = (0..PROBES).map(move |_| {
+            h = h.wrapping_add(step);
+            h % BLOCK_BITS as u32
+        });
+        (block * WORDS_PER_BLOCK, bits)
+    }
+
+    pub fn insert(&mut self, hash: IdHash) {
+        let (base, bits) = self.probes(hash);
+        for bit in bits {
+            self.words[base + (bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        self.len += 1;
+    }
+
+    pub fn may_contain(&self, hash: IdHash) -> bool {
+        let (base, mut bits) = self.probes(hash);
+        bits.all(|bit| self.words[base + (bit / 64) as usize] & (1 << (bit % 64)) != 0)
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    #[test]
+    fn peek_reads_what_encode_wrote() {
+        let mut e = Event::new("s", "t");
+        e.timestamp = crate::event::Timestamp(-1_234_567);
+        let mut buf = Vec::new();
+        crate::storage::record::encode(&e, &mut buf);
+        let (id, ts) = peek_id_and_timestamp(&buf).unwrap();
+        assert_eq!(id, e.id);
+        assert_eq!(ts, -1_234_567);
+        for cut in 0..buf.len() {
+            let _ = peek_id_and_timestamp(&buf[..cut]);
+        }
+    }
+
+    #[test]
+    fn filter_has_no_false_negatives_and_few_positives() {
+        let mut f = IdFilter::with_capacity(100_000);
+        for i in 0..100_000u64 {
+            f.insert(hash_id(&format!("id-{i}")));
+        }
+        assert!(!f.is_over_capacity());
+        for i in 0..100_000u64 {
+            assert!(f.may_contain(hash_id(&format!("id-{i}"))));
+        }
+        let false_positives = (0..100_000u64)
+            .filter(|i| f.may_contain(hash_id(&format!("other-{i}"))))
+            .count();
+        assert!(false_positives < 3_000, "{false_positives} false positives");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn peek_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128)) {
+            let _ = peek_id_and_timestamp(&bytes);
+        }
+    }
+}

@@ -1,0 +1,613 @@
+//! `storage/`: here is an event, keep it safe.
+//!
+//! An append-only segmented log. One writer thread owns the active segment
+//! and group-commits appends; a sealer thread turns rolled segments into
+//! compressed, immutable `.seg` files read through `memmap2`; a redb catalog
+//! names the segments. Storage knows nothing of bitmaps, queries, HTTP or
+//! serde. Byte layouts: `docs/format.md`.
+
+mod active;
+pub mod catalog;
+pub mod dir;
+pub mod frame;
+pub mod ids;
+pub mod record;
+mod recovery;
+pub mod segment;
+mod writer;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, bounded};
+use parking_lot::{Mutex, RwLock};
+
+pub use active::OpenSegment;
+use catalog::Catalog;
+use dir::FileSystem;
+use ids::{IdFilter, IdHash, hash_id};
+pub use segment::{Compression, SealedSegment};
+
+use crate::event::Event;
+use crate::limits;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data directory {0} is in use by another process")]
+    Locked(PathBuf),
+    #[error("segment {segment} is corrupted at offset {offset}: {reason}")]
+    Corrupted {
+        segment: u64,
+        offset: u64,
+        reason: String,
+    },
+    #[error("catalog error: {0}")]
+    Catalog(String),
+    #[error("the store refuses writes after an earlier failure: {0}")]
+    Poisoned(String),
+    #[error("the store is closed")]
+    Closed,
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl StorageError {
+    pub fn io(path: &Path, source: std::io::Error) -> StorageError {
+        StorageError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    pub fn corrupted(segment: u64, offset: u64, reason: impl Into<String>) -> StorageError {
+        StorageError::Corrupted {
+            segment,
+            offset,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// When an append is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FsyncMode {
+    /// After its bytes are durable (group commit).
+    #[default]
+    Always,
+    /// When written; synced at most this long after.
+    Interval(Duration),
+    /// When written; synced on roll and close only.
+    Never,
+}
+
+impl FsyncMode {
+    /// Parses `always`, `interval:MS` or `never`.
+    pub fn parse(text: &str) -> Result<FsyncMode, String> {
+        match text {
+            "always" => Ok(FsyncMode::Always),
+            "never" => Ok(FsyncMode::Never),
+            _ => match text.strip_prefix("interval:").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms > 0 => Ok(FsyncMode::Interval(Duration::from_millis(ms))),
+                _ => Err(format!(
+                    "fsync mode {text:?}: expected always, interval:MS (MS > 0) or never"
+                )),
+            },
+        }
+    }
+}
+
+/// Storage settings.
+#[derive(Clone, Debug)]
+pub struct StorageConfig {
+    pub fsync: FsyncMode,
+    /// Roll the active segment once it holds this many bytes.
+    pub segment_size_bytes: u64,
+    /// Roll the active segment once it is this old and holds any row.
+    pub segment_age_max: Option<Duration>,
+    pub compression: Compression,
+    /// Uncompressed bytes per sealed block.
+    pub block_size_bytes: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            fsync: FsyncMode::Always,
+            segment_size_bytes: 128 * 1024 * 1024,
+            segment_age_max: None,
+            compression: Compression::Zstd,
+            block_size_bytes: limits::BLOCK_SIZE_DEFAULT,
+        }
+    }
+}
+
+impl StorageConfig {
+    fn check(&self) -> Result<(), StorageError> {
+        let size = self.segment_size_bytes;
+        if !(limits::SEGMENT_SIZE_MIN..=limits::SEGMENT_SIZE_MAX).contains(&size) {
+            return Err(StorageError::Config(format!(
+                "segment size {size} must lie in {}..={}",
+                limits::SEGMENT_SIZE_MIN,
+                limits::SEGMENT_SIZE_MAX
+            )));
+        }
+        if !(1024..=4 * 1024 * 1024).contains(&self.block_size_bytes) {
+            return Err(StorageError::Config(
+                "block size must lie in 1 KiB..=4 MiB".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where a row lives: the order of positions is arrival order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub segment: u64,
+    pub row: u32,
+}
+
+/// An event ready for the writer: validated, encoded and framed on the
+/// caller's thread so that the writer only checks ids and copies bytes.
+#[derive(Debug)]
+pub struct Prepared {
+    pub hash: IdHash,
+    pub timestamp_us: i64,
+    /// The event id's byte range inside `frame`.
+    id_range: (usize, usize),
+    frame: Vec<u8>,
+}
+
+impl Prepared {
+    /// Encodes `event`; the caller has validated it. Returns the encoded size
+    /// so the caller can check it against the limit first.
+    pub fn encode(event: &Event) -> Prepared {
+        let mut payload = Vec::with_capacity(256 + event.data.as_str().len());
+        record::encode(event, &mut payload);
+        let mut frame = Vec::with_capacity(payload.len() + frame::FRAME_HEADER_SIZE);
+        frame::encode(frame::FrameKind::EventV1, &payload, &mut frame);
+        // The id is field 1, written first: tag byte, one or two length bytes.
+        let id_start = frame::FRAME_HEADER_SIZE + 1 + if event.id.len() < 128 { 1 } else { 2 };
+        Prepared {
+            hash: hash_id(&event.id),
+            timestamp_us: event.timestamp.as_micros(),
+            id_range: (id_start, id_start + event.id.len()),
+            frame,
+        }
+    }
+
+    pub fn payload_len(&self) -> usize {
+        self.frame.len() - frame::FRAME_HEADER_SIZE
+    }
+
+    pub fn id(&self) -> &[u8] {
+        &self.frame[self.id_range.0..self.id_range.1]
+    }
+}
+
+/// What happened to one appended event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    Stored(Position),
+    /// Its id was stored already, at this position.
+    Duplicate(Position),
+}
+
+/// The segments readers see; replaced whole (copy on write) when a segment
+/// rolls or seals, so a reader holding one keeps a consistent view.
+#[derive(Debug, Clone)]
+pub struct SegmentSet {
+    /// Ascending by id.
+    pub sealed: Vec<Arc<SealedSegment>>,
+    /// Rolled, not yet sealed, ascending by id.
+    pub sealing: Vec<Arc<OpenSegment>>,
+    pub active: Arc<OpenSegment>,
+}
+
+/// A segment of either kind.
+#[derive(Debug, Clone, Copy)]
+pub enum SegmentRef<'a> {
+    Sealed(&'a Arc<SealedSegment>),
+    Open(&'a Arc<OpenSegment>),
+}
+
+impl SegmentRef<'_> {
+    pub fn id(&self) -> u64 {
+        match self {
+            SegmentRef::Sealed(s) => s.id,
+            SegmentRef::Open(s) => s.id,
+        }
+    }
+
+    pub fn rows(&self) -> u32 {
+        match self {
+            SegmentRef::Sealed(s) => s.rows,
+            SegmentRef::Open(s) => s.visible_rows(),
+        }
+    }
+}
+
+impl SegmentSet {
+    /// Every segment in id order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = SegmentRef<'_>> {
+        self.sealed
+            .iter()
+            .map(SegmentRef::Sealed)
+            .chain(self.sealing.iter().map(SegmentRef::Open))
+            .chain(std::iter::once(SegmentRef::Open(&self.active)))
+    }
+
+    pub fn get(&self, id: u64) -> Option<SegmentRef<'_>> {
+        self.iter().find(|s| s.id() == id)
+    }
+
+    pub fn total_rows(&self) -> u64 {
+        self.iter().map(|s| u64::from(s.rows())).sum()
+    }
+}
+
+pub(crate) struct Shared {
+    pub dir: PathBuf,
+    pub config: StorageConfig,
+    pub catalog: Catalog,
+    pub set: RwLock<Arc<SegmentSet>>,
+    /// Ids of sealed segments; maintained by the sealer.
+    pub filter: Mutex<IdFilter>,
+    pub poisoned: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub fn segments_dir(&self) -> PathBuf {
+        self.dir.join("segments")
+    }
+
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        segment_path(&self.dir, id, "log")
+    }
+
+    pub fn seg_path(&self, id: u64) -> PathBuf {
+        segment_path(&self.dir, id, "seg")
+    }
+
+    pub fn poison(&self, why: String) {
+        tracing::error!(reason = %why, "storage refuses further writes");
+        let mut p = self.poisoned.lock();
+        if p.is_none() {
+            *p = Some(why);
+        }
+    }
+
+    pub fn check_poisoned(&self) -> Result<(), StorageError> {
+        match &*self.poisoned.lock() {
+            Some(why) => Err(StorageError::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+pub(crate) fn segment_path(dir: &Path, id: u64, ext: &str) -> PathBuf {
+    dir.join("segments").join(format!("{id:020}.{ext}"))
+}
+
+/// The log: open, append, read, scan, close.
+pub struct Log {
+    shared: Arc<Shared>,
+    tx: Mutex<Option<Sender<writer::Command>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log").field("dir", &self.shared.dir).finish()
+    }
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir` with real files.
+    pub fn open(dir: &Path, config: StorageConfig) -> Result<Log, StorageError> {
+        Self::open_with(dir, config, Arc::new(dir::RealFs))
+    }
+
+    /// Opens with a chosen file system seam (tests inject faults here).
+    pub fn open_with(
+        dir: &Path,
+        config: StorageConfig,
+        fs: Arc<dyn FileSystem>,
+    ) -> Result<Log, StorageError> {
+        config.check()?;
+        let recovered = recovery::recover(dir, &config, fs.as_ref())?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            config,
+            catalog: recovered.catalog,
+            set: RwLock::new(Arc::new(recovered.set)),
+            filter: Mutex::new(IdFilter::with_capacity(0)),
+            poisoned: Mutex::new(None),
+        });
+        let (tx, rx) = bounded(limits::WRITER_QUEUE_DEPTH_MAX);
+        let (seal_tx, seal_rx) = bounded(limits::SEAL_BACKLOG_MAX);
+        for segment in recovered.to_seal {
+            // The backlog is at most the segments rolled before a crash; the
+            // channel takes them all before the sealer starts or we wait.
+            let _ = seal_tx.try_send(segment.clone()).or_else(|_| {
+                writer::seal_one(&shared, &segment);
+                Ok::<(), ()>(())
+            });
+        }
+        let sealer_shared = shared.clone();
+        let sealer = std::thread::Builder::new()
+            .name("evdb-sealer".into())
+            .spawn(move || writer::run_sealer(sealer_shared, seal_rx))
+            .map_err(|e| StorageError::io(dir, e))?;
+        let writer = writer::Writer::new(shared.clone(), fs, recovered.log, seal_tx)?;
+        let writer = std::thread::Builder::new()
+            .name("evdb-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StorageError::io(dir, e))?;
+        Ok(Log {
+            shared,
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(vec![writer, sealer]),
+            _lock: recovered.lock,
+        })
+    }
+
+    fn sender(&self) -> Result<Sender<writer::Command>, StorageError> {
+        self.tx.lock().clone().ok_or(StorageError::Closed)
+    }
+
+    /// Appends prepared events; returns one outcome per event, in order,
+    /// once they are acknowledged under the configured fsync mode.
+    pub fn append(&self, events: Vec<Prepared>) -> Result<Vec<Appended>, StorageError> {
+        self.shared.check_poisoned()?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = bounded(1);
+        self.sender()?
+            .send(writer::Command::Append { events, reply })
+            .map_err(|_| StorageError::Closed)?;
+        rx.recv().map_err(|_| StorageError::Closed)?
+    }
+
+    /// Makes everything appended so far durable.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.control(writer::Control::Sync)
+    }
+
+    /// Rolls the active segment (if it holds rows) and waits until every
+    /// rolled segment is sealed.
+    pub fn seal(&self) -> Result<(), StorageError> {
+        self.control(writer::Control::Roll)?;
+        self.control(writer::Control::WaitSealed)
+    }
+
+    fn control(&self, what: writer::Control) -> Result<(), StorageError> {
+        let (reply, rx) = bounded(1);
+        self.sender()?
+            .send(writer::Command::Control { what, reply })
+            .map_err(|_| StorageError::Closed)?;
+        rx.recv().map_err(|_| StorageError::Closed)?
+    }
+
+    /// The current segments.
+    pub fn segments(&self) -> Arc<SegmentSet> {
+        self.shared.set.read().clone()
+    }
+
+    /// Reads the record payload at `pos`, if the row exists and is visible.
+    pub fn read_payload(&self, pos: Position) -> Result<Option<Vec<u8>>, StorageError> {
+        read_payload(&self.segments(), pos)
+    }
+
+    /// Reads and decodes the event at `pos`.
+    pub fn read(&self, pos: Position) -> Result<Option<Event>, StorageError> {
+        match self.read_payload(pos)? {
+            Some(payload) => decode_at(pos, &payload).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Finds the position of the event with this id.
+    pub fn find(&self, id: &str) -> Result<Option<Position>, StorageError> {
+        find_id(&self.segments(), id.as_bytes(), hash_id(id))
+    }
+
+    /// Every visible event in arrival order.
+    pub fn scan(&self) -> Scan {
+        Scan::new(self.segments())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Why the store refuses writes, if it does.
+    pub fn poisoned(&self) -> Option<String> {
+        self.shared.poisoned.lock().clone()
+    }
+
+    /// Seals the active segment, stops the threads and makes everything
+    /// durable. Called by `Drop` too; calling it twice is harmless.
+    pub fn close(&self) -> Result<(), StorageError> {
+        let Some(tx) = self.tx.lock().take() else {
+            return Ok(());
+        };
+        let (reply, rx) = bounded(1);
+        let sent = tx.send(writer::Command::Control {
+            what: writer::Control::Shutdown,
+            reply,
+        });
+        drop(tx);
+        let result = match sent {
+            Ok(()) => rx.recv().unwrap_or(Err(StorageError::Closed)),
+            Err(_) => Err(StorageError::Closed),
+        };
+        for handle in self.threads.lock().drain(..) {
+            if handle.join().is_err() {
+                tracing::error!("a storage thread panicked");
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(error = %e, "closing the log");
+        }
+    }
+}
+
+fn decode_at(pos: Position, payload: &[u8]) -> Result<Event, StorageError> {
+    record::decode(payload).map_err(|e| StorageError::corrupted(pos.segment, 0, e.to_string()))
+}
+
+pub(crate) fn read_payload(
+    set: &SegmentSet,
+    pos: Position,
+) -> Result<Option<Vec<u8>>, StorageError> {
+    match set.get(pos.segment) {
+        None => Ok(None),
+        Some(SegmentRef::Open(s)) => s.read_payload(pos.row),
+        Some(SegmentRef::Sealed(s)) => {
+            let Some(block) = s.block_of(pos.row) else {
+                return Ok(None);
+            };
+            let block = s.read_block(block)?;
+            Ok(block.payload(pos.row).map(|(_, p)| p.to_vec()))
+        }
+    }
+}
+
+/// Looks an id up in every segment, newest first; the hash narrows each
+/// segment to a few rows whose stored id is compared byte for byte.
+pub(crate) fn find_id(
+    set: &SegmentSet,
+    id: &[u8],
+    hash: IdHash,
+) -> Result<Option<Position>, StorageError> {
+    for seg in set.iter().rev() {
+        if let Some(pos) = find_id_in(set, seg, id, hash)? {
+            return Ok(Some(pos));
+        }
+    }
+    Ok(None)
+}
+
+/// Looks an id up in one segment of `set`.
+pub(crate) fn find_id_in(
+    set: &SegmentSet,
+    seg: SegmentRef<'_>,
+    id: &[u8],
+    hash: IdHash,
+) -> Result<Option<Position>, StorageError> {
+    let rows: Vec<u32> = match seg {
+        SegmentRef::Open(s) => {
+            let visible = s.visible_rows();
+            s.rows
+                .read()
+                .rows_with_hash(hash)
+                .filter(|&r| r < visible)
+                .collect()
+        }
+        SegmentRef::Sealed(s) => s.rows_with_hash(hash)?,
+    };
+    for row in rows {
+        let pos = Position {
+            segment: seg.id(),
+            row,
+        };
+        if let Some(payload) = read_payload(set, pos)? {
+            let (stored, _) = ids::peek_id_and_timestamp(&payload)
+                .map_err(|e| StorageError::corrupted(pos.segment, 0, e.to_string()))?;
+            if stored.as_bytes() == id {
+                return Ok(Some(pos));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// An iterator over every visible event of a segment set, in arrival order.
+pub struct Scan {
+    set: Arc<SegmentSet>,
+    segment: usize,
+    row: u32,
+    block: Option<segment::Block>,
+}
+
+impl Scan {
+    fn new(set: Arc<SegmentSet>) -> Scan {
+        Scan {
+            set,
+            segment: 0,
+            row: 0,
+            block: None,
+        }
+    }
+}
+
+impl Iterator for Scan {
+    type Item = Result<(Position, Event), StorageError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let seg = self.set.iter().nth(self.segment)?;
+            if self.row >= seg.rows() {
+                self.segment += 1;
+                self.row = 0;
+                self.block = None;
+                continue;
+            }
+            let pos = Position {
+                segment: seg.id(),
+                row: self.row,
+            };
+            self.row += 1;
+            let payload = match seg {
+                SegmentRef::Open(s) => match s.read_payload(pos.row) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => continue,
+                    Err(e) => return Some(Err(e)),
+                },
+                SegmentRef::Sealed(s) => {
+                    let fresh = match &self.block {
+                        Some(b) => pos.row >= b.first_row + b.rows(),
+                        None => true,
+                    };
+                    if fresh {
+                        let index = s.block_of(pos.row)?;
+                        match s.read_block(index) {
+                            Ok(b) => self.block = Some(b),
+                            Err(e) => return Some(Err(e)),
+                        }
+                    }
+                    let block = self.block.as_ref()?;
+                    match block.payload(pos.row) {
+                        Some((_, p)) => p.to_vec(),
+                        None => {
+                            return Some(Err(StorageError::corrupted(
+                                pos.segment,
+                                0,
+                                "row missing from its block",
+                            )));
+                        }
+                    }
+                }
+            };
+            return Some(decode_at(pos, &payload).map(|e| (pos, e)));
+        }
+    }
+}

@@ -1,0 +1,554 @@
+//! Segment files: the active log (`.log`) and sealed segments (`.seg`).
+//!
+//! Both start with the same 32-byte header. A log is a sequence of frames
+//! that grows at its end; a sealed segment holds the same frames grouped in
+//! compressed blocks, a block index, an id table and a footer. Byte layouts
+//! are in `docs/format.md`; every integer is little-endian.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::sync::OnceLock;
+
+use memmap2::Mmap;
+
+use super::StorageError;
+use super::frame::{self, FrameError, FrameKind};
+use super::ids::{IdHash, hash_id, peek_id_and_timestamp};
+use crate::event::Timestamp;
+
+pub const LOG_MAGIC: [u8; 8] = *b"EVDBLOG\0";
+pub const SEG_MAGIC: [u8; 8] = *b"EVDBSEG\0";
+pub const FOOTER_MAGIC: [u8; 8] = *b"EVDBEND\0";
+/// Version of the log and segment layouts described in `docs/format.md`.
+pub const FORMAT_VERSION: u16 = 1;
+
+const MAGIC_OFFSET: usize = 0;
+const VERSION_OFFSET: usize = MAGIC_OFFSET + 8;
+const COMPRESSION_OFFSET: usize = VERSION_OFFSET + 2;
+const SEGMENT_ID_OFFSET: usize = COMPRESSION_OFFSET + 6; // 5 reserved bytes
+const HEADER_CRC_OFFSET: usize = SEGMENT_ID_OFFSET + 8;
+pub const HEADER_SIZE: usize = HEADER_CRC_OFFSET + 8; // 4 reserved bytes
+
+const FOOTER_ROWS_OFFSET: usize = 0;
+const FOOTER_BLOCKS_OFFSET: usize = FOOTER_ROWS_OFFSET + 4;
+const FOOTER_MIN_TS_OFFSET: usize = FOOTER_BLOCKS_OFFSET + 4;
+const FOOTER_MAX_TS_OFFSET: usize = FOOTER_MIN_TS_OFFSET + 8;
+const FOOTER_BLOCK_INDEX_OFFSET: usize = FOOTER_MAX_TS_OFFSET + 8;
+const FOOTER_ID_TABLE_OFFSET: usize = FOOTER_BLOCK_INDEX_OFFSET + 8;
+const FOOTER_BLOCK_INDEX_CRC: usize = FOOTER_ID_TABLE_OFFSET + 8;
+const FOOTER_ID_TABLE_CRC: usize = FOOTER_BLOCK_INDEX_CRC + 4;
+const FOOTER_CRC_OFFSET: usize = FOOTER_ID_TABLE_CRC + 8; // 4 reserved bytes
+const FOOTER_MAGIC_OFFSET: usize = FOOTER_CRC_OFFSET + 4;
+pub const FOOTER_SIZE: usize = FOOTER_MAGIC_OFFSET + 8;
+
+const BLOCK_OFFSET: usize = 0;
+const BLOCK_COMPRESSED_LEN: usize = BLOCK_OFFSET + 8;
+const BLOCK_RAW_LEN: usize = BLOCK_COMPRESSED_LEN + 4;
+const BLOCK_FIRST_ROW: usize = BLOCK_RAW_LEN + 4;
+const BLOCK_ROWS: usize = BLOCK_FIRST_ROW + 4;
+const BLOCK_CRC: usize = BLOCK_ROWS + 4;
+pub const BLOCK_ENTRY_SIZE: usize = BLOCK_CRC + 8; // 4 reserved bytes
+
+pub const ID_ENTRY_SIZE: usize = 12;
+
+const _: () = assert!(HEADER_SIZE == 32);
+const _: () = assert!(FOOTER_SIZE == 64);
+const _: () = assert!(BLOCK_ENTRY_SIZE == 32);
+
+/// Block compression of a sealed segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None = 0,
+    Zstd = 1,
+    Lz4 = 2,
+}
+
+impl Compression {
+    fn from_u8(value: u8) -> Option<Compression> {
+        match value {
+            0 => Some(Compression::None),
+            1 => Some(Compression::Zstd),
+            2 => Some(Compression::Lz4),
+            _ => None,
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Compression> {
+        match text {
+            "none" => Some(Compression::None),
+            "zstd" => Some(Compression::Zstd),
+            "lz4" => Some(Compression::Lz4),
+            _ => None,
+        }
+    }
+}
+
+fn read_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn read_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn read_u64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn read_i64(b: &[u8], at: usize) -> i64 {
+    read_u64(b, at) as i64
+}
+
+/// Encodes a file header.
+pub fn encode_header(magic: [u8; 8], segment: u64, compression: Compression) -> [u8; HEADER_SIZE] {
+    let mut h = [0u8; HEADER_SIZE];
+    h[MAGIC_OFFSET..MAGIC_OFFSET + 8].copy_from_slice(&magic);
+    h[VERSION_OFFSET..VERSION_OFFSET + 2].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[COMPRESSION_OFFSET] = compression as u8;
+    h[SEGMENT_ID_OFFSET..SEGMENT_ID_OFFSET + 8].copy_from_slice(&segment.to_le_bytes());
+    let crc = crc32c::crc32c(&h[..HEADER_CRC_OFFSET]);
+    h[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Decodes and checks a file header; returns its compression byte.
+pub fn decode_header(
+    bytes: &[u8],
+    magic: [u8; 8],
+    segment: u64,
+) -> Result<Compression, &'static str> {
+    if bytes.len() < HEADER_SIZE {
+        return Err("file shorter than its header");
+    }
+    if bytes[MAGIC_OFFSET..MAGIC_OFFSET + 8] != magic {
+        return Err("bad magic");
+    }
+    if read_u32(bytes, HEADER_CRC_OFFSET) != crc32c::crc32c(&bytes[..HEADER_CRC_OFFSET]) {
+        return Err("header checksum mismatch");
+    }
+    if read_u16(bytes, VERSION_OFFSET) != FORMAT_VERSION {
+        return Err("unsupported format version");
+    }
+    if read_u64(bytes, SEGMENT_ID_OFFSET) != segment {
+        return Err("header names another segment");
+    }
+    Compression::from_u8(bytes[COMPRESSION_OFFSET]).ok_or("unknown compression")
+}
+
+/// The result of scanning an active log from its header.
+#[derive(Debug, Default)]
+pub struct LogScan {
+    /// Offset of each valid frame, in order.
+    pub offsets: Vec<u64>,
+    /// Bytes up to the end of the last valid frame.
+    pub valid_len: u64,
+    /// Why scanning stopped before the end of the file, if it did.
+    pub stop: Option<FrameError>,
+}
+
+/// Scans the frames of a log file's bytes (header included).
+pub fn scan_log(bytes: &[u8], segment: u64) -> Result<LogScan, &'static str> {
+    decode_header(bytes, LOG_MAGIC, segment)?;
+    let mut scan = LogScan {
+        valid_len: HEADER_SIZE as u64,
+        ..LogScan::default()
+    };
+    let mut at = HEADER_SIZE;
+    while at < bytes.len() {
+        match frame::decode(&bytes[at..]) {
+            Ok((_, used)) => {
+                scan.offsets.push(at as u64);
+                at += used;
+                scan.valid_len = at as u64;
+            }
+            Err(e) => {
+                scan.stop = Some(e);
+                break;
+            }
+        }
+    }
+    Ok(scan)
+}
+
+/// Summary of a sealed segment, as its footer states it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealedSummary {
+    pub rows: u32,
+    pub min_ts: Timestamp,
+    pub max_ts: Timestamp,
+    pub bytes: u64,
+}
+
+/// Writes a sealed segment from the frames of a log. The frames must be
+/// valid (they come from a scan); each is checked again on the way.
+pub fn write_sealed(
+    path: &Path,
+    segment: u64,
+    log_bytes: &[u8],
+    offsets: &[u64],
+    compression: Compression,
+    block_size: usize,
+) -> Result<SealedSummary, StorageError> {
+    let io = |e| StorageError::io(path, e);
+    let file = File::create(path).map_err(io)?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&encode_header(SEG_MAGIC, segment, compression))
+        .map_err(io)?;
+    let mut written = HEADER_SIZE as u64;
+    let mut block_index = Vec::new();
+    let mut ids: Vec<(IdHash, u32)> = Vec::with_capacity(offsets.len());
+    let mut raw = Vec::with_capacity(block_size * 2);
+    let mut first_row = 0u32;
+    let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
+    let mut zstd = match compression {
+        Compression::Zstd => Some(zstd::bulk::Compressor::new(3).map_err(io)?),
+        _ => None,
+    };
+    let mut flush_block = |raw: &mut Vec<u8>,
+                           first_row: u32,
+                           rows: u32,
+                           out: &mut BufWriter<File>,
+                           written: &mut u64|
+     -> Result<(), StorageError> {
+        let compressed = match (&mut zstd, compression) {
+            (Some(z), _) => z.compress(raw).map_err(io)?,
+            (None, Compression::Lz4) => lz4_flex::block::compress(raw),
+            _ => raw.clone(),
+        };
+        let mut entry = [0u8; BLOCK_ENTRY_SIZE];
+        entry[BLOCK_OFFSET..BLOCK_OFFSET + 8].copy_from_slice(&written.to_le_bytes());
+        entry[BLOCK_COMPRESSED_LEN..BLOCK_COMPRESSED_LEN + 4]
+            .copy_from_slice(&(compressed.len() as u32).to_le_bytes());
+        entry[BLOCK_RAW_LEN..BLOCK_RAW_LEN + 4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+        entry[BLOCK_FIRST_ROW..BLOCK_FIRST_ROW + 4].copy_from_slice(&first_row.to_le_bytes());
+        entry[BLOCK_ROWS..BLOCK_ROWS + 4].copy_from_slice(&rows.to_le_bytes());
+        entry[BLOCK_CRC..BLOCK_CRC + 4]
+            .copy_from_slice(&crc32c::crc32c(&compressed).to_le_bytes());
+        block_index.extend_from_slice(&entry);
+        out.write_all(&compressed).map_err(io)?;
+        *written += compressed.len() as u64;
+        raw.clear();
+        Ok(())
+    };
+    for (row, &offset) in offsets.iter().enumerate() {
+        let row = row as u32;
+        let at = offset as usize;
+        let (frame, used) = frame::decode(log_bytes.get(at..).unwrap_or_default())
+            .map_err(|e| StorageError::corrupted(segment, offset, e.to_string()))?;
+        let (id, ts) = peek_id_and_timestamp(frame.payload)
+            .map_err(|e| StorageError::corrupted(segment, offset, e.to_string()))?;
+        ids.push((hash_id(id), row));
+        min_ts = min_ts.min(ts);
+        max_ts = max_ts.max(ts);
+        raw.extend_from_slice(&log_bytes[at..at + used]);
+        if raw.len() >= block_size {
+            let rows_in_block = row + 1 - first_row;
+            flush_block(&mut raw, first_row, rows_in_block, &mut out, &mut written)?;
+            first_row = row + 1;
+        }
+    }
+    let rows = offsets.len() as u32;
+    if !raw.is_empty() {
+        flush_block(&mut raw, first_row, rows - first_row, &mut out, &mut written)?;
+    }
+    let block_index_offset = written;
+    out.write_all(&block_index).map_err(io)?;
+    written += block_index.len() as u64;
+    ids.sort_unstable();
+    let mut id_table = Vec::with_capacity(ids.len() * ID_ENTRY_SIZE);
+    for (hash, row) in &ids {
+        id_table.extend_from_slice(&hash.0.to_le_bytes());
+        id_table.extend_from_slice(&row.to_le_bytes());
+    }
+    let id_table_offset = written;
+    out.write_all(&id_table).map_err(io)?;
+    written += id_table.len() as u64;
+    if rows == 0 {
+        (min_ts, max_ts) = (0, 0);
+    }
+    let mut footer = [0u8; FOOTER_SIZE];
+    footer[FOOTER_ROWS_OFFSET..FOOTER_ROWS_OFFSET + 4].copy_from_slice(&rows.to_le_bytes());
+    footer[FOOTER_BLOCKS_OFFSET..FOOTER_BLOCKS_OFFSET + 4]
+        .copy_from_slice(&((block_index.len() / BLOCK_ENTRY_SIZE) as u32).to_le_bytes());
+    footer[FOOTER_MIN_TS_OFFSET..FOOTER_MIN_TS_OFFSET + 8].copy_from_slice(&min_ts.to_le_bytes());
+    footer[FOOTER_MAX_TS_OFFSET..FOOTER_MAX_TS_OFFSET + 8].copy_from_slice(&max_ts.to_le_bytes());
+    footer[FOOTER_BLOCK_INDEX_OFFSET..FOOTER_BLOCK_INDEX_OFFSET + 8]
+        .copy_from_slice(&block_index_offset.to_le_bytes());
+    footer[FOOTER_ID_TABLE_OFFSET..FOOTER_ID_TABLE_OFFSET + 8]
+        .copy_from_slice(&id_table_offset.to_le_bytes());
+    footer[FOOTER_BLOCK_INDEX_CRC..FOOTER_BLOCK_INDEX_CRC + 4]
+        .copy_from_slice(&crc32c::crc32c(&block_index).to_le_bytes());
+    footer[FOOTER_ID_TABLE_CRC..FOOTER_ID_TABLE_CRC + 4]
+        .copy_from_slice(&crc32c::crc32c(&id_table).to_le_bytes());
+    let crc = crc32c::crc32c(&footer[..FOOTER_CRC_OFFSET]);
+    footer[FOOTER_CRC_OFFSET..FOOTER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+    footer[FOOTER_MAGIC_OFFSET..FOOTER_MAGIC_OFFSET + 8].copy_from_slice(&FOOTER_MAGIC);
+    out.write_all(&footer).map_err(io)?;
+    written += FOOTER_SIZE as u64;
+    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(SealedSummary {
+        rows,
+        min_ts: Timestamp(min_ts),
+        max_ts: Timestamp(max_ts),
+        bytes: written,
+    })
+}
+
+/// One entry of a sealed segment's block index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BlockEntry {
+    offset: u64,
+    compressed_len: u32,
+    raw_len: u32,
+    first_row: u32,
+    rows: u32,
+    crc: u32,
+}
+
+/// A sealed, immutable segment read through a memory map.
+pub struct SealedSegment {
+    pub id: u64,
+    map: Mmap,
+    compression: Compression,
+    pub rows: u32,
+    pub min_ts: Timestamp,
+    pub max_ts: Timestamp,
+    blocks: Vec<BlockEntry>,
+    id_table_offset: usize,
+    id_table_crc: u32,
+    id_table_checked: OnceLock<Result<(), String>>,
+}
+
+impl std::fmt::Debug for SealedSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedSegment")
+            .field("id", &self.id)
+            .field("rows", &self.rows)
+            .finish()
+    }
+}
+
+impl SealedSegment {
+    /// Maps and checks a sealed segment: header, footer and block index are
+    /// verified now; the id table on first use; each block when it is read.
+    pub fn open(path: &Path, id: u64) -> Result<SealedSegment, StorageError> {
+        let file = File::open(path).map_err(|e| StorageError::io(path, e))?;
+        // SAFETY: sealed segments are immutable once renamed into place; evdb
+        // never writes to them again and holds the data directory lock, so the
+        // mapped bytes do not change under us. Every read below is bounds-checked.
+        #[allow(unsafe_code)]
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io(path, e))?;
+        Self::from_map(map, id)
+    }
+
+    fn from_map(map: Mmap, id: u64) -> Result<SealedSegment, StorageError> {
+        let bad = |offset: usize, reason: &str| StorageError::corrupted(id, offset as u64, reason);
+        let bytes: &[u8] = &map;
+        let compression = decode_header(bytes, SEG_MAGIC, id).map_err(|r| bad(0, r))?;
+        if bytes.len() < HEADER_SIZE + FOOTER_SIZE {
+            return Err(bad(bytes.len(), "file shorter than header and footer"));
+        }
+        let footer_at = bytes.len() - FOOTER_SIZE;
+        let footer = &bytes[footer_at..];
+        if footer[FOOTER_MAGIC_OFFSET..] != FOOTER_MAGIC {
+            return Err(bad(footer_at, "bad footer magic"));
+        }
+        if read_u32(footer, FOOTER_CRC_OFFSET) != crc32c::crc32c(&footer[..FOOTER_CRC_OFFSET]) {
+            return Err(bad(footer_at, "footer checksum mismatch"));
+        }
+        let rows = read_u32(footer, FOOTER_ROWS_OFFSET);
+        let block_count = read_u32(footer, FOOTER_BLOCKS_OFFSET) as usize;
+        let block_index_offset = read_u64(footer, FOOTER_BLOCK_INDEX_OFFSET) as usize;
+        let id_table_offset = read_u64(footer, FOOTER_ID_TABLE_OFFSET) as usize;
+        let block_index_end = block_index_offset
+            .checked_add(block_count * BLOCK_ENTRY_SIZE)
+            .ok_or_else(|| bad(footer_at, "block index overflows"))?;
+        if block_index_end != id_table_offset
+            || id_table_offset + rows as usize * ID_ENTRY_SIZE != footer_at
+            || block_index_offset < HEADER_SIZE
+        {
+            return Err(bad(footer_at, "footer sections do not tile the file"));
+        }
+        let index_bytes = &bytes[block_index_offset..block_index_end];
+        if crc32c::crc32c(index_bytes) != read_u32(footer, FOOTER_BLOCK_INDEX_CRC) {
+            return Err(bad(block_index_offset, "block index checksum mismatch"));
+        }
+        let mut blocks = Vec::with_capacity(block_count);
+        let mut next_row = 0u32;
+        let mut next_offset = HEADER_SIZE as u64;
+        for (i, e) in index_bytes.chunks_exact(BLOCK_ENTRY_SIZE).enumerate() {
+            let entry = BlockEntry {
+                offset: read_u64(e, BLOCK_OFFSET),
+                compressed_len: read_u32(e, BLOCK_COMPRESSED_LEN),
+                raw_len: read_u32(e, BLOCK_RAW_LEN),
+                first_row: read_u32(e, BLOCK_FIRST_ROW),
+                rows: read_u32(e, BLOCK_ROWS),
+                crc: read_u32(e, BLOCK_CRC),
+            };
+            // Blocks tile the data area and rows in order: check it once here
+            // so that reads can trust the index.
+            if entry.first_row != next_row
+                || entry.offset != next_offset
+                || entry.rows == 0
+                || entry.raw_len as usize > crate::limits::FRAME_PAYLOAD_MAX * 2
+            {
+                return Err(bad(
+                    block_index_offset + i * BLOCK_ENTRY_SIZE,
+                    "block index entry out of order",
+                ));
+            }
+            next_row = entry.first_row + entry.rows;
+            next_offset = entry.offset + u64::from(entry.compressed_len);
+            blocks.push(entry);
+        }
+        if next_row != rows || next_offset != block_index_offset as u64 {
+            return Err(bad(block_index_offset, "block index does not cover the rows"));
+        }
+        Ok(SealedSegment {
+            id,
+            compression,
+            rows,
+            min_ts: Timestamp(read_i64(footer, FOOTER_MIN_TS_OFFSET)),
+            max_ts: Timestamp(read_i64(footer, FOOTER_MAX_TS_OFFSET)),
+            blocks,
+            id_table_offset,
+            id_table_crc: read_u32(footer, FOOTER_ID_TABLE_CRC),
+            id_table_checked: OnceLock::new(),
+            map,
+        })
+    }
+
+    /// Bytes of the file.
+    pub fn file_bytes(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Decompresses block `index` and checks its checksum.
+    pub fn read_block(&self, index: usize) -> Result<Block, StorageError> {
+        let entry = *self
+            .blocks
+            .get(index)
+            .ok_or_else(|| StorageError::corrupted(self.id, 0, "block index out of range"))?;
+        let start = entry.offset as usize;
+        let compressed = &self.map[start..start + entry.compressed_len as usize];
+        if crc32c::crc32c(compressed) != entry.crc {
+            return Err(StorageError::corrupted(
+                self.id,
+                entry.offset,
+                "block checksum mismatch",
+            ));
+        }
+        let corrupt = |reason: String| StorageError::corrupted(self.id, entry.offset, reason);
+        let raw = match self.compression {
+            Compression::None => compressed.to_vec(),
+            Compression::Zstd => zstd::bulk::decompress(compressed, entry.raw_len as usize)
+                .map_err(|e| corrupt(format!("zstd: {e}")))?,
+            Compression::Lz4 => lz4_flex::block::decompress(compressed, entry.raw_len as usize)
+                .map_err(|e| corrupt(format!("lz4: {e}")))?,
+        };
+        if raw.len() != entry.raw_len as usize {
+            return Err(corrupt("block decompressed to the wrong size".into()));
+        }
+        let mut offsets = Vec::with_capacity(entry.rows as usize);
+        let mut at = 0usize;
+        while at < raw.len() {
+            let (_, used) = frame::decode(&raw[at..])
+                .map_err(|e| corrupt(format!("frame {} in block: {e}", offsets.len())))?;
+            offsets.push(at as u32);
+            at += used;
+        }
+        if offsets.len() != entry.rows as usize {
+            return Err(corrupt("block holds the wrong number of rows".into()));
+        }
+        Ok(Block {
+            first_row: entry.first_row,
+            raw,
+            offsets,
+        })
+    }
+
+    /// The index of the block that holds `row`.
+    pub fn block_of(&self, row: u32) -> Option<usize> {
+        if row >= self.rows {
+            return None;
+        }
+        Some(self.blocks.partition_point(|b| b.first_row + b.rows <= row))
+    }
+
+    /// Rows whose id hashes to `hash` (usually none or one).
+    pub fn rows_with_hash(&self, hash: IdHash) -> Result<Vec<u32>, StorageError> {
+        let table_end = self.id_table_offset + self.rows as usize * ID_ENTRY_SIZE;
+        let table = &self.map[self.id_table_offset..table_end];
+        let checked = self.id_table_checked.get_or_init(|| {
+            if crc32c::crc32c(table) == self.id_table_crc {
+                Ok(())
+            } else {
+                Err("id table checksum mismatch".to_owned())
+            }
+        });
+        if let Err(reason) = checked {
+            return Err(StorageError::corrupted(
+                self.id,
+                self.id_table_offset as u64,
+                reason.clone(),
+            ));
+        }
+        let n = self.rows as usize;
+        let key_at = |i: usize| read_u64(table, i * ID_ENTRY_SIZE);
+        let (mut lo, mut hi) = (0usize, n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if key_at(mid) < hash.0 {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let mut rows = Vec::new();
+        while lo < n && key_at(lo) == hash.0 {
+            rows.push(read_u32(table, lo * ID_ENTRY_SIZE + 8));
+            lo += 1;
+        }
+        Ok(rows)
+    }
+
+    /// Every id hash in the segment (for the id filter).
+    pub fn id_hashes(&self) -> impl Iterator<Item = IdHash> + '_ {
+        let table_end = self.id_table_offset + self.rows as usize * ID_ENTRY_SIZE;
+        self.map[self.id_table_offset..table_end]
+            .chunks_exact(ID_ENTRY_SIZE)
+            .map(|e| IdHash(read_u64(e, 0)))
+    }
+}
+
+/// A decompressed block: raw frames and the offset of each.
+pub struct Block {
+    pub first_row: u32,
+    raw: Vec<u8>,
+    offsets: Vec<u32>,
+}
+
+impl Block {
+    /// The record payload of `row` (a segment row number), if in this block.
+    pub fn payload(&self, row: u32) -> Option<(FrameKind, &[u8])> {
+        let i = row.checked_sub(self.first_row)? as usize;
+        let at = *self.offsets.get(i)? as usize;
+        // Frames were decoded once in `read_block`; decoding again is cheap and
+        // keeps this accessor free of unchecked slicing.
+        frame::decode(&self.raw[at..])
+            .ok()
+            .map(|(f, _)| (f.kind, f.payload))
+    }
+
+    pub fn rows(&self) -> u32 {
+        self.offsets.len() as u32
+    }
+}

@@ -1,0 +1,532 @@
+//! The writer thread (group commit, roll) and the sealer thread.
+//!
+//! The writer drains every request queued while it was busy into one group,
+//! checks ids, writes the group's frames with one `write`, makes them
+//! durable with one `fdatasync` (under `--fsync always`), publishes the new
+//! rows to readers and only then answers every caller of the group. A failed
+//! write or sync poisons the store: after a failed fsync the kernel may have
+//! dropped the dirty pages, so nothing written since can be trusted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::active::{OpenRows, OpenSegment};
+use super::catalog::{SegmentMeta, SegmentState};
+use super::dir::{FileSystem, LogFile, sync_dir};
+use super::ids::{IdFilter, IdHash};
+use super::recovery::{ActiveLog, create_log};
+use super::segment::{self, SealedSegment};
+use super::{
+    Appended, FsyncMode, Position, Prepared, SegmentRef, SegmentSet, Shared, StorageError, ids,
+};
+use crate::limits;
+
+pub(crate) enum Control {
+    Sync,
+    Roll,
+    WaitSealed,
+    Shutdown,
+}
+
+pub(crate) enum Command {
+    Append {
+        events: Vec<Prepared>,
+        reply: Sender<Result<Vec<Appended>, StorageError>>,
+    },
+    Control {
+        what: Control,
+        reply: Sender<Result<(), StorageError>>,
+    },
+}
+
+/// Where an id of the current group was staged: request and event index.
+type Staged = (usize, usize);
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    fs: Arc<dyn FileSystem>,
+    log: Box<dyn LogFile>,
+    active: Arc<OpenSegment>,
+    /// Bytes written to the active log (header included).
+    end: u64,
+    rows: u32,
+    opened_at: Instant,
+    /// Bytes written but not yet synced.
+    dirty: bool,
+    last_sync: Instant,
+    seal_tx: Option<Sender<Arc<OpenSegment>>>,
+}
+
+impl Writer {
+    pub fn new(
+        shared: Arc<Shared>,
+        fs: Arc<dyn FileSystem>,
+        log: ActiveLog,
+        seal_tx: Sender<Arc<OpenSegment>>,
+    ) -> Result<Writer, StorageError> {
+        let active = shared.set.read().active.clone();
+        let path = shared.log_path(active.id);
+        let file = fs.open_log(&path).map_err(|e| StorageError::io(&path, e))?;
+        let rows = active.visible_rows();
+        Ok(Writer {
+            shared,
+            fs,
+            log: file,
+            active,
+            end: log.end,
+            rows,
+            opened_at: Instant::now(),
+            dirty: false,
+            last_sync: Instant::now(),
+            seal_tx: Some(seal_tx),
+        })
+    }
+
+    pub fn run(mut self, rx: Receiver<Command>) {
+        self.build_filter();
+        let tick = Duration::from_millis(50);
+        loop {
+            let timeout = match self.shared.config.fsync {
+                FsyncMode::Interval(every) if self.dirty => {
+                    every.saturating_sub(self.last_sync.elapsed())
+                }
+                _ => tick,
+            };
+            let first = match rx.recv_timeout(timeout) {
+                Ok(cmd) => cmd,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.on_idle();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = self.shutdown();
+                    return;
+                }
+            };
+            let mut group = vec![first];
+            let mut bytes = 0usize;
+            while bytes < limits::GROUP_COMMIT_SIZE_MAX {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        if let Command::Append { events, .. } = &cmd {
+                            bytes += events.iter().map(|e| e.frame.len()).sum::<usize>();
+                        }
+                        group.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.process(group) {
+                return;
+            }
+        }
+    }
+
+    /// Seeds the id filter from every sealed segment.
+    fn build_filter(&self) {
+        let set = self.shared.set.read().clone();
+        let rows: usize = set.sealed.iter().map(|s| s.rows as usize).sum();
+        let mut filter = IdFilter::with_capacity(rows * 2);
+        for seg in &set.sealed {
+            for hash in seg.id_hashes() {
+                filter.insert(hash);
+            }
+        }
+        *self.shared.filter.lock() = filter;
+    }
+
+    fn on_idle(&mut self) {
+        if self.shared.check_poisoned().is_err() {
+            return;
+        }
+        if self.dirty
+            && let FsyncMode::Interval(every) = self.shared.config.fsync
+            && self.last_sync.elapsed() >= every
+            && let Err(e) = self.sync()
+        {
+            self.shared.poison(e.to_string());
+            return;
+        }
+        if let Some(age) = self.shared.config.segment_age_max
+            && self.rows > 0
+            && self.opened_at.elapsed() >= age
+            && let Err(e) = self.roll()
+        {
+            self.shared.poison(e.to_string());
+        }
+    }
+
+    /// Handles one group; returns true when the writer must stop.
+    fn process(&mut self, group: Vec<Command>) -> bool {
+        let mut appends = Vec::new();
+        let mut controls = Vec::new();
+        for cmd in group {
+            match cmd {
+                Command::Append { events, reply } => appends.push((events, reply)),
+                Command::Control { what, reply } => controls.push((what, reply)),
+            }
+        }
+        if !appends.is_empty() {
+            let result = self
+                .shared
+                .check_poisoned()
+                .and_then(|()| self.append_group(&appends));
+            match result {
+                Ok(outcomes) => {
+                    for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Err(e) => {
+                    if !matches!(e, StorageError::Poisoned(_)) {
+                        self.shared.poison(e.to_string());
+                    }
+                    let why = self
+                        .shared
+                        .poisoned
+                        .lock()
+                        .clone()
+                        .unwrap_or_else(|| e.to_string());
+                    for (_, reply) in appends {
+                        let _ = reply.send(Err(StorageError::Poisoned(why.clone())));
+                    }
+                }
+            }
+        }
+        let mut stop = false;
+        for (what, reply) in controls {
+            let result = match what {
+                Control::Sync => self.sync_if_dirty(),
+                Control::Roll => self.roll_if_rows(),
+                Control::WaitSealed => self.wait_sealed(),
+                Control::Shutdown => {
+                    stop = true;
+                    self.shutdown()
+                }
+            };
+            let _ = reply.send(result);
+        }
+        if !stop
+            && self.end >= self.shared.config.segment_size_bytes
+            && self.shared.check_poisoned().is_ok()
+            && let Err(e) = self.roll()
+        {
+            self.shared.poison(e.to_string());
+        }
+        stop
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        let path = self.shared.log_path(self.active.id);
+        self.log.sync().map_err(|e| StorageError::io(&path, e))?;
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    fn sync_if_dirty(&mut self) -> Result<(), StorageError> {
+        self.shared.check_poisoned()?;
+        if self.dirty { self.sync() } else { Ok(()) }
+    }
+
+    /// Whether the staged or stored row `row` of the active segment holds
+    /// the id `id`.
+    fn active_row_has_id(
+        &self,
+        row: u32,
+        id: &[u8],
+        staged: &[Staged],
+        appends: &[(Vec<Prepared>, Sender<Result<Vec<Appended>, StorageError>>)],
+    ) -> Result<bool, StorageError> {
+        if row >= self.rows {
+            let (r, e) = staged[(row - self.rows) as usize];
+            return Ok(appends[r].0[e].id() == id);
+        }
+        let (start, end) = self.active.row_range(row);
+        let (_, payload) = self.active.read_frame_at(start, end)?;
+        let (stored, _) = ids::peek_id_and_timestamp(&payload)
+            .map_err(|e| StorageError::corrupted(self.active.id, start, e.to_string()))?;
+        Ok(stored.as_bytes() == id)
+    }
+
+    /// Finds an id stored anywhere but the active segment.
+    fn find_elsewhere(
+        &self,
+        set: &SegmentSet,
+        id: &[u8],
+        hash: IdHash,
+    ) -> Result<Option<Position>, StorageError> {
+        let in_sealed = self.shared.filter.lock().may_contain(hash);
+        // Newest first, the active segment (checked by the caller) skipped:
+        // rolled segments, then sealed ones, which the filter can rule out.
+        for seg in set.iter().rev().skip(1) {
+            if matches!(seg, SegmentRef::Sealed(_)) && !in_sealed {
+                break;
+            }
+            if let Some(pos) = super::find_id_in(set, seg, id, hash)? {
+                return Ok(Some(pos));
+            }
+        }
+        Ok(None)
+    }
+
+    fn append_group(
+        &mut self,
+        appends: &[(Vec<Prepared>, Sender<Result<Vec<Appended>, StorageError>>)],
+    ) -> Result<Vec<Vec<Appended>>, StorageError> {
+        let set = self.shared.set.read().clone();
+        let mut buf = Vec::with_capacity(
+            appends
+                .iter()
+                .flat_map(|(e, _)| e.iter())
+                .map(|p| p.frame.len())
+                .sum(),
+        );
+        let mut staged: Vec<Staged> = Vec::new();
+        let mut new_rows: Vec<(u64, u64, IdHash, i64)> = Vec::new();
+        let mut group_ids: HashMap<u64, Vec<u32>> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(appends.len());
+        let active_id = self.active.id;
+        for (r, (events, _)) in appends.iter().enumerate() {
+            let mut out = Vec::with_capacity(events.len());
+            for (e, event) in events.iter().enumerate() {
+                let id = event.id();
+                let mut dup = None;
+                // Rows already in the active segment, then rows of this group.
+                let stored_rows: Vec<u32> =
+                    self.active.rows.read().rows_with_hash(event.hash).collect();
+                let group_rows = group_ids.get(&event.hash.0).cloned().unwrap_or_default();
+                for row in stored_rows.into_iter().chain(group_rows) {
+                    if self.active_row_has_id(row, id, &staged, appends)? {
+                        dup = Some(Position {
+                            segment: active_id,
+                            row,
+                        });
+                        break;
+                    }
+                }
+                if dup.is_none() {
+                    dup = self.find_elsewhere(&set, id, event.hash)?;
+                }
+                if let Some(pos) = dup {
+                    out.push(Appended::Duplicate(pos));
+                    continue;
+                }
+                let row = self.rows + staged.len() as u32;
+                let offset = self.end + buf.len() as u64;
+                buf.extend_from_slice(&event.frame);
+                staged.push((r, e));
+                group_ids.entry(event.hash.0).or_default().push(row);
+                new_rows.push((offset, event.frame.len() as u64, event.hash, event.timestamp_us));
+                out.push(Appended::Stored(Position {
+                    segment: active_id,
+                    row,
+                }));
+            }
+            outcomes.push(out);
+        }
+        if buf.is_empty() {
+            return Ok(outcomes);
+        }
+        let path = self.shared.log_path(active_id);
+        self.log
+            .append(&buf)
+            .map_err(|e| StorageError::io(&path, e))?;
+        self.dirty = true;
+        {
+            let mut rows = self.active.rows.write();
+            for (offset, len, hash, ts) in new_rows {
+                rows.push(offset, len, hash, ts);
+            }
+        }
+        self.end += buf.len() as u64;
+        self.rows += staged.len() as u32;
+        if self.shared.config.fsync == FsyncMode::Always {
+            self.sync()?;
+        }
+        self.active.publish(self.rows);
+        Ok(outcomes)
+    }
+
+    fn roll_if_rows(&mut self) -> Result<(), StorageError> {
+        self.shared.check_poisoned()?;
+        if self.rows == 0 {
+            return Ok(());
+        }
+        self.roll()
+    }
+
+    /// Closes the active segment and opens the next; the old one goes to
+    /// the sealer. Order: new log file (durable), catalog commit, swap.
+    fn roll(&mut self) -> Result<(), StorageError> {
+        self.sync()?;
+        let old = self.active.clone();
+        let next_id = old.id + 1;
+        let next_first_seq = old.first_seq + u64::from(self.rows);
+        create_log(&self.shared.dir, next_id)?;
+        let (min_ts_us, max_ts_us) = {
+            let rows = old.rows.read();
+            (rows.min_ts, rows.max_ts)
+        };
+        let sealing_meta = SegmentMeta {
+            state: SegmentState::Sealing,
+            first_seq: old.first_seq,
+            rows: self.rows,
+            min_ts_us,
+            max_ts_us,
+            bytes: self.end,
+        };
+        let active_meta = SegmentMeta {
+            state: SegmentState::Active,
+            first_seq: next_first_seq,
+            rows: 0,
+            min_ts_us: 0,
+            max_ts_us: 0,
+            bytes: 0,
+        };
+        self.shared
+            .catalog
+            .apply(&[(old.id, Some(sealing_meta)), (next_id, Some(active_meta))])?;
+        let path = self.shared.log_path(next_id);
+        let next = Arc::new(OpenSegment::new(&path, next_id, next_first_seq, OpenRows {
+            end: segment::HEADER_SIZE as u64,
+            ..OpenRows::default()
+        })?);
+        self.log = self
+            .fs
+            .open_log(&path)
+            .map_err(|e| StorageError::io(&path, e))?;
+        {
+            let mut set = self.shared.set.write();
+            let mut new_set = SegmentSet::clone(&set);
+            new_set.sealing.push(old.clone());
+            new_set.active = next.clone();
+            *set = Arc::new(new_set);
+        }
+        self.active = next;
+        self.end = segment::HEADER_SIZE as u64;
+        self.rows = 0;
+        self.opened_at = Instant::now();
+        if let Some(tx) = &self.seal_tx {
+            // Blocks when the sealer is SEAL_BACKLOG_MAX segments behind:
+            // back-pressure instead of unbounded open logs.
+            let _ = tx.send(old);
+        }
+        Ok(())
+    }
+
+    fn wait_sealed(&self) -> Result<(), StorageError> {
+        // The sealer empties `sealing` one segment at a time; the writer
+        // waits here with a bounded poll so a stuck sealer shows as an error.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !self.shared.set.read().sealing.is_empty() {
+            self.shared.check_poisoned()?;
+            if Instant::now() > deadline {
+                return Err(StorageError::Poisoned("sealing did not finish".into()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) -> Result<(), StorageError> {
+        let result = self
+            .shared
+            .check_poisoned()
+            .and_then(|()| self.sync_if_dirty())
+            .and_then(|()| self.roll_if_rows());
+        // Dropping the sender lets the sealer finish its backlog and exit.
+        self.seal_tx = None;
+        result
+    }
+}
+
+/// Seals one rolled segment: write and fsync the `.seg`, commit it in the
+/// catalog, add its ids to the filter, swap it in, and unlink the `.log`.
+pub(crate) fn seal_one(shared: &Arc<Shared>, open: &Arc<OpenSegment>) {
+    if let Err(e) = try_seal(shared, open) {
+        shared.poison(format!("sealing segment {}: {e}", open.id));
+    }
+}
+
+fn try_seal(shared: &Arc<Shared>, open: &Arc<OpenSegment>) -> Result<(), StorageError> {
+    let log_path = shared.log_path(open.id);
+    let seg_path = shared.seg_path(open.id);
+    let file = std::fs::File::open(&log_path).map_err(|e| StorageError::io(&log_path, e))?;
+    // SAFETY: a rolled log is never written again; the lock keeps other
+    // processes out.
+    #[allow(unsafe_code)]
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| StorageError::io(&log_path, e))?;
+    let (offsets, end) = {
+        let rows = open.rows.read();
+        (rows.offsets.clone(), rows.end)
+    };
+    let bytes = map.get(..end as usize).ok_or_else(|| {
+        StorageError::corrupted(open.id, end, "log shorter than its acknowledged rows")
+    })?;
+    let summary = segment::write_sealed(
+        &seg_path,
+        open.id,
+        bytes,
+        &offsets,
+        shared.config.compression,
+        shared.config.block_size_bytes,
+    )?;
+    sync_dir(&shared.segments_dir()).map_err(|e| StorageError::io(&seg_path, e))?;
+    let sealed = Arc::new(SealedSegment::open(&seg_path, open.id)?);
+    assert_eq!(sealed.rows as usize, offsets.len(), "seal lost rows");
+    shared.catalog.apply(&[(
+        open.id,
+        Some(SegmentMeta {
+            state: SegmentState::Sealed,
+            first_seq: open.first_seq,
+            rows: summary.rows,
+            min_ts_us: summary.min_ts.as_micros(),
+            max_ts_us: summary.max_ts.as_micros(),
+            bytes: summary.bytes,
+        }),
+    )])?;
+    {
+        let mut filter = shared.filter.lock();
+        if filter.len() + sealed.rows as usize > filter.len().max(1 << 14) * 2
+            || filter.is_over_capacity()
+        {
+            let set = shared.set.read().clone();
+            let total: usize = set.sealed.iter().map(|s| s.rows as usize).sum::<usize>()
+                + sealed.rows as usize;
+            let mut bigger = IdFilter::with_capacity(total * 2);
+            for seg in set.sealed.iter().chain(std::iter::once(&sealed)) {
+                for hash in seg.id_hashes() {
+                    bigger.insert(hash);
+                }
+            }
+            *filter = bigger;
+        } else {
+            for hash in sealed.id_hashes() {
+                filter.insert(hash);
+            }
+        }
+    }
+    {
+        let mut set = shared.set.write();
+        let mut new_set = SegmentSet::clone(&set);
+        new_set.sealing.retain(|s| s.id != open.id);
+        new_set.sealed.push(sealed);
+        new_set.sealed.sort_by_key(|s| s.id);
+        *set = Arc::new(new_set);
+    }
+    drop(map);
+    std::fs::remove_file(&log_path).map_err(|e| StorageError::io(&log_path, e))?;
+    Ok(())
+}
+
+pub(crate) fn run_sealer(shared: Arc<Shared>, rx: Receiver<Arc<OpenSegment>>) {
+    for open in rx {
+        if shared.check_poisoned().is_ok() {
+            seal_one(&shared, &open);
+        }
+    }
+}
