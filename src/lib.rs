@@ -4,7 +4,10 @@
 //! Start with [`Db`]. The map of the code is in `ARCHITECTURE.md`, the bytes
 //! on disk in `docs/format.md`.
 
+pub mod api;
+pub mod bench;
 pub mod db;
+pub mod generator;
 pub mod event;
 pub mod limits;
 pub mod storage;

@@ -1,1 +1,290 @@
-fn main(){}
+//! The `evdb` command line: parses arguments and calls into the library.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use evdb::api::json;
+use evdb::bench::{self, BenchOptions};
+use evdb::storage::FsyncMode;
+use evdb::{AppendOutcome, Config, Db, Timestamp};
+
+#[derive(Parser)]
+#[command(name = "evdb", version, about = "An embedded event database")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Open the data directory and run until SIGINT/SIGTERM.
+    Serve {
+        #[arg(long, env = "EVDB_DATA_DIR", default_value = "./evdb-data")]
+        data_dir: PathBuf,
+        /// always | interval:MS | never
+        #[arg(long, env = "EVDB_FSYNC", default_value = "always")]
+        fsync: String,
+        /// Use a fresh temporary data directory, removed on exit.
+        #[arg(long, env = "EVDB_EPHEMERAL")]
+        ephemeral: bool,
+    },
+    /// Store NDJSON events read from a file or standard input.
+    Ingest {
+        #[arg(long, env = "EVDB_DATA_DIR", default_value = "./evdb-data")]
+        data_dir: PathBuf,
+        /// The NDJSON file; `-` or absent reads standard input.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Events per append.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        #[arg(long, env = "EVDB_FSYNC", default_value = "always")]
+        fsync: String,
+        /// One JSON line per acknowledged batch, then a summary line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reproduce the figures of docs/PERFORMANCE.md next to their baselines.
+    Bench {
+        /// ingest | recovery | compression | all
+        suite: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// One JSON object per line and nothing else on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Where the bench creates its temporary stores.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn fsync_mode(text: &str) -> anyhow::Result<FsyncMode> {
+    FsyncMode::parse(text).map_err(anyhow::Error::msg)
+}
+
+fn config(fsync: &str) -> anyhow::Result<Config> {
+    let mut config = Config::default();
+    config.storage.fsync = fsync_mode(fsync)?;
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EVDB_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            data_dir,
+            fsync,
+            ephemeral,
+        } => serve(data_dir, &fsync, ephemeral),
+        Command::Ingest {
+            data_dir,
+            file,
+            batch,
+            fsync,
+            json,
+        } => ingest(data_dir, file, batch, &fsync, json),
+        Command::Bench {
+            suite,
+            events,
+            json,
+            data_dir,
+        } => run_bench(&suite, events, json, data_dir),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("evdb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(data_dir: PathBuf, fsync: &str, ephemeral: bool) -> anyhow::Result<ExitCode> {
+    let temp = if ephemeral {
+        Some(tempfile::Builder::new().prefix("evdb-ephemeral-").tempdir()?)
+    } else {
+        None
+    };
+    let dir = temp.as_ref().map_or(data_dir, |t| t.path().to_owned());
+    let db = Db::open(&dir, config(fsync)?)
+        .map_err(|e| anyhow::anyhow!("cannot open data directory {}: {e}", dir.display()))?;
+    eprintln!(
+        "evdb: data directory {} open ({} events); this build has no network listeners, \
+         so it prints no ready line; waiting for SIGINT/SIGTERM",
+        dir.display(),
+        db.len()
+    );
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let _ = signals.forever().next();
+    db.close()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Default)]
+struct Counts {
+    stored: u64,
+    duplicates: u64,
+    failed: u64,
+}
+
+fn ingest(
+    data_dir: PathBuf,
+    file: Option<PathBuf>,
+    batch: usize,
+    fsync: &str,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    let batch = batch.clamp(1, evdb::limits::BATCH_EVENTS_MAX);
+    let db = Db::open(&data_dir, config(fsync)?)?;
+    let input: Box<dyn BufRead> = match &file {
+        Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+        )),
+        _ => Box::new(std::io::stdin().lock()),
+    };
+    let show_progress = !json_out && std::io::stderr().is_terminal();
+    let mut stdout = std::io::stdout().lock();
+    let mut counts = Counts::default();
+    let mut pending = Vec::with_capacity(batch);
+    let mut lines = Vec::with_capacity(batch);
+    let mut errors = Vec::new();
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut line_no = 0u64;
+    let flush = |pending: &mut Vec<evdb::Event>,
+                     lines: &mut Vec<u64>,
+                     errors: &mut Vec<serde_json::Value>,
+                     stdout: &mut std::io::StdoutLock<'_>,
+                     counts: &mut Counts|
+     -> anyhow::Result<()> {
+        let ids: Vec<String> = pending.iter().map(|e| e.id.clone()).collect();
+        let outcomes = db.append_batch(std::mem::take(pending))?;
+        let mut acked = Vec::new();
+        let mut dups = Vec::new();
+        for ((outcome, id), line) in outcomes.iter().zip(ids).zip(lines.iter()) {
+            match outcome {
+                AppendOutcome::Stored(_) => {
+                    counts.stored += 1;
+                    acked.push(id);
+                }
+                AppendOutcome::Duplicate(_) => {
+                    counts.duplicates += 1;
+                    dups.push(id);
+                }
+                AppendOutcome::Invalid(why) => {
+                    counts.failed += 1;
+                    errors.push(serde_json::json!({"line": line, "field": why.field, "error": why.reason}));
+                }
+            }
+        }
+        lines.clear();
+        if json_out {
+            let line = serde_json::json!({"stored": acked, "duplicates": dups, "errors": errors});
+            writeln!(stdout, "{line}")?;
+            stdout.flush()?;
+            errors.clear();
+        }
+        Ok(())
+    };
+    for line in input.lines() {
+        let line = line?;
+        line_no += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match json::parse_event(&line, Timestamp::now()) {
+            Ok(event) => {
+                pending.push(event);
+                lines.push(line_no);
+            }
+            Err(why) => {
+                counts.failed += 1;
+                if !json_out {
+                    eprintln!("line {line_no}: {why}");
+                }
+                errors.push(serde_json::json!({"line": line_no, "field": why.field, "error": why.reason}));
+            }
+        }
+        if pending.len() >= batch {
+            flush(&mut pending, &mut lines, &mut errors, &mut stdout, &mut counts)?;
+        }
+        if show_progress && last_progress.elapsed().as_secs() >= 1 {
+            eprint!("\ringested {} events ({line_no} lines)", counts.stored);
+            last_progress = Instant::now();
+        }
+    }
+    if !pending.is_empty() || !errors.is_empty() {
+        flush(&mut pending, &mut lines, &mut errors, &mut stdout, &mut counts)?;
+    }
+    db.close()?;
+    let Counts {
+        stored,
+        duplicates,
+        failed,
+    } = counts;
+    let secs = started.elapsed().as_secs_f64();
+    if json_out {
+        let summary = serde_json::json!({"summary": {"stored": stored, "duplicates": duplicates,
+            "failed": failed, "seconds": secs}});
+        writeln!(stdout, "{summary}")?;
+    } else {
+        if show_progress {
+            eprintln!();
+        }
+        println!("stored {stored}, duplicates {duplicates}, failed {failed} in {secs:.2}s");
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn run_bench(
+    suite: &str,
+    events: u64,
+    json_out: bool,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let dir = data_dir.unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&dir)?;
+    let opts = BenchOptions {
+        events: events.max(1000),
+        dir,
+        progress: !json_out || std::io::stderr().is_terminal(),
+    };
+    let figures = match suite {
+        "ingest" | "recovery" => bench::ingest(&opts)?,
+        "compression" => bench::compression(&opts)?,
+        "all" => {
+            let mut f = bench::ingest(&opts)?;
+            f.extend(bench::compression(&opts)?);
+            f
+        }
+        other => anyhow::bail!(
+            "bench suite {other:?} is not available in this build: ingest, recovery, compression or all"
+        ),
+    };
+    if json_out {
+        for f in &figures {
+            println!("{}", serde_json::to_string(f)?);
+        }
+    } else {
+        bench::print_table(&figures);
+    }
+    Ok(ExitCode::SUCCESS)
+}

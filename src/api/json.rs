@@ -1,0 +1,158 @@
+//! The JSON form of an event (contract §2, seed 002 "EcosystemEvent").
+//!
+//! Parsing reports the first bad field by name. `data` is kept verbatim.
+
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
+
+use crate::event::{Event, JsonObject, Severity, Timestamp, new_event_id};
+use crate::limits::{self, Invalid};
+
+fn string_field(
+    field: &'static str,
+    raw: Option<&&RawValue>,
+) -> Result<Option<String>, Invalid> {
+    match raw {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .map(Some)
+            .map_err(|_| Invalid::new(field, "must be a string")),
+    }
+}
+
+/// Parses one event from JSON text. Missing `event_id` and `timestamp` are
+/// filled with a fresh UUIDv7 and `now`. The event is also validated.
+pub fn parse_event(text: &str, now: Timestamp) -> Result<Event, Invalid> {
+    let fields: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            Invalid::new("event", "must be a JSON object")
+        } else {
+            Invalid::new("event", format!("malformed JSON: {e}"))
+        }
+    })?;
+    let get = |name: &str| fields.get(name);
+    let id = string_field("event_id", get("event_id"))?.unwrap_or_else(new_event_id);
+    let timestamp = match string_field("timestamp", get("timestamp"))? {
+        None => now,
+        Some(text) => Timestamp::parse_rfc3339(&text)
+            .map_err(|e| Invalid::new("timestamp", format!("{e}: {text:?}")))?,
+    };
+    let source = string_field("source_system", get("source_system"))?
+        .ok_or_else(|| Invalid::new("source_system", "is required"))?;
+    let event_type = string_field("event_type", get("event_type"))?
+        .ok_or_else(|| Invalid::new("event_type", "is required"))?;
+    let severity = match string_field("severity", get("severity"))? {
+        None => Severity::Info,
+        Some(text) => Severity::parse(&text).ok_or_else(|| {
+            Invalid::new(
+                "severity",
+                format!("unknown level {text:?}: use debug, info, warning, error or critical"),
+            )
+        })?,
+    };
+    let correlation_id = string_field("correlation_id", get("correlation_id"))?;
+    let tags = match get("tags") {
+        None => Vec::new(),
+        Some(raw) if raw.get() == "null" => Vec::new(),
+        Some(raw) => serde_json::from_str::<Vec<String>>(raw.get())
+            .map_err(|_| Invalid::new("tags", "must be an array of strings"))?,
+    };
+    let data = match get("data") {
+        None => JsonObject::empty(),
+        Some(raw) if raw.get() == "null" => JsonObject::empty(),
+        Some(raw) => JsonObject::parse(raw.get())
+            .map_err(|_| Invalid::new("data", "must be a JSON object"))?,
+    };
+    let event = Event {
+        id,
+        timestamp,
+        source,
+        event_type,
+        severity,
+        correlation_id,
+        tags,
+        data,
+        native: None,
+    };
+    limits::validate(&event)?;
+    Ok(event)
+}
+
+/// Writes the JSON form of an event (timestamps in UTC with `Z`).
+pub fn write_event(event: &Event, out: &mut String) {
+    use std::fmt::Write;
+    let s = |v: &str| serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into());
+    let _ = write!(
+        out,
+        r#"{{"event_id":{},"timestamp":"{}","source_system":{},"event_type":{},"severity":"{}","correlation_id":{},"data":{},"tags":["#,
+        s(&event.id),
+        event.timestamp.to_rfc3339(),
+        s(&event.source),
+        s(&event.event_type),
+        event.severity,
+        event.correlation_id.as_deref().map_or("null".to_owned(), s),
+        event.data.as_str(),
+    );
+    for (i, tag) in event.tags.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&s(tag));
+    }
+    out.push_str("]}");
+}
+
+pub fn event_to_json(event: &Event) -> String {
+    let mut out = String::with_capacity(256 + event.data.as_str().len());
+    write_event(event, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_seed_example_and_writes_it_back() {
+        let text = r#"{"source_system":"mahavishnu","event_type":"workflow_complete",
+            "severity":"WARN","correlation_id":"wf-abc123",
+            "data":{"workflow_id":"abc123","duration":5.2},"tags":["workflow","production"],
+            "timestamp":"2024-01-01T00:00:00+01:00","event_id":"e1"}"#;
+        let e = parse_event(text, Timestamp(0)).unwrap();
+        assert_eq!(e.severity, Severity::Warning);
+        assert_eq!(e.data.as_str(), r#"{"workflow_id":"abc123","duration":5.2}"#);
+        let back = event_to_json(&e);
+        let again = parse_event(&back, Timestamp(1)).unwrap();
+        assert_eq!(again, e);
+        assert!(back.contains(r#""timestamp":"2023-12-31T23:00:00.000000Z""#));
+    }
+
+    #[test]
+    fn fills_defaults() {
+        let e = parse_event(r#"{"source_system":"a","event_type":"b"}"#, Timestamp(42)).unwrap();
+        assert_eq!(e.timestamp, Timestamp(42));
+        assert_eq!(e.severity, Severity::Info);
+        assert_eq!(e.id.len(), 36);
+        assert_eq!(e.data.as_str(), "{}");
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let cases = [
+            (r#"{"event_type":"b"}"#, "source_system"),
+            (r#"{"source_system":1,"event_type":"b"}"#, "source_system"),
+            (r#"{"source_system":"a","event_type":"b","severity":"loud"}"#, "severity"),
+            (r#"{"source_system":"a","event_type":"b","timestamp":"x"}"#, "timestamp"),
+            (r#"{"source_system":"a","event_type":"b","data":[1]}"#, "data"),
+            (r#"{"source_system":"a","event_type":"b","tags":"x"}"#, "tags"),
+            (r#"{"source_system":"a","event_type":"b","tags":[""]}"#, "tags"),
+            (r#"[1]"#, "event"),
+            (r#"{"#, "event"),
+        ];
+        for (text, field) in cases {
+            assert_eq!(parse_event(text, Timestamp(0)).unwrap_err().field, field, "{text}");
+        }
+    }
+}

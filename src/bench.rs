@@ -1,0 +1,430 @@
+//! `evdb bench`: end-to-end figures, each next to its SQLite baseline
+//! measured in the same run (contract §6). `docs/PERFORMANCE.md` quotes
+//! its output.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, params};
+
+use crate::db::{AppendOutcome, Config, Db};
+use crate::event::{Event, Timestamp};
+use crate::generator::Generator;
+use crate::storage::{Compression, FsyncMode};
+
+/// One measured figure, printed as a JSON line with `--json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Figure {
+    pub suite: &'static str,
+    pub name: String,
+    pub events: u64,
+    pub unit: &'static str,
+    pub evdb: f64,
+    pub baseline: &'static str,
+    pub baseline_value: f64,
+    /// How many times better evdb is.
+    pub ratio: f64,
+}
+
+impl Figure {
+    fn new(
+        suite: &'static str,
+        name: &str,
+        events: u64,
+        unit: &'static str,
+        evdb: f64,
+        baseline: &'static str,
+        baseline_value: f64,
+    ) -> Figure {
+        let higher_is_better = unit.ends_with("per_s");
+        let ratio = if higher_is_better {
+            evdb / baseline_value
+        } else {
+            baseline_value / evdb
+        };
+        Figure {
+            suite,
+            name: name.to_owned(),
+            events,
+            unit,
+            evdb: round(evdb),
+            baseline,
+            baseline_value: round(baseline_value),
+            ratio: round(ratio),
+        }
+    }
+}
+
+fn round(x: f64) -> f64 {
+    if x.abs() >= 100.0 {
+        x.round()
+    } else {
+        (x * 1000.0).round() / 1000.0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub events: u64,
+    pub dir: PathBuf,
+    /// Print progress lines to stderr.
+    pub progress: bool,
+}
+
+const SEED: u64 = 0x00ED_B5EE_D000_0001;
+const START: Timestamp = Timestamp(1_700_000_000_000_000);
+
+fn progress(opts: &BenchOptions, what: &str) {
+    if opts.progress {
+        eprintln!("bench: {what}");
+    }
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_bytes(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// Resident set size of this process, from /proc (0 where unavailable).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The SQLite baseline of contract §6.
+pub struct Sqlite {
+    conn: Connection,
+}
+
+impl Sqlite {
+    pub fn open(path: &Path, synchronous_full: bool) -> rusqlite::Result<Sqlite> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if synchronous_full { "FULL" } else { "OFF" },
+        )?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS events(
+                 seq INTEGER PRIMARY KEY,
+                 event_id TEXT NOT NULL UNIQUE,
+                 ts INTEGER NOT NULL,
+                 source_system TEXT NOT NULL,
+                 event_type TEXT NOT NULL,
+                 severity INTEGER NOT NULL,
+                 correlation_id TEXT,
+                 data TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS events_source ON events(source_system);
+             CREATE INDEX IF NOT EXISTS events_type ON events(event_type);
+             CREATE INDEX IF NOT EXISTS events_severity ON events(severity);
+             CREATE INDEX IF NOT EXISTS events_correlation ON events(correlation_id);
+             CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+             CREATE TABLE IF NOT EXISTS event_tags(seq INTEGER NOT NULL, tag TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS event_tags_tag ON event_tags(tag, seq);",
+        )?;
+        Ok(Sqlite { conn })
+    }
+
+    /// One transaction for the whole batch; duplicates are ignored.
+    pub fn insert_batch(&mut self, events: &[Event]) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR IGNORE INTO events(event_id, ts, source_system, event_type, severity,
+                 correlation_id, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut tag = tx.prepare_cached("INSERT INTO event_tags(seq, tag) VALUES (?1, ?2)")?;
+            for e in events {
+                let changed = ins.execute(params![
+                    e.id,
+                    e.timestamp.as_micros(),
+                    e.source,
+                    e.event_type,
+                    e.severity.as_u8(),
+                    e.correlation_id,
+                    e.data.as_str(),
+                ])?;
+                if changed == 1 {
+                    let seq = tx.last_insert_rowid();
+                    for t in &e.tags {
+                        tag.execute(params![seq, t])?;
+                    }
+                }
+            }
+        }
+        tx.commit()
+    }
+
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+    }
+}
+
+fn db_config(fsync: FsyncMode, compression: Compression) -> Config {
+    let mut config = Config::default();
+    config.storage.fsync = fsync;
+    config.storage.compression = compression;
+    config
+}
+
+fn check_stored(outcomes: &[AppendOutcome]) -> anyhow::Result<()> {
+    for o in outcomes {
+        if !matches!(o, AppendOutcome::Stored(_)) {
+            anyhow::bail!("bench event was not stored: {o:?}");
+        }
+    }
+    Ok(())
+}
+
+/// `ingest`: batches of 1,000 and 64 concurrent single-event writers at
+/// `--fsync always`, bytes per event, and resident memory while appending.
+pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    let n = opts.events;
+    let batch = 1000usize;
+
+    // evdb, batches of 1,000.
+    let evdb_dir = tempfile::Builder::new().prefix("evdb-bench-").tempdir_in(&opts.dir)?;
+    let db = Db::open(evdb_dir.path(), db_config(FsyncMode::Always, Compression::Zstd))?;
+    let mut generator = Generator::new(SEED, START, 100);
+    let mut evdb_time = Duration::ZERO;
+    let mut rss_max = 0u64;
+    let mut done = 0u64;
+    while done < n {
+        let k = (n - done).min(batch as u64) as usize;
+        let events = generator.batch(k);
+        let t = Instant::now();
+        let outcomes = db.append_batch(events)?;
+        evdb_time += t.elapsed();
+        check_stored(&outcomes)?;
+        done += k as u64;
+        if done % 100_000 < batch as u64 {
+            rss_max = rss_max.max(rss_bytes());
+            progress(opts, &format!("evdb batch ingest {done}/{n}"));
+        }
+    }
+    db.close()?;
+    drop(db);
+    let evdb_bytes = dir_bytes(evdb_dir.path());
+
+    // Opening the closed store.
+    let t = Instant::now();
+    let db = Db::open(evdb_dir.path(), db_config(FsyncMode::Always, Compression::Zstd))?;
+    let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    if db.len() != n {
+        anyhow::bail!("reopened store holds {} events, expected {n}", db.len());
+    }
+    db.close()?;
+    drop(db);
+
+    // SQLite, the same events and batches.
+    let sqlite_dir = tempfile::Builder::new().prefix("evdb-bench-sqlite-").tempdir_in(&opts.dir)?;
+    let sqlite_path = sqlite_dir.path().join("events.db");
+    let mut sqlite = Sqlite::open(&sqlite_path, true)?;
+    let mut generator = Generator::new(SEED, START, 100);
+    let mut sqlite_time = Duration::ZERO;
+    let mut done = 0u64;
+    while done < n {
+        let k = (n - done).min(batch as u64) as usize;
+        let events = generator.batch(k);
+        let t = Instant::now();
+        sqlite.insert_batch(&events)?;
+        sqlite_time += t.elapsed();
+        done += k as u64;
+        if done % 100_000 < batch as u64 {
+            progress(opts, &format!("sqlite batch ingest {done}/{n}"));
+        }
+    }
+    sqlite.checkpoint()?;
+    drop(sqlite);
+    let t = Instant::now();
+    let sqlite = Connection::open(&sqlite_path)?;
+    let count: i64 = sqlite.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+    let sqlite_open_ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(sqlite);
+    let sqlite_bytes = dir_bytes(sqlite_dir.path());
+    if count as u64 != n {
+        anyhow::bail!("sqlite holds {count} events, expected {n}");
+    }
+
+    let rate = |time: Duration| n as f64 / time.as_secs_f64();
+    figures.push(Figure::new(
+        "ingest",
+        "batch1000_fsync_always",
+        n,
+        "events_per_s",
+        rate(evdb_time),
+        "sqlite",
+        rate(sqlite_time),
+    ));
+    figures.push(Figure::new(
+        "ingest",
+        "bytes_per_event",
+        n,
+        "bytes",
+        evdb_bytes as f64 / n as f64,
+        "sqlite",
+        sqlite_bytes as f64 / n as f64,
+    ));
+    figures.push(Figure::new(
+        "recovery",
+        "open_after_close",
+        n,
+        "ms",
+        open_ms,
+        "sqlite",
+        sqlite_open_ms,
+    ));
+    figures.push(Figure::new(
+        "ingest",
+        "rss_while_appending",
+        n,
+        "mib",
+        rss_max as f64 / (1024.0 * 1024.0),
+        "none",
+        f64::NAN,
+    ));
+
+    // 64 concurrent writers, one event per append.
+    let writers = 64usize;
+    let single_n = n.min(200_000) as usize;
+    let evdb_dir2 = tempfile::Builder::new().prefix("evdb-bench-").tempdir_in(&opts.dir)?;
+    let db = Arc::new(Db::open(
+        evdb_dir2.path(),
+        db_config(FsyncMode::Always, Compression::Zstd),
+    )?);
+    progress(opts, &format!("evdb {writers} single-event writers, {single_n} events"));
+    let evdb_rate = concurrent(writers, single_n, |events| {
+        for e in events {
+            let o = db.append(e)?;
+            check_stored(std::slice::from_ref(&o))?;
+        }
+        Ok(())
+    })?;
+    db.close()?;
+    let sqlite_n = single_n.min(20_000);
+    let sqlite_dir2 = tempfile::Builder::new().prefix("evdb-bench-sqlite-").tempdir_in(&opts.dir)?;
+    let sqlite = Arc::new(parking_lot::Mutex::new(Sqlite::open(
+        &sqlite_dir2.path().join("events.db"),
+        true,
+    )?));
+    progress(opts, &format!("sqlite {writers} single-event writers, {sqlite_n} events"));
+    let sqlite_rate = concurrent(writers, sqlite_n, |events| {
+        for e in events {
+            sqlite.lock().insert_batch(std::slice::from_ref(&e))?;
+        }
+        Ok(())
+    })?;
+    figures.push(Figure::new(
+        "ingest",
+        "single_event_64_writers_fsync_always",
+        single_n as u64,
+        "events_per_s",
+        evdb_rate,
+        "sqlite",
+        sqlite_rate,
+    ));
+    Ok(figures)
+}
+
+/// Runs `writers` threads, each appending its share of `n` events with
+/// `append`; returns events per second.
+fn concurrent<F>(writers: usize, n: usize, append: F) -> anyhow::Result<f64>
+where
+    F: Fn(Vec<Event>) -> anyhow::Result<()> + Sync,
+{
+    let mut generator = Generator::new(SEED ^ 0x64, START, 100);
+    let shares: Vec<Vec<Event>> = (0..writers)
+        .map(|w| generator.batch(n / writers + usize::from(w < n % writers)))
+        .collect();
+    let failures = AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for share in shares {
+            let append = &append;
+            let failures = &failures;
+            s.spawn(move || {
+                if let Err(e) = append(share) {
+                    eprintln!("bench writer failed: {e}");
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let elapsed = t.elapsed();
+    if failures.load(Ordering::Relaxed) > 0 {
+        anyhow::bail!("a bench writer failed");
+    }
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+/// Compares block compressions on the same seed-shaped events: bytes per
+/// event of the sealed segments, and the time of a random get by id (which
+/// decodes one block).
+pub fn compression(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
+    let n = opts.events.min(200_000);
+    let mut results = Vec::new();
+    for compression in [Compression::Zstd, Compression::Lz4] {
+        let dir = tempfile::Builder::new().prefix("evdb-bench-").tempdir_in(&opts.dir)?;
+        let db = Db::open(dir.path(), db_config(FsyncMode::Never, compression))?;
+        let mut generator = Generator::new(SEED, START, 100);
+        let mut ids = Vec::new();
+        let mut done = 0;
+        while done < n {
+            let events = generator.batch(1000);
+            ids.extend(events.iter().step_by(97).map(|e| e.id.clone()));
+            check_stored(&db.append_batch(events)?)?;
+            done += 1000;
+        }
+        db.seal()?;
+        let seg_bytes: u64 = db.log().segments().sealed.iter().map(|s| s.file_bytes()).sum();
+        let mut lat = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let t = Instant::now();
+            let found = db.get(id)?;
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+            if found.is_none() {
+                anyhow::bail!("bench event {id} not found");
+            }
+        }
+        lat.sort_by(f64::total_cmp);
+        results.push((seg_bytes as f64 / done as f64, lat[lat.len() / 2]));
+        db.close()?;
+        progress(opts, &format!("compression {compression:?} measured"));
+    }
+    let (zstd, lz4) = (results[0], results[1]);
+    Ok(vec![
+        Figure::new("ingest", "segment_bytes_per_event_zstd", n, "bytes", zstd.0, "lz4", lz4.0),
+        Figure::new("ingest", "get_by_id_p50_zstd", n, "us_p50", zstd.1, "lz4", lz4.1),
+    ])
+}
+
+pub fn print_table(figures: &[Figure]) {
+    println!(
+        "{:<10} {:<40} {:>10} {:>14} {:>14} {:>10}  unit",
+        "suite", "name", "events", "evdb", "baseline", "ratio"
+    );
+    for f in figures {
+        println!(
+            "{:<10} {:<40} {:>10} {:>14} {:>14} {:>10}  {} (baseline: {})",
+            f.suite, f.name, f.events, f.evdb, f.baseline_value, f.ratio, f.unit, f.baseline
+        );
+    }
+}
