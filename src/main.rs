@@ -46,6 +46,9 @@ enum Command {
         /// One JSON line per acknowledged batch, then a summary line.
         #[arg(long)]
         json: bool,
+        /// Roll the active segment at this size (default 128 MiB).
+        #[arg(long)]
+        segment_size_bytes: Option<u64>,
     },
     /// Reproduce the figures of docs/PERFORMANCE.md next to their baselines.
     Bench {
@@ -93,7 +96,8 @@ fn main() -> ExitCode {
             batch,
             fsync,
             json,
-        } => ingest(data_dir, file, batch, &fsync, json),
+            segment_size_bytes,
+        } => ingest(data_dir, file, batch, &fsync, json, segment_size_bytes),
         Command::Bench {
             suite,
             events,
@@ -147,9 +151,14 @@ fn ingest(
     batch: usize,
     fsync: &str,
     json_out: bool,
+    segment_size_bytes: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let batch = batch.clamp(1, evdb::limits::BATCH_EVENTS_MAX);
-    let db = Db::open(&data_dir, config(fsync)?)?;
+    let mut config = config(fsync)?;
+    if let Some(bytes) = segment_size_bytes {
+        config.storage.segment_size_bytes = bytes;
+    }
+    let db = Db::open(&data_dir, config)?;
     let input: Box<dyn BufRead> = match &file {
         Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
             std::fs::File::open(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
