@@ -96,12 +96,13 @@ fn dir_bytes(path: &Path) -> u64 {
     total
 }
 
-/// Resident set size of this process, from /proc (0 where unavailable).
+/// Anonymous resident memory of this process (heap and stacks, not the
+/// page cache of mapped segment files), from /proc; 0 where unavailable.
 pub fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
@@ -201,8 +202,13 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let batch = 1000usize;
 
     // evdb, batches of 1,000.
-    let evdb_dir = tempfile::Builder::new().prefix("evdb-bench-").tempdir_in(&opts.dir)?;
-    let db = Db::open(evdb_dir.path(), db_config(FsyncMode::Always, Compression::Zstd))?;
+    let evdb_dir = tempfile::Builder::new()
+        .prefix("evdb-bench-")
+        .tempdir_in(&opts.dir)?;
+    let db = Db::open(
+        evdb_dir.path(),
+        db_config(FsyncMode::Always, Compression::Zstd),
+    )?;
     let mut generator = Generator::new(SEED, START, 100);
     let mut evdb_time = Duration::ZERO;
     let mut rss_max = 0u64;
@@ -226,7 +232,10 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
 
     // Opening the closed store.
     let t = Instant::now();
-    let db = Db::open(evdb_dir.path(), db_config(FsyncMode::Always, Compression::Zstd))?;
+    let db = Db::open(
+        evdb_dir.path(),
+        db_config(FsyncMode::Always, Compression::Zstd),
+    )?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
     if db.len() != n {
         anyhow::bail!("reopened store holds {} events, expected {n}", db.len());
@@ -235,7 +244,9 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     drop(db);
 
     // SQLite, the same events and batches.
-    let sqlite_dir = tempfile::Builder::new().prefix("evdb-bench-sqlite-").tempdir_in(&opts.dir)?;
+    let sqlite_dir = tempfile::Builder::new()
+        .prefix("evdb-bench-sqlite-")
+        .tempdir_in(&opts.dir)?;
     let sqlite_path = sqlite_dir.path().join("events.db");
     let mut sqlite = Sqlite::open(&sqlite_path, true)?;
     let mut generator = Generator::new(SEED, START, 100);
@@ -294,7 +305,7 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     ));
     figures.push(Figure::new(
         "ingest",
-        "rss_while_appending",
+        "rss_anon_while_appending",
         n,
         "mib",
         rss_max as f64 / (1024.0 * 1024.0),
@@ -305,12 +316,17 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     // 64 concurrent writers, one event per append.
     let writers = 64usize;
     let single_n = n.min(200_000) as usize;
-    let evdb_dir2 = tempfile::Builder::new().prefix("evdb-bench-").tempdir_in(&opts.dir)?;
+    let evdb_dir2 = tempfile::Builder::new()
+        .prefix("evdb-bench-")
+        .tempdir_in(&opts.dir)?;
     let db = Arc::new(Db::open(
         evdb_dir2.path(),
         db_config(FsyncMode::Always, Compression::Zstd),
     )?);
-    progress(opts, &format!("evdb {writers} single-event writers, {single_n} events"));
+    progress(
+        opts,
+        &format!("evdb {writers} single-event writers, {single_n} events"),
+    );
     let evdb_rate = concurrent(writers, single_n, |events| {
         for e in events {
             let o = db.append(e)?;
@@ -320,12 +336,17 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     })?;
     db.close()?;
     let sqlite_n = single_n.min(20_000);
-    let sqlite_dir2 = tempfile::Builder::new().prefix("evdb-bench-sqlite-").tempdir_in(&opts.dir)?;
+    let sqlite_dir2 = tempfile::Builder::new()
+        .prefix("evdb-bench-sqlite-")
+        .tempdir_in(&opts.dir)?;
     let sqlite = Arc::new(parking_lot::Mutex::new(Sqlite::open(
         &sqlite_dir2.path().join("events.db"),
         true,
     )?));
-    progress(opts, &format!("sqlite {writers} single-event writers, {sqlite_n} events"));
+    progress(
+        opts,
+        &format!("sqlite {writers} single-event writers, {sqlite_n} events"),
+    );
     let sqlite_rate = concurrent(writers, sqlite_n, |events| {
         for e in events {
             sqlite.lock().insert_batch(std::slice::from_ref(&e))?;
@@ -382,7 +403,9 @@ pub fn compression(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let n = opts.events.min(200_000);
     let mut results = Vec::new();
     for compression in [Compression::Zstd, Compression::Lz4] {
-        let dir = tempfile::Builder::new().prefix("evdb-bench-").tempdir_in(&opts.dir)?;
+        let dir = tempfile::Builder::new()
+            .prefix("evdb-bench-")
+            .tempdir_in(&opts.dir)?;
         let db = Db::open(dir.path(), db_config(FsyncMode::Never, compression))?;
         let mut generator = Generator::new(SEED, START, 100);
         let mut ids = Vec::new();
@@ -394,7 +417,13 @@ pub fn compression(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             done += 1000;
         }
         db.seal()?;
-        let seg_bytes: u64 = db.log().segments().sealed.iter().map(|s| s.file_bytes()).sum();
+        let seg_bytes: u64 = db
+            .log()
+            .segments()
+            .sealed
+            .iter()
+            .map(|s| s.file_bytes())
+            .sum();
         let mut lat = Vec::with_capacity(ids.len());
         for id in &ids {
             let t = Instant::now();
@@ -411,8 +440,24 @@ pub fn compression(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     }
     let (zstd, lz4) = (results[0], results[1]);
     Ok(vec![
-        Figure::new("ingest", "segment_bytes_per_event_zstd", n, "bytes", zstd.0, "lz4", lz4.0),
-        Figure::new("ingest", "get_by_id_p50_zstd", n, "us_p50", zstd.1, "lz4", lz4.1),
+        Figure::new(
+            "ingest",
+            "segment_bytes_per_event_zstd",
+            n,
+            "bytes",
+            zstd.0,
+            "lz4",
+            lz4.0,
+        ),
+        Figure::new(
+            "ingest",
+            "get_by_id_p50_zstd",
+            n,
+            "us_p50",
+            zstd.1,
+            "lz4",
+            lz4.1,
+        ),
     ])
 }
 

@@ -133,10 +133,7 @@ impl Db {
 
     /// The event with this id, if stored.
     pub fn get(&self, event_id: &str) -> Result<Option<Event>, DbError> {
-        match self.log.find(event_id)? {
-            Some(pos) => Ok(self.log.read(pos)?),
-            None => Ok(None),
-        }
+        Ok(self.log.get(event_id)?)
     }
 
     /// Every event in arrival order.

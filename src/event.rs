@@ -282,12 +282,20 @@ mod tests {
         assert_eq!(Timestamp::parse_rfc3339(&t.to_rfc3339()).unwrap(), t);
         let before_epoch = Timestamp::parse_rfc3339("1969-12-31T23:59:59.5Z").unwrap();
         assert_eq!(before_epoch.as_micros(), -500_000);
-        assert_eq!(Timestamp::parse_rfc3339("yesterday"), Err(TimestampError::Syntax));
+        assert_eq!(
+            Timestamp::parse_rfc3339("yesterday"),
+            Err(TimestampError::Syntax)
+        );
     }
 
     #[test]
     fn json_object_only_accepts_objects() {
-        assert_eq!(JsonObject::parse(" {\"b\":1, \"a\":[2]} ").unwrap().as_str(), r#"{"b":1, "a":[2]}"#);
+        assert_eq!(
+            JsonObject::parse(" {\"b\":1, \"a\":[2]} ")
+                .unwrap()
+                .as_str(),
+            r#"{"b":1, "a":[2]}"#
+        );
         assert!(JsonObject::parse("{} {}").is_err());
         assert!(JsonObject::parse("[1]").is_err());
         assert!(JsonObject::parse("3").is_err());

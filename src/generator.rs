@@ -20,20 +20,63 @@ pub const SOURCES: [&str; 8] = [
 ];
 
 const TYPE_STEMS: [&str; 10] = [
-    "workflow", "task", "session", "tool_call", "model", "agent", "policy", "ingest", "deploy",
+    "workflow",
+    "task",
+    "session",
+    "tool_call",
+    "model",
+    "agent",
+    "policy",
+    "ingest",
+    "deploy",
     "health",
 ];
 const TYPE_ENDS: [&str; 4] = ["start", "complete", "failed", "retry"];
 
 pub const TAGS: [&str; 24] = [
-    "production", "staging", "workflow", "edge", "gpu", "batch", "realtime", "critical-path",
-    "customer", "internal", "eu", "us", "apac", "canary", "beta", "billing", "security", "audit",
-    "ml", "etl", "api", "cli", "cron", "manual",
+    "production",
+    "staging",
+    "workflow",
+    "edge",
+    "gpu",
+    "batch",
+    "realtime",
+    "critical-path",
+    "customer",
+    "internal",
+    "eu",
+    "us",
+    "apac",
+    "canary",
+    "beta",
+    "billing",
+    "security",
+    "audit",
+    "ml",
+    "etl",
+    "api",
+    "cli",
+    "cron",
+    "manual",
 ];
 
 const WORDS: [&str; 16] = [
-    "completed", "request", "within", "budget", "retrying", "upstream", "timeout", "cache", "miss",
-    "served", "from", "replica", "queue", "drained", "batch", "flushed",
+    "completed",
+    "request",
+    "within",
+    "budget",
+    "retrying",
+    "upstream",
+    "timeout",
+    "cache",
+    "miss",
+    "served",
+    "from",
+    "replica",
+    "queue",
+    "drained",
+    "batch",
+    "flushed",
 ];
 
 /// SplitMix64: tiny, fast, and fixed forever.
@@ -145,8 +188,8 @@ impl Generator {
         let timestamp = Timestamp(self.start_us + n as i64 * self.step_us + jitter);
         // Skewed: the first sources and types are the busiest.
         let source = SOURCES[(r.below(8) * r.below(8) / 7) as usize].to_owned();
-        let t = (r.below(type_count() as u64) * r.below(type_count() as u64)) as usize
-            / type_count();
+        let t =
+            (r.below(type_count() as u64) * r.below(type_count() as u64)) as usize / type_count();
         let severity = match r.below(1000) {
             0..=149 => Severity::Debug,
             150..=799 => Severity::Info,
@@ -178,7 +221,11 @@ impl Generator {
                 r#""user_id":"u-{:05}","message":"{}","items":{}}}"#
             ),
             r.below(1 << 20),
-            if severity >= Severity::Error { "failed" } else { "success" },
+            if severity >= Severity::Error {
+                "failed"
+            } else {
+                "success"
+            },
             latency,
             r.below(60),
             r.below(10),
@@ -218,7 +265,10 @@ mod tests {
         let b = Generator::new(7, Timestamp(0), 100).batch(2000);
         assert_eq!(a, b);
         let data_len: usize = a.iter().map(|e| e.data.as_str().len()).sum::<usize>() / a.len();
-        assert!((200..=400).contains(&data_len), "mean data {data_len} bytes");
+        assert!(
+            (200..=400).contains(&data_len),
+            "mean data {data_len} bytes"
+        );
         for e in &a {
             crate::limits::validate(e).unwrap();
             assert!(e.tags.len() <= 5);

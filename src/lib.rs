@@ -7,8 +7,8 @@
 pub mod api;
 pub mod bench;
 pub mod db;
-pub mod generator;
 pub mod event;
+pub mod generator;
 pub mod limits;
 pub mod storage;
 

@@ -116,7 +116,11 @@ fn main() -> ExitCode {
 
 fn serve(data_dir: PathBuf, fsync: &str, ephemeral: bool) -> anyhow::Result<ExitCode> {
     let temp = if ephemeral {
-        Some(tempfile::Builder::new().prefix("evdb-ephemeral-").tempdir()?)
+        Some(
+            tempfile::Builder::new()
+                .prefix("evdb-ephemeral-")
+                .tempdir()?,
+        )
     } else {
         None
     };
@@ -175,10 +179,10 @@ fn ingest(
     let mut last_progress = Instant::now();
     let mut line_no = 0u64;
     let flush = |pending: &mut Vec<evdb::Event>,
-                     lines: &mut Vec<u64>,
-                     errors: &mut Vec<serde_json::Value>,
-                     stdout: &mut std::io::StdoutLock<'_>,
-                     counts: &mut Counts|
+                 lines: &mut Vec<u64>,
+                 errors: &mut Vec<serde_json::Value>,
+                 stdout: &mut std::io::StdoutLock<'_>,
+                 counts: &mut Counts|
      -> anyhow::Result<()> {
         let ids: Vec<String> = pending.iter().map(|e| e.id.clone()).collect();
         let outcomes = db.append_batch(std::mem::take(pending))?;
@@ -196,7 +200,9 @@ fn ingest(
                 }
                 AppendOutcome::Invalid(why) => {
                     counts.failed += 1;
-                    errors.push(serde_json::json!({"line": line, "field": why.field, "error": why.reason}));
+                    errors.push(
+                        serde_json::json!({"line": line, "field": why.field, "error": why.reason}),
+                    );
                 }
             }
         }
@@ -225,11 +231,19 @@ fn ingest(
                 if !json_out {
                     eprintln!("line {line_no}: {why}");
                 }
-                errors.push(serde_json::json!({"line": line_no, "field": why.field, "error": why.reason}));
+                errors.push(
+                    serde_json::json!({"line": line_no, "field": why.field, "error": why.reason}),
+                );
             }
         }
         if pending.len() >= batch {
-            flush(&mut pending, &mut lines, &mut errors, &mut stdout, &mut counts)?;
+            flush(
+                &mut pending,
+                &mut lines,
+                &mut errors,
+                &mut stdout,
+                &mut counts,
+            )?;
         }
         if show_progress && last_progress.elapsed().as_secs() >= 1 {
             eprint!("\ringested {} events ({line_no} lines)", counts.stored);
@@ -237,7 +251,13 @@ fn ingest(
         }
     }
     if !pending.is_empty() || !errors.is_empty() {
-        flush(&mut pending, &mut lines, &mut errors, &mut stdout, &mut counts)?;
+        flush(
+            &mut pending,
+            &mut lines,
+            &mut errors,
+            &mut stdout,
+            &mut counts,
+        )?;
     }
     db.close()?;
     let Counts {

@@ -43,7 +43,14 @@ fn sigkill_during_ingest_loses_nothing_acknowledged() {
         let round_input = dir.path().join(format!("round-{round}.ndjson"));
         write_ndjson(&round_input, &events[from..(round + 1) * per_round]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_evdb"))
-            .args(["ingest", "--json", "--batch", "200", "--segment-size-bytes", "262144"])
+            .args([
+                "ingest",
+                "--json",
+                "--batch",
+                "200",
+                "--segment-size-bytes",
+                "262144",
+            ])
             .arg("--data-dir")
             .arg(&data)
             .arg("--file")
@@ -76,9 +83,18 @@ fn sigkill_during_ingest_loses_nothing_acknowledged() {
         let db = Db::open(&data, Config::default()).unwrap();
         let mut seen = HashSet::new();
         for item in db.scan() {
-            let (_, event) = item.unwrap_or_else(|e| panic!("round {round}: torn record served: {e}"));
-            assert!(seen.insert(event.id.clone()), "round {round}: {} stored twice", event.id);
-            assert_eq!(Some(&&event), by_id.get(event.id.as_str()), "round {round}: altered");
+            let (_, event) =
+                item.unwrap_or_else(|e| panic!("round {round}: torn record served: {e}"));
+            assert!(
+                seen.insert(event.id.clone()),
+                "round {round}: {} stored twice",
+                event.id
+            );
+            assert_eq!(
+                Some(&&event),
+                by_id.get(event.id.as_str()),
+                "round {round}: altered"
+            );
         }
         for id in &acked {
             assert!(seen.contains(id), "round {round}: acknowledged {id} lost");

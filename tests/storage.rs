@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
+use evdb::generator::Generator;
 use evdb::storage::dir::{Fault, FaultyFs};
 use evdb::storage::{Compression, FsyncMode};
 use evdb::{AppendOutcome, Config, Db, Event, Timestamp};
-use evdb::generator::Generator;
 
 fn small_config() -> Config {
     let mut config = Config::default();
@@ -35,10 +35,13 @@ fn the_same_id_is_stored_once_in_a_batch_across_batches_and_after_restart() {
         let db = Db::open(dir.path(), small_config()).unwrap();
         let out = db.append_batch(e.clone()).unwrap();
         assert!(matches!(out[0], AppendOutcome::Stored(_)));
-        assert_eq!(out[1], AppendOutcome::Duplicate(match out[0] {
-            AppendOutcome::Stored(p) => p,
-            _ => unreachable!(),
-        }));
+        assert_eq!(
+            out[1],
+            AppendOutcome::Duplicate(match out[0] {
+                AppendOutcome::Stored(p) => p,
+                _ => unreachable!(),
+            })
+        );
         assert!(matches!(out[2], AppendOutcome::Stored(_)));
         let again = db.append_batch(e.clone()).unwrap();
         assert_eq!(stored(&again), 0);
@@ -78,7 +81,10 @@ fn events_survive_seals_and_restarts_in_arrival_order() {
         {
             let db = Db::open(&dir, config.clone()).unwrap();
             for chunk in all.chunks(250) {
-                assert_eq!(stored(&db.append_batch(chunk.to_vec()).unwrap()), chunk.len());
+                assert_eq!(
+                    stored(&db.append_batch(chunk.to_vec()).unwrap()),
+                    chunk.len()
+                );
             }
             db.seal().unwrap();
             let segments = db.log().segments();
@@ -100,7 +106,9 @@ fn events_survive_seals_and_restarts_in_arrival_order() {
 fn a_second_open_of_the_same_directory_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let _db = Db::open(dir.path(), small_config()).unwrap();
-    let err = Db::open(dir.path(), small_config()).unwrap_err().to_string();
+    let err = Db::open(dir.path(), small_config())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("in use by another process"), "{err}");
 }
 
@@ -114,7 +122,10 @@ fn concurrent_writers_are_group_committed_and_all_acknowledged() {
             let db = db.clone();
             s.spawn(move || {
                 for e in share {
-                    assert!(matches!(db.append(e.clone()).unwrap(), AppendOutcome::Stored(_)));
+                    assert!(matches!(
+                        db.append(e.clone()).unwrap(),
+                        AppendOutcome::Stored(_)
+                    ));
                     // Read your writes: acknowledged means visible.
                     assert_eq!(db.get(&e.id).unwrap().as_ref(), Some(e));
                 }
@@ -173,7 +184,9 @@ fn a_torn_write_at_any_sync_point_loses_nothing_acknowledged() {
 #[test]
 fn a_full_disk_refuses_writes_without_corrupting_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let fs = FaultyFs::new(Fault::DiskFullAfter { after_bytes: 20_000 });
+    let fs = FaultyFs::new(Fault::DiskFullAfter {
+        after_bytes: 20_000,
+    });
     let all = events(200, 7);
     let mut acked = 0;
     {
@@ -228,6 +241,9 @@ fn a_corrupted_sealed_block_is_reported_not_served() {
     std::fs::write(&seg, bytes).unwrap();
     let db = Db::open(dir.path(), small_config()).unwrap();
     let results: Vec<_> = db.scan().collect();
-    let err = results.iter().find_map(|r| r.as_ref().err()).expect("damage is reported");
+    let err = results
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .expect("damage is reported");
     assert!(err.to_string().contains("checksum"), "{err}");
 }

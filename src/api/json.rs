@@ -9,10 +9,7 @@ use serde_json::value::RawValue;
 use crate::event::{Event, JsonObject, Severity, Timestamp, new_event_id};
 use crate::limits::{self, Invalid};
 
-fn string_field(
-    field: &'static str,
-    raw: Option<&&RawValue>,
-) -> Result<Option<String>, Invalid> {
+fn string_field(field: &'static str, raw: Option<&&RawValue>) -> Result<Option<String>, Invalid> {
     match raw {
         None => Ok(None),
         Some(raw) if raw.get() == "null" => Ok(None),
@@ -122,7 +119,10 @@ mod tests {
             "timestamp":"2024-01-01T00:00:00+01:00","event_id":"e1"}"#;
         let e = parse_event(text, Timestamp(0)).unwrap();
         assert_eq!(e.severity, Severity::Warning);
-        assert_eq!(e.data.as_str(), r#"{"workflow_id":"abc123","duration":5.2}"#);
+        assert_eq!(
+            e.data.as_str(),
+            r#"{"workflow_id":"abc123","duration":5.2}"#
+        );
         let back = event_to_json(&e);
         let again = parse_event(&back, Timestamp(1)).unwrap();
         assert_eq!(again, e);
@@ -143,16 +143,35 @@ mod tests {
         let cases = [
             (r#"{"event_type":"b"}"#, "source_system"),
             (r#"{"source_system":1,"event_type":"b"}"#, "source_system"),
-            (r#"{"source_system":"a","event_type":"b","severity":"loud"}"#, "severity"),
-            (r#"{"source_system":"a","event_type":"b","timestamp":"x"}"#, "timestamp"),
-            (r#"{"source_system":"a","event_type":"b","data":[1]}"#, "data"),
-            (r#"{"source_system":"a","event_type":"b","tags":"x"}"#, "tags"),
-            (r#"{"source_system":"a","event_type":"b","tags":[""]}"#, "tags"),
+            (
+                r#"{"source_system":"a","event_type":"b","severity":"loud"}"#,
+                "severity",
+            ),
+            (
+                r#"{"source_system":"a","event_type":"b","timestamp":"x"}"#,
+                "timestamp",
+            ),
+            (
+                r#"{"source_system":"a","event_type":"b","data":[1]}"#,
+                "data",
+            ),
+            (
+                r#"{"source_system":"a","event_type":"b","tags":"x"}"#,
+                "tags",
+            ),
+            (
+                r#"{"source_system":"a","event_type":"b","tags":[""]}"#,
+                "tags",
+            ),
             (r#"[1]"#, "event"),
             (r#"{"#, "event"),
         ];
         for (text, field) in cases {
-            assert_eq!(parse_event(text, Timestamp(0)).unwrap_err().field, field, "{text}");
+            assert_eq!(
+                parse_event(text, Timestamp(0)).unwrap_err().field,
+                field,
+                "{text}"
+            );
         }
     }
 }

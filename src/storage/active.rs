@@ -48,6 +48,17 @@ impl OpenRows {
         row
     }
 
+    /// The byte range of `row`'s frame.
+    pub fn range(&self, row: u32) -> (u64, u64) {
+        let offset = self.offsets[row as usize];
+        let end = self
+            .offsets
+            .get(row as usize + 1)
+            .copied()
+            .unwrap_or(self.end);
+        (offset, end)
+    }
+
     pub fn rows_with_hash(&self, hash: IdHash) -> impl Iterator<Item = u32> + '_ {
         let first = self.ids.get(&hash.0).copied();
         let more = self.collisions.get(&hash.0).into_iter().flatten().copied();
@@ -107,16 +118,7 @@ impl OpenSegment {
         if row >= self.visible_rows() {
             return Ok(None);
         }
-        let (offset, end) = {
-            let rows = self.rows.read();
-            let offset = rows.offsets[row as usize];
-            let end = rows
-                .offsets
-                .get(row as usize + 1)
-                .copied()
-                .unwrap_or(rows.end);
-            (offset, end)
-        };
+        let (offset, end) = self.rows.read().range(row);
         self.read_frame_at(offset, end)
             .map(|(_, payload)| Some(payload))
     }
@@ -145,17 +147,6 @@ impl OpenSegment {
         let header = frame::FRAME_HEADER_SIZE;
         buf.drain(..header);
         Ok((kind, buf))
-    }
-
-    pub(crate) fn row_range(&self, row: u32) -> (u64, u64) {
-        let rows = self.rows.read();
-        let offset = rows.offsets[row as usize];
-        let end = rows
-            .offsets
-            .get(row as usize + 1)
-            .copied()
-            .unwrap_or(rows.end);
-        (offset, end)
     }
 
     /// Bytes of the log (frames and header).

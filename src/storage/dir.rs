@@ -106,11 +106,16 @@ impl LogFile for FaultyLog {
         if self.fs.fired() {
             return Err(power_lost());
         }
-        let before = self.fs.appended.fetch_add(buf.len() as u64, Ordering::SeqCst);
+        let before = self
+            .fs
+            .appended
+            .fetch_add(buf.len() as u64, Ordering::SeqCst);
         if let Fault::DiskFullAfter { after_bytes } = self.fs.fault
             && before + buf.len() as u64 > after_bytes
         {
-            self.fs.appended.fetch_sub(buf.len() as u64, Ordering::SeqCst);
+            self.fs
+                .appended
+                .fetch_sub(buf.len() as u64, Ordering::SeqCst);
             return Err(io::Error::from_raw_os_error(28));
         }
         self.file.write_all(buf)?;

@@ -63,7 +63,10 @@ fn checksum(len_bytes: [u8; 4], kind: u8, payload: &[u8]) -> u32 {
 /// The caller guarantees `payload.len() <= FRAME_PAYLOAD_MAX` (the event size
 /// limit is checked before encoding); a larger payload is a programmer error.
 pub fn encode(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) {
-    assert!(payload.len() <= FRAME_PAYLOAD_MAX, "frame payload over limit");
+    assert!(
+        payload.len() <= FRAME_PAYLOAD_MAX,
+        "frame payload over limit"
+    );
     let len_bytes = (payload.len() as u32).to_le_bytes();
     let crc = checksum(len_bytes, kind as u8, payload);
     out.reserve(FRAME_HEADER_SIZE + payload.len());
@@ -71,6 +74,18 @@ pub fn encode(kind: FrameKind, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&crc.to_le_bytes());
     out.push(kind as u8);
     out.extend_from_slice(payload);
+}
+
+/// Turns `buf` — `FRAME_HEADER_SIZE` placeholder bytes followed by the
+/// payload — into one frame, without copying the payload.
+pub fn seal_in_place(kind: FrameKind, buf: &mut [u8]) {
+    let payload_len = buf.len() - FRAME_HEADER_SIZE;
+    assert!(payload_len <= FRAME_PAYLOAD_MAX, "frame payload over limit");
+    let len_bytes = (payload_len as u32).to_le_bytes();
+    let crc = checksum(len_bytes, kind as u8, &buf[FRAME_HEADER_SIZE..]);
+    buf[LEN_OFFSET..LEN_OFFSET + 4].copy_from_slice(&len_bytes);
+    buf[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+    buf[KIND_OFFSET] = kind as u8;
 }
 
 /// Decodes the frame at the start of `buf`; returns it and its total size.
@@ -125,6 +140,10 @@ mod tests {
         assert_eq!(a.payload, b"hello");
         assert_eq!(used, FRAME_HEADER_SIZE + 5);
         let (b, used_b) = decode(&buf[used..]).unwrap();
+        let mut in_place = vec![0u8; FRAME_HEADER_SIZE];
+        in_place.extend_from_slice(b"hello");
+        seal_in_place(FrameKind::EventV1, &mut in_place);
+        assert_eq!(in_place, buf[..used]);
         assert_eq!(b.payload, b"");
         assert_eq!(used + used_b, buf.len());
     }

@@ -17,7 +17,9 @@ pub fn hash_id(id: &str) -> IdHash {
 fn varint(buf: &[u8], at: &mut usize) -> Result<u64, RecordError> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
-        let byte = *buf.get(*at).ok_or(RecordError::Decode("truncated varint".into()))?;
+        let byte = *buf
+            .get(*at)
+            .ok_or(RecordError::Decode("truncated varint".into()))?;
         *at += 1;
         value |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {

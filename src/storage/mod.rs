@@ -171,10 +171,10 @@ impl Prepared {
     /// Encodes `event`; the caller has validated it. Returns the encoded size
     /// so the caller can check it against the limit first.
     pub fn encode(event: &Event) -> Prepared {
-        let mut payload = Vec::with_capacity(256 + event.data.as_str().len());
-        record::encode(event, &mut payload);
-        let mut frame = Vec::with_capacity(payload.len() + frame::FRAME_HEADER_SIZE);
-        frame::encode(frame::FrameKind::EventV1, &payload, &mut frame);
+        let mut frame = Vec::with_capacity(320 + event.data.as_str().len());
+        frame.resize(frame::FRAME_HEADER_SIZE, 0);
+        record::encode(event, &mut frame);
+        frame::seal_in_place(frame::FrameKind::EventV1, &mut frame);
         // The id is field 1, written first: tag byte, one or two length bytes.
         let id_start = frame::FRAME_HEADER_SIZE + 1 + if event.id.len() < 128 { 1 } else { 2 };
         Prepared {
@@ -308,7 +308,9 @@ pub struct Log {
 
 impl std::fmt::Debug for Log {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Log").field("dir", &self.shared.dir).finish()
+        f.debug_struct("Log")
+            .field("dir", &self.shared.dir)
+            .finish()
     }
 }
 
@@ -418,9 +420,17 @@ impl Log {
         }
     }
 
-    /// Finds the position of the event with this id.
-    pub fn find(&self, id: &str) -> Result<Option<Position>, StorageError> {
+    /// Finds the event with this id: its position and record payload.
+    pub fn find(&self, id: &str) -> Result<Option<(Position, Vec<u8>)>, StorageError> {
         find_id(&self.segments(), id.as_bytes(), hash_id(id))
+    }
+
+    /// Finds and decodes the event with this id.
+    pub fn get(&self, id: &str) -> Result<Option<Event>, StorageError> {
+        match self.find(id)? {
+            Some((pos, payload)) => decode_at(pos, &payload).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Every visible event in arrival order.
@@ -497,7 +507,7 @@ pub(crate) fn find_id(
     set: &SegmentSet,
     id: &[u8],
     hash: IdHash,
-) -> Result<Option<Position>, StorageError> {
+) -> Result<Option<(Position, Vec<u8>)>, StorageError> {
     for seg in set.iter().rev() {
         if let Some(pos) = find_id_in(set, seg, id, hash)? {
             return Ok(Some(pos));
@@ -512,7 +522,7 @@ pub(crate) fn find_id_in(
     seg: SegmentRef<'_>,
     id: &[u8],
     hash: IdHash,
-) -> Result<Option<Position>, StorageError> {
+) -> Result<Option<(Position, Vec<u8>)>, StorageError> {
     let rows: Vec<u32> = match seg {
         SegmentRef::Open(s) => {
             let visible = s.visible_rows();
@@ -533,7 +543,7 @@ pub(crate) fn find_id_in(
             let (stored, _) = ids::peek_id_and_timestamp(&payload)
                 .map_err(|e| StorageError::corrupted(pos.segment, 0, e.to_string()))?;
             if stored.as_bytes() == id {
-                return Ok(Some(pos));
+                return Ok(Some((pos, payload)));
             }
         }
     }

@@ -67,16 +67,24 @@ fn open_log(dir: &Path, id: u64, first_seq: u64) -> Result<OpenSegment, StorageE
         .write(true)
         .open(&path)
         .map_err(|e| StorageError::io(&path, e))?;
-    let len = file.metadata().map_err(|e| StorageError::io(&path, e))?.len();
+    let len = file
+        .metadata()
+        .map_err(|e| StorageError::io(&path, e))?
+        .len();
     if len < segment::HEADER_SIZE as u64 {
         // A crash between creating the file and syncing its header: the log
         // never held a row. Write the header again.
         drop(file);
         create_log(dir, id)?;
-        return OpenSegment::new(&path, id, first_seq, OpenRows {
-            end: segment::HEADER_SIZE as u64,
-            ..OpenRows::default()
-        });
+        return OpenSegment::new(
+            &path,
+            id,
+            first_seq,
+            OpenRows {
+                end: segment::HEADER_SIZE as u64,
+                ..OpenRows::default()
+            },
+        );
     }
     // SAFETY: the log is only written by this process's writer thread, which
     // has not started yet, and the directory lock keeps other processes out.
@@ -88,11 +96,7 @@ fn open_log(dir: &Path, id: u64, first_seq: u64) -> Result<OpenSegment, StorageE
         ..OpenRows::default()
     };
     for (i, &offset) in scan.offsets.iter().enumerate() {
-        let end = scan
-            .offsets
-            .get(i + 1)
-            .copied()
-            .unwrap_or(scan.valid_len);
+        let end = scan.offsets.get(i + 1).copied().unwrap_or(scan.valid_len);
         let (frame, _) = super::frame::decode(&map[offset as usize..end as usize])
             .map_err(|e| StorageError::corrupted(id, offset, e.to_string()))?;
         let (event_id, ts) = peek_id_and_timestamp(frame.payload)

@@ -7,7 +7,6 @@
 //! write or sync poisons the store: after a failed fsync the kernel may have
 //! dropped the dirty pages, so nothing written since can be trusted.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +33,7 @@ pub(crate) enum Control {
 pub(crate) enum Command {
     Append {
         events: Vec<Prepared>,
-        reply: Sender<Result<Vec<Appended>, StorageError>>,
+        reply: AppendReply,
     },
     Control {
         what: Control,
@@ -42,8 +41,9 @@ pub(crate) enum Command {
     },
 }
 
-/// Where an id of the current group was staged: request and event index.
-type Staged = (usize, usize);
+type AppendReply = Sender<Result<Vec<Appended>, StorageError>>;
+/// An append request of the current group with its reply channel.
+type PendingAppend = (Vec<Prepared>, AppendReply);
 
 pub(crate) struct Writer {
     shared: Arc<Shared>,
@@ -232,116 +232,108 @@ impl Writer {
         if self.dirty { self.sync() } else { Ok(()) }
     }
 
-    /// Whether the staged or stored row `row` of the active segment holds
-    /// the id `id`.
-    fn active_row_has_id(
-        &self,
-        row: u32,
-        id: &[u8],
-        staged: &[Staged],
-        appends: &[(Vec<Prepared>, Sender<Result<Vec<Appended>, StorageError>>)],
-    ) -> Result<bool, StorageError> {
-        if row >= self.rows {
-            let (r, e) = staged[(row - self.rows) as usize];
-            return Ok(appends[r].0[e].id() == id);
-        }
-        let (start, end) = self.active.row_range(row);
-        let (_, payload) = self.active.read_frame_at(start, end)?;
-        let (stored, _) = ids::peek_id_and_timestamp(&payload)
-            .map_err(|e| StorageError::corrupted(self.active.id, start, e.to_string()))?;
-        Ok(stored.as_bytes() == id)
-    }
-
     /// Finds an id stored anywhere but the active segment.
     fn find_elsewhere(
-        &self,
         set: &SegmentSet,
+        filter: &IdFilter,
         id: &[u8],
         hash: IdHash,
     ) -> Result<Option<Position>, StorageError> {
-        let in_sealed = self.shared.filter.lock().may_contain(hash);
+        let in_sealed = filter.may_contain(hash);
         // Newest first, the active segment (checked by the caller) skipped:
         // rolled segments, then sealed ones, which the filter can rule out.
         for seg in set.iter().rev().skip(1) {
             if matches!(seg, SegmentRef::Sealed(_)) && !in_sealed {
                 break;
             }
-            if let Some(pos) = super::find_id_in(set, seg, id, hash)? {
+            if let Some((pos, _)) = super::find_id_in(set, seg, id, hash)? {
                 return Ok(Some(pos));
             }
         }
         Ok(None)
     }
 
+    /// Checks ids and stages the group's frames into the active segment's
+    /// row table (invisible to readers until published), then writes,
+    /// syncs and publishes them.
     fn append_group(
         &mut self,
-        appends: &[(Vec<Prepared>, Sender<Result<Vec<Appended>, StorageError>>)],
+        appends: &[PendingAppend],
     ) -> Result<Vec<Vec<Appended>>, StorageError> {
         let set = self.shared.set.read().clone();
-        let mut buf = Vec::with_capacity(
-            appends
-                .iter()
-                .flat_map(|(e, _)| e.iter())
-                .map(|p| p.frame.len())
-                .sum(),
-        );
-        let mut staged: Vec<Staged> = Vec::new();
-        let mut new_rows: Vec<(u64, u64, IdHash, i64)> = Vec::new();
-        let mut group_ids: HashMap<u64, Vec<u32>> = HashMap::new();
+        let total: usize = appends
+            .iter()
+            .flat_map(|(e, _)| e.iter())
+            .map(|p| p.frame.len())
+            .sum();
+        let mut buf = Vec::with_capacity(total);
+        // Staged rows, in row order: (request, event) of each.
+        let mut staged: Vec<(usize, usize)> = Vec::new();
         let mut outcomes = Vec::with_capacity(appends.len());
         let active_id = self.active.id;
-        for (r, (events, _)) in appends.iter().enumerate() {
-            let mut out = Vec::with_capacity(events.len());
-            for (e, event) in events.iter().enumerate() {
-                let id = event.id();
-                let mut dup = None;
-                // Rows already in the active segment, then rows of this group.
-                let stored_rows: Vec<u32> =
-                    self.active.rows.read().rows_with_hash(event.hash).collect();
-                let group_rows = group_ids.get(&event.hash.0).cloned().unwrap_or_default();
-                for row in stored_rows.into_iter().chain(group_rows) {
-                    if self.active_row_has_id(row, id, &staged, appends)? {
-                        dup = Some(Position {
-                            segment: active_id,
-                            row,
-                        });
-                        break;
+        {
+            let filter = self.shared.filter.lock();
+            let mut rows = self.active.rows.write();
+            for (r, (events, _)) in appends.iter().enumerate() {
+                let mut out = Vec::with_capacity(events.len());
+                for (e, event) in events.iter().enumerate() {
+                    let id = event.id();
+                    let mut dup = None;
+                    for row in rows.rows_with_hash(event.hash) {
+                        let same = if row >= self.rows {
+                            let (sr, se) = staged[(row - self.rows) as usize];
+                            appends[sr].0[se].id() == id
+                        } else {
+                            let (start, end) = rows.range(row);
+                            let (_, payload) = self.active.read_frame_at(start, end)?;
+                            let (stored, _) =
+                                ids::peek_id_and_timestamp(&payload).map_err(|e| {
+                                    StorageError::corrupted(active_id, start, e.to_string())
+                                })?;
+                            stored.as_bytes() == id
+                        };
+                        if same {
+                            dup = Some(Position {
+                                segment: active_id,
+                                row,
+                            });
+                            break;
+                        }
                     }
+                    if dup.is_none() {
+                        dup = Self::find_elsewhere(&set, &filter, id, event.hash)?;
+                    }
+                    if let Some(pos) = dup {
+                        out.push(Appended::Duplicate(pos));
+                        continue;
+                    }
+                    let offset = self.end + buf.len() as u64;
+                    buf.extend_from_slice(&event.frame);
+                    let row = rows.push(
+                        offset,
+                        event.frame.len() as u64,
+                        event.hash,
+                        event.timestamp_us,
+                    );
+                    staged.push((r, e));
+                    out.push(Appended::Stored(Position {
+                        segment: active_id,
+                        row,
+                    }));
                 }
-                if dup.is_none() {
-                    dup = self.find_elsewhere(&set, id, event.hash)?;
-                }
-                if let Some(pos) = dup {
-                    out.push(Appended::Duplicate(pos));
-                    continue;
-                }
-                let row = self.rows + staged.len() as u32;
-                let offset = self.end + buf.len() as u64;
-                buf.extend_from_slice(&event.frame);
-                staged.push((r, e));
-                group_ids.entry(event.hash.0).or_default().push(row);
-                new_rows.push((offset, event.frame.len() as u64, event.hash, event.timestamp_us));
-                out.push(Appended::Stored(Position {
-                    segment: active_id,
-                    row,
-                }));
+                outcomes.push(out);
             }
-            outcomes.push(out);
         }
         if buf.is_empty() {
             return Ok(outcomes);
         }
         let path = self.shared.log_path(active_id);
+        // A failed write or sync poisons the store (the caller does it), so
+        // staged rows that never reached the disk are never published.
         self.log
             .append(&buf)
             .map_err(|e| StorageError::io(&path, e))?;
         self.dirty = true;
-        {
-            let mut rows = self.active.rows.write();
-            for (offset, len, hash, ts) in new_rows {
-                rows.push(offset, len, hash, ts);
-            }
-        }
         self.end += buf.len() as u64;
         self.rows += staged.len() as u32;
         if self.shared.config.fsync == FsyncMode::Always {
@@ -391,10 +383,15 @@ impl Writer {
             .catalog
             .apply(&[(old.id, Some(sealing_meta)), (next_id, Some(active_meta))])?;
         let path = self.shared.log_path(next_id);
-        let next = Arc::new(OpenSegment::new(&path, next_id, next_first_seq, OpenRows {
-            end: segment::HEADER_SIZE as u64,
-            ..OpenRows::default()
-        })?);
+        let next = Arc::new(OpenSegment::new(
+            &path,
+            next_id,
+            next_first_seq,
+            OpenRows {
+                end: segment::HEADER_SIZE as u64,
+                ..OpenRows::default()
+            },
+        )?);
         self.log = self
             .fs
             .open_log(&path)
@@ -495,8 +492,8 @@ fn try_seal(shared: &Arc<Shared>, open: &Arc<OpenSegment>) -> Result<(), Storage
             || filter.is_over_capacity()
         {
             let set = shared.set.read().clone();
-            let total: usize = set.sealed.iter().map(|s| s.rows as usize).sum::<usize>()
-                + sealed.rows as usize;
+            let total: usize =
+                set.sealed.iter().map(|s| s.rows as usize).sum::<usize>() + sealed.rows as usize;
             let mut bigger = IdFilter::with_capacity(total * 2);
             for seg in set.sealed.iter().chain(std::iter::once(&sealed)) {
                 for hash in seg.id_hashes() {
