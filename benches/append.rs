@@ -68,10 +68,11 @@ fn append(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1000));
     group.bench_function("prepare1000", |b| {
         b.iter(|| {
-            events
-                .iter()
-                .map(|e| Prepared::encode(e).payload_len())
-                .sum::<usize>()
+            let mut prepared = Prepared::with_capacity(events.len());
+            for e in &events {
+                let _ = prepared.push(e, usize::MAX);
+            }
+            prepared.bytes()
         })
     });
     group.finish();

@@ -88,20 +88,18 @@ impl Db {
             )));
         }
         let mut outcomes: Vec<Option<AppendOutcome>> = Vec::with_capacity(events.len());
-        let mut prepared = Vec::with_capacity(events.len());
+        let mut prepared = Prepared::with_capacity(events.len());
+        let limit = self.config.limits.event_size_max;
         for event in &events {
             let checked = limits::validate(event).and_then(|()| {
-                let p = Prepared::encode(event);
-                limits::check_encoded_size(p.payload_len(), &self.config.limits).map(|()| p)
+                prepared
+                    .push(event, limit)
+                    .map(|_| ())
+                    .map_err(|size| limits::too_large(size, limit))
             });
-            match checked {
-                Ok(p) => {
-                    prepared.push(p);
-                    outcomes.push(None);
-                }
-                Err(invalid) => outcomes.push(Some(AppendOutcome::Invalid(invalid))),
-            }
+            outcomes.push(checked.err().map(AppendOutcome::Invalid));
         }
+        drop(events);
         let mut appended = self.log.append(prepared)?.into_iter();
         let mut out = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {

@@ -130,15 +130,17 @@ pub fn validate(event: &Event) -> Result<(), Invalid> {
 
 pub fn check_encoded_size(encoded_bytes: usize, limits: &Limits) -> Result<(), Invalid> {
     if encoded_bytes > limits.event_size_max {
-        return Err(Invalid::new(
-            "event",
-            format!(
-                "is {encoded_bytes} bytes encoded, at most {} allowed",
-                limits.event_size_max
-            ),
-        ));
+        return Err(too_large(encoded_bytes, limits.event_size_max));
     }
     Ok(())
+}
+
+/// The refusal of an event whose encoded size passes the limit.
+pub fn too_large(encoded_bytes: usize, max: usize) -> Invalid {
+    Invalid::new(
+        "event",
+        format!("is {encoded_bytes} bytes encoded, at most {max} allowed"),
+    )
 }
 
 #[cfg(test)]

@@ -156,41 +156,81 @@ pub struct Position {
     pub row: u32,
 }
 
-/// An event ready for the writer: validated, encoded and framed on the
-/// caller's thread so that the writer only checks ids and copies bytes.
-#[derive(Debug)]
+/// Events ready for the writer: validated, encoded and framed on the
+/// caller's thread into one buffer, so that the writer only checks ids and
+/// copies bytes.
+#[derive(Debug, Default)]
 pub struct Prepared {
-    pub hash: IdHash,
-    pub timestamp_us: i64,
-    /// The event id's byte range inside `frame`.
-    id_range: (usize, usize),
-    frame: Vec<u8>,
+    frames: Vec<u8>,
+    items: Vec<PreparedItem>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PreparedItem {
+    hash: IdHash,
+    timestamp_us: i64,
+    start: usize,
+    end: usize,
+    /// The event id's byte range inside `frames`.
+    id_start: usize,
+    id_end: usize,
 }
 
 impl Prepared {
-    /// Encodes `event`; the caller has validated it. Returns the encoded size
-    /// so the caller can check it against the limit first.
-    pub fn encode(event: &Event) -> Prepared {
-        let mut frame = Vec::with_capacity(320 + event.data.as_str().len());
-        frame.resize(frame::FRAME_HEADER_SIZE, 0);
-        record::encode(event, &mut frame);
-        frame::seal_in_place(frame::FrameKind::EventV1, &mut frame);
-        // The id is field 1, written first: tag byte, one or two length bytes.
-        let id_start = frame::FRAME_HEADER_SIZE + 1 + if event.id.len() < 128 { 1 } else { 2 };
+    pub fn with_capacity(events: usize) -> Prepared {
         Prepared {
-            hash: hash_id(&event.id),
-            timestamp_us: event.timestamp.as_micros(),
-            id_range: (id_start, id_start + event.id.len()),
-            frame,
+            frames: Vec::with_capacity(events * 512),
+            items: Vec::with_capacity(events),
         }
     }
 
-    pub fn payload_len(&self) -> usize {
-        self.frame.len() - frame::FRAME_HEADER_SIZE
+    /// Frames `event` (validated by the caller) and returns its payload size;
+    /// if `limit` is exceeded the event is not kept and `Err(size)` returned.
+    pub fn push(&mut self, event: &Event, limit: usize) -> Result<usize, usize> {
+        let start = self.frames.len();
+        self.frames.resize(start + frame::FRAME_HEADER_SIZE, 0);
+        record::encode(event, &mut self.frames);
+        let payload_len = self.frames.len() - start - frame::FRAME_HEADER_SIZE;
+        if payload_len > limit {
+            self.frames.truncate(start);
+            return Err(payload_len);
+        }
+        frame::seal_in_place(frame::FrameKind::EventV1, &mut self.frames[start..]);
+        // The id is field 1, written first: tag byte, then a one- or two-byte
+        // length (ids are at most 128 bytes).
+        let id_start =
+            start + frame::FRAME_HEADER_SIZE + 1 + if event.id.len() < 128 { 1 } else { 2 };
+        self.items.push(PreparedItem {
+            hash: hash_id(&event.id),
+            timestamp_us: event.timestamp.as_micros(),
+            start,
+            end: self.frames.len(),
+            id_start,
+            id_end: id_start + event.id.len(),
+        });
+        Ok(payload_len)
     }
 
-    pub fn id(&self) -> &[u8] {
-        &self.frame[self.id_range.0..self.id_range.1]
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.frames.len()
+    }
+
+    fn id(&self, i: usize) -> &[u8] {
+        let item = &self.items[i];
+        &self.frames[item.id_start..item.id_end]
+    }
+
+    fn frame(&self, i: usize) -> &[u8] {
+        let item = &self.items[i];
+        &self.frames[item.start..item.end]
     }
 }
 
@@ -370,7 +410,7 @@ impl Log {
 
     /// Appends prepared events; returns one outcome per event, in order,
     /// once they are acknowledged under the configured fsync mode.
-    pub fn append(&self, events: Vec<Prepared>) -> Result<Vec<Appended>, StorageError> {
+    pub fn append(&self, events: Prepared) -> Result<Vec<Appended>, StorageError> {
         self.shared.check_poisoned()?;
         if events.is_empty() {
             return Ok(Vec::new());

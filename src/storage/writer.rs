@@ -32,7 +32,7 @@ pub(crate) enum Control {
 
 pub(crate) enum Command {
     Append {
-        events: Vec<Prepared>,
+        events: Prepared,
         reply: AppendReply,
     },
     Control {
@@ -43,7 +43,7 @@ pub(crate) enum Command {
 
 type AppendReply = Sender<Result<Vec<Appended>, StorageError>>;
 /// An append request of the current group with its reply channel.
-type PendingAppend = (Vec<Prepared>, AppendReply);
+type PendingAppend = (Prepared, AppendReply);
 
 pub(crate) struct Writer {
     shared: Arc<Shared>,
@@ -112,7 +112,7 @@ impl Writer {
                 match rx.try_recv() {
                     Ok(cmd) => {
                         if let Command::Append { events, .. } = &cmd {
-                            bytes += events.iter().map(|e| e.frame.len()).sum::<usize>();
+                            bytes += events.bytes();
                         }
                         group.push(cmd);
                     }
@@ -261,11 +261,7 @@ impl Writer {
         appends: &[PendingAppend],
     ) -> Result<Vec<Vec<Appended>>, StorageError> {
         let set = self.shared.set.read().clone();
-        let total: usize = appends
-            .iter()
-            .flat_map(|(e, _)| e.iter())
-            .map(|p| p.frame.len())
-            .sum();
+        let total: usize = appends.iter().map(|(e, _)| e.bytes()).sum();
         let mut buf = Vec::with_capacity(total);
         // Staged rows, in row order: (request, event) of each.
         let mut staged: Vec<(usize, usize)> = Vec::new();
@@ -276,13 +272,14 @@ impl Writer {
             let mut rows = self.active.rows.write();
             for (r, (events, _)) in appends.iter().enumerate() {
                 let mut out = Vec::with_capacity(events.len());
-                for (e, event) in events.iter().enumerate() {
-                    let id = event.id();
+                for e in 0..events.len() {
+                    let item = events.items[e];
+                    let id = events.id(e);
                     let mut dup = None;
-                    for row in rows.rows_with_hash(event.hash) {
+                    for row in rows.rows_with_hash(item.hash) {
                         let same = if row >= self.rows {
                             let (sr, se) = staged[(row - self.rows) as usize];
-                            appends[sr].0[se].id() == id
+                            appends[sr].0.id(se) == id
                         } else {
                             let (start, end) = rows.range(row);
                             let (_, payload) = self.active.read_frame_at(start, end)?;
@@ -301,20 +298,16 @@ impl Writer {
                         }
                     }
                     if dup.is_none() {
-                        dup = Self::find_elsewhere(&set, &filter, id, event.hash)?;
+                        dup = Self::find_elsewhere(&set, &filter, id, item.hash)?;
                     }
                     if let Some(pos) = dup {
                         out.push(Appended::Duplicate(pos));
                         continue;
                     }
                     let offset = self.end + buf.len() as u64;
-                    buf.extend_from_slice(&event.frame);
-                    let row = rows.push(
-                        offset,
-                        event.frame.len() as u64,
-                        event.hash,
-                        event.timestamp_us,
-                    );
+                    let frame = events.frame(e);
+                    buf.extend_from_slice(frame);
+                    let row = rows.push(offset, frame.len() as u64, item.hash, item.timestamp_us);
                     staged.push((r, e));
                     out.push(Appended::Stored(Position {
                         segment: active_id,
