@@ -7,10 +7,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::db_index::{IndexSealer, Indexes};
 use crate::event::Event;
+use crate::index::IndexError;
 use crate::limits::{self, Invalid, Limits};
-use crate::storage::dir::FileSystem;
-use crate::storage::{self, Appended, Log, Position, Prepared, StorageConfig, StorageError};
+use crate::query::{self, Cursor, Page, Query, QueryError, SegmentInput, Stats};
+use crate::storage::dir::{FileSystem, RealFs};
+use crate::storage::{
+    self, Appended, Log, Position, Prepared, RowReader, SegmentRef, StorageConfig, StorageError,
+};
 
 /// Everything `Db::open` needs to know.
 #[derive(Clone, Debug, Default)]
@@ -24,6 +29,10 @@ pub struct Config {
 pub enum DbError {
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
     /// The request as a whole is refused (e.g. too many events).
     #[error("{0}")]
     TooLarge(Invalid),
@@ -40,6 +49,7 @@ pub enum AppendOutcome {
 
 pub struct Db {
     log: Log,
+    indexes: Indexes,
     config: Config,
 }
 
@@ -47,6 +57,25 @@ impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Db").field("log", &self.log).finish()
     }
+}
+
+fn inputs<'a>(
+    set: &storage::SegmentSet,
+    held: &'a [(u64, crate::db_index::Held)],
+) -> Vec<SegmentInput<'a>> {
+    held.iter()
+        .filter_map(|(id, h)| {
+            let first_seq = match set.get(*id)? {
+                SegmentRef::Open(o) => o.first_seq,
+                SegmentRef::Sealed(s) => s.first_seq,
+            };
+            Some(SegmentInput {
+                segment: *id,
+                first_seq,
+                index: h.view(),
+            })
+        })
+        .collect()
 }
 
 const _: fn() = || {
@@ -57,8 +86,7 @@ const _: fn() = || {
 impl Db {
     /// Opens or creates the database in `path`, recovering after a crash.
     pub fn open(path: impl AsRef<Path>, config: Config) -> Result<Db, DbError> {
-        let log = Log::open(path.as_ref(), config.storage.clone())?;
-        Ok(Db { log, config })
+        Self::open_with(path, config, Arc::new(RealFs))
     }
 
     /// Opens with a chosen file-system seam (fault injection in tests).
@@ -67,8 +95,42 @@ impl Db {
         config: Config,
         fs: Arc<dyn FileSystem>,
     ) -> Result<Db, DbError> {
-        let log = Log::open_with(path.as_ref(), config.storage.clone(), fs)?;
-        Ok(Db { log, config })
+        let dir = path.as_ref();
+        let index_dir = dir.join("index");
+        std::fs::create_dir_all(&index_dir).map_err(|e| StorageError::io(&index_dir, e))?;
+        let hook = Arc::new(IndexSealer {
+            dir: index_dir.clone(),
+        });
+        let log = Log::open_with(dir, config.storage.clone(), fs, Some(hook))?;
+        let indexes = Indexes::new(index_dir);
+        let set = log.segments();
+        indexes
+            .remove_stale_files(&set)
+            .map_err(|e| StorageError::io(indexes.dir(), e))?;
+        // Open segments have no index file: rebuild theirs from the log
+        // (after a clean close only the empty active segment is open).
+        for seg in set.iter() {
+            if let SegmentRef::Open(open) = seg {
+                let mut reader = RowReader::new(set.clone());
+                let mut events = Vec::new();
+                for row in 0..open.visible_rows() {
+                    let pos = Position {
+                        segment: open.id,
+                        row,
+                    };
+                    if let Some(e) = reader.event(pos)? {
+                        events.push((row, e));
+                    }
+                }
+                let rows: Vec<(u32, &Event)> = events.iter().map(|(r, e)| (*r, e)).collect();
+                indexes.insert(&set, open.id, &rows);
+            }
+        }
+        Ok(Db {
+            log,
+            indexes,
+            config,
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -99,8 +161,9 @@ impl Db {
             });
             outcomes.push(checked.err().map(AppendOutcome::Invalid));
         }
-        drop(events);
-        let mut appended = self.log.append(prepared)?.into_iter();
+        let appended = self.log.append(prepared)?;
+        self.index_stored(&events, &outcomes, &appended);
+        let mut appended = appended.into_iter();
         let mut out = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
             let outcome = match outcome {
@@ -119,6 +182,115 @@ impl Db {
             out.push(outcome);
         }
         Ok(out)
+    }
+
+    /// Indexes the stored events of a batch before its caller is answered,
+    /// so an acknowledged event is visible to queries at once.
+    fn index_stored(
+        &self,
+        events: &[Event],
+        outcomes: &[Option<AppendOutcome>],
+        appended: &[Appended],
+    ) {
+        let set = self.log.segments();
+        let mut by_segment: Vec<(u64, Vec<(u32, &Event)>)> = Vec::new();
+        let valid = events.iter().zip(outcomes).filter(|(_, o)| o.is_none());
+        for ((event, _), outcome) in valid.zip(appended) {
+            if let Appended::Stored(pos) = outcome {
+                match by_segment.last_mut() {
+                    Some((seg, rows)) if *seg == pos.segment => rows.push((pos.row, event)),
+                    _ => by_segment.push((pos.segment, vec![(pos.row, event)])),
+                }
+            }
+        }
+        for (segment, rows) in by_segment {
+            self.indexes.insert(&set, segment, &rows);
+        }
+    }
+
+    /// The events matching `query`, in its order, with a cursor for the
+    /// next page when more may follow.
+    pub fn query(&self, query: &Query) -> Result<Page, DbError> {
+        query.validate()?;
+        let set = self.log.segments();
+        let held = self.indexes.hold_all(&set)?;
+        let inputs = inputs(&set, &held);
+        let watermark = match &query.cursor {
+            Some(c) => c.watermark,
+            None => set.active.first_seq + u64::from(set.active.visible_rows()),
+        };
+        let mut reader = RowReader::new(set.clone());
+        let text = query.text.clone();
+        let selection = query::select(query, &inputs, watermark, |hit| {
+            let pos = Position {
+                segment: hit.segment,
+                row: hit.row,
+            };
+            let event = reader.event(pos)?;
+            Ok(match (&text, event) {
+                (Some(t), Some(e)) => e.data.as_str().contains(t.as_str()),
+                _ => false,
+            })
+        })?;
+        drop(held);
+        let mut events = Vec::with_capacity(selection.hits.len());
+        for hit in &selection.hits {
+            let pos = Position {
+                segment: hit.segment,
+                row: hit.row,
+            };
+            match reader.event(pos)? {
+                Some(e) => events.push(e),
+                None => {
+                    return Err(StorageError::corrupted(
+                        pos.segment,
+                        0,
+                        "an indexed row is missing from its segment",
+                    )
+                    .into());
+                }
+            }
+        }
+        let next_cursor = match (selection.more, selection.hits.last()) {
+            (true, Some(last)) => Some(Cursor {
+                timestamp_us: last.timestamp_us,
+                seq: last.seq,
+                watermark,
+                order: query.order,
+            }),
+            _ => None,
+        };
+        Ok(Page {
+            events,
+            next_cursor,
+        })
+    }
+
+    /// Counts by source, type and severity of the events matching `query`
+    /// (its limit, offset, order and cursor are ignored).
+    pub fn stats(&self, query: &Query) -> Result<Stats, DbError> {
+        let set = self.log.segments();
+        let held = self.indexes.hold_all(&set)?;
+        let inputs = inputs(&set, &held);
+        let mut reader = RowReader::new(set.clone());
+        let text = query.text.clone().unwrap_or_default();
+        let stats = query::stats(query, &inputs, |segment, candidates| {
+            let mut out = roaring::RoaringBitmap::new();
+            for row in candidates.iter() {
+                if let Some(e) = reader.event(Position { segment, row })?
+                    && e.data.as_str().contains(text.as_str())
+                {
+                    out.insert(row);
+                }
+            }
+            Ok(out)
+        })?;
+        Ok(stats)
+    }
+
+    /// Bytes of memory the indexes hold (not counting mapped files).
+    pub fn index_memory_bytes(&self) -> usize {
+        self.indexes.memory_bytes()
     }
 
     /// Stores one event.

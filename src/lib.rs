@@ -7,9 +7,12 @@
 pub mod api;
 pub mod bench;
 pub mod db;
+mod db_index;
 pub mod event;
 pub mod generator;
+pub mod index;
 pub mod limits;
+pub mod query;
 pub mod storage;
 
 pub use db::{AppendOutcome, Config, Db, DbError};

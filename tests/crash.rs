@@ -3,6 +3,7 @@
 //! each kill the store is reopened and checked: every acknowledged event is
 //! present and byte-identical, nothing is torn or duplicated, and re-running
 //! the same input stores only what is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};

@@ -1,5 +1,6 @@
 //! Storage through the library API: idempotency, restarts, seals, scans,
 //! torn writes at every sync point, and a full disk.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::sync::Arc;
 

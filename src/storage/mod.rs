@@ -58,6 +58,16 @@ pub enum StorageError {
     Closed,
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("seal hook failed for segment {segment}: {reason}")]
+    Hook { segment: u64, reason: String },
+}
+
+/// Called by the sealer with each new sealed segment, after its file is
+/// durable and before the catalog names it: the layer above builds what it
+/// derives from the segment (the index) here. An error leaves the segment
+/// unsealed and the store refusing writes.
+pub trait SealHook: Send + Sync {
+    fn sealed(&self, segment: &SealedSegment) -> Result<(), String>;
 }
 
 impl StorageError {
@@ -303,6 +313,7 @@ pub(crate) struct Shared {
     /// Ids of sealed segments; maintained by the sealer.
     pub filter: Mutex<IdFilter>,
     pub poisoned: Mutex<Option<String>>,
+    pub hook: Option<Arc<dyn SealHook>>,
 }
 
 impl Shared {
@@ -357,14 +368,16 @@ impl std::fmt::Debug for Log {
 impl Log {
     /// Opens (or creates) the log in `dir` with real files.
     pub fn open(dir: &Path, config: StorageConfig) -> Result<Log, StorageError> {
-        Self::open_with(dir, config, Arc::new(dir::RealFs))
+        Self::open_with(dir, config, Arc::new(dir::RealFs), None)
     }
 
-    /// Opens with a chosen file system seam (tests inject faults here).
+    /// Opens with a chosen file system seam (tests inject faults here) and
+    /// an optional hook run on every seal.
     pub fn open_with(
         dir: &Path,
         config: StorageConfig,
         fs: Arc<dyn FileSystem>,
+        hook: Option<Arc<dyn SealHook>>,
     ) -> Result<Log, StorageError> {
         config.check()?;
         let recovered = recovery::recover(dir, &config, fs.as_ref())?;
@@ -375,6 +388,7 @@ impl Log {
             set: RwLock::new(Arc::new(recovered.set)),
             filter: Mutex::new(IdFilter::with_capacity(0)),
             poisoned: Mutex::new(None),
+            hook,
         });
         let (tx, rx) = bounded(limits::WRITER_QUEUE_DEPTH_MAX);
         let (seal_tx, seal_rx) = bounded(limits::SEAL_BACKLOG_MAX);
@@ -588,6 +602,48 @@ pub(crate) fn find_id_in(
         }
     }
     Ok(None)
+}
+
+/// Reads rows of a segment set, keeping the last decompressed block so
+/// that rows read in (or near) arrival order decompress each block once.
+pub struct RowReader {
+    set: Arc<SegmentSet>,
+    block: Option<(u64, usize, segment::Block)>,
+}
+
+impl RowReader {
+    pub fn new(set: Arc<SegmentSet>) -> RowReader {
+        RowReader { set, block: None }
+    }
+
+    /// The record payload at `pos`, if the row exists and is visible.
+    pub fn payload(&mut self, pos: Position) -> Result<Option<Vec<u8>>, StorageError> {
+        let sealed = match self.set.get(pos.segment) {
+            None => return Ok(None),
+            Some(SegmentRef::Open(s)) => return s.read_payload(pos.row),
+            Some(SegmentRef::Sealed(s)) => s.clone(),
+        };
+        let Some(index) = sealed.block_of(pos.row) else {
+            return Ok(None);
+        };
+        let cached = matches!(&self.block, Some((s, b, _)) if *s == pos.segment && *b == index);
+        if !cached {
+            self.block = Some((pos.segment, index, sealed.read_block(index)?));
+        }
+        Ok(self
+            .block
+            .as_ref()
+            .and_then(|(_, _, b)| b.payload(pos.row))
+            .map(|(_, p)| p.to_vec()))
+    }
+
+    /// The decoded event at `pos`.
+    pub fn event(&mut self, pos: Position) -> Result<Option<Event>, StorageError> {
+        match self.payload(pos)? {
+            Some(p) => decode_at(pos, &p).map(Some),
+            None => Ok(None),
+        }
+    }
 }
 
 /// An iterator over every visible event of a segment set, in arrival order.

@@ -195,7 +195,8 @@ pub(crate) fn recover(
     for &(id, meta) in &entries {
         match meta.state {
             SegmentState::Sealed => {
-                let seg = SealedSegment::open(&segment_path(dir, id, "seg"), id)?;
+                let seg = SealedSegment::open(&segment_path(dir, id, "seg"), id)?
+                    .with_first_seq(meta.first_seq);
                 if seg.rows != meta.rows {
                     return Err(StorageError::corrupted(
                         id,

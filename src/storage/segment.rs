@@ -323,6 +323,8 @@ struct BlockEntry {
 /// A sealed, immutable segment read through a memory map.
 pub struct SealedSegment {
     pub id: u64,
+    /// Arrival number of row 0 (from the catalog; not stored in the file).
+    pub first_seq: u64,
     map: Mmap,
     compression: Compression,
     pub rows: u32,
@@ -424,6 +426,7 @@ impl SealedSegment {
         }
         Ok(SealedSegment {
             id,
+            first_seq: 0,
             compression,
             rows,
             min_ts: Timestamp(read_i64(footer, FOOTER_MIN_TS_OFFSET)),
@@ -434,6 +437,12 @@ impl SealedSegment {
             id_table_checked: OnceLock::new(),
             map,
         })
+    }
+
+    /// Sets the arrival number of row 0, which the catalog holds.
+    pub fn with_first_seq(mut self, first_seq: u64) -> SealedSegment {
+        self.first_seq = first_seq;
+        self
     }
 
     /// Bytes of the file.
@@ -532,6 +541,23 @@ impl SealedSegment {
             lo += 1;
         }
         Ok(rows)
+    }
+
+    /// Calls `f` with every row's record payload, in row order.
+    pub fn for_each_payload(
+        &self,
+        mut f: impl FnMut(u32, &[u8]) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        for b in 0..self.block_count() {
+            let block = self.read_block(b)?;
+            for row in block.first_row..block.first_row + block.rows() {
+                let (_, payload) = block.payload(row).ok_or_else(|| {
+                    StorageError::corrupted(self.id, 0, "row missing from its block")
+                })?;
+                f(row, payload)?;
+            }
+        }
+        Ok(())
     }
 
     /// Every id hash in the segment (for the id filter).

@@ -466,8 +466,14 @@ fn try_seal(shared: &Arc<Shared>, open: &Arc<OpenSegment>) -> Result<(), Storage
         shared.config.block_size_bytes,
     )?;
     sync_dir(&shared.segments_dir()).map_err(|e| StorageError::io(&seg_path, e))?;
-    let sealed = Arc::new(SealedSegment::open(&seg_path, open.id)?);
+    let sealed = Arc::new(SealedSegment::open(&seg_path, open.id)?.with_first_seq(open.first_seq));
     assert_eq!(sealed.rows as usize, offsets.len(), "seal lost rows");
+    if let Some(hook) = &shared.hook {
+        hook.sealed(&sealed).map_err(|reason| StorageError::Hook {
+            segment: open.id,
+            reason,
+        })?;
+    }
     shared.catalog.apply(&[(
         open.id,
         Some(SegmentMeta {

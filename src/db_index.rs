@@ -1,0 +1,214 @@
+//! The indexes of every segment, kept beside the log: in-memory ones for
+//! open segments (updated on the append path), files for sealed ones
+//! (written by the seal hook, opened on first use, rebuilt if missing or
+//! damaged).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{RawRwLock, RwLock, lock_api::ArcRwLockReadGuard};
+
+use crate::event::Event;
+use crate::index::{IndexError, IndexView, MemIndex, SealedIndex, write_index_file};
+use crate::storage::{SealHook, SealedSegment, SegmentRef, SegmentSet, StorageError, record};
+
+pub(crate) fn index_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("{segment:020}.idx"))
+}
+
+/// Builds the index of a sealed segment from its records and writes it.
+pub(crate) fn build_index_file(dir: &Path, segment: &SealedSegment) -> Result<(), String> {
+    let mut mem = MemIndex::new();
+    segment
+        .for_each_payload(|row, payload| {
+            let event = record::decode(payload)
+                .map_err(|e| StorageError::corrupted(segment.id, 0, e.to_string()))?;
+            mem.insert(row, &event);
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+    if mem.rows() != u64::from(segment.rows) {
+        return Err(format!(
+            "indexed {} rows of segment {}, which holds {}",
+            mem.rows(),
+            segment.id,
+            segment.rows
+        ));
+    }
+    write_index_file(
+        &index_path(dir, segment.id),
+        segment.id,
+        mem.timestamps(),
+        &mem.sorted_terms(),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The seal hook: writes `index/N.idx` before the catalog seals N.
+pub(crate) struct IndexSealer {
+    pub dir: PathBuf,
+}
+
+impl SealHook for IndexSealer {
+    fn sealed(&self, segment: &SealedSegment) -> Result<(), String> {
+        build_index_file(&self.dir, segment)
+    }
+}
+
+#[derive(Clone)]
+enum Entry {
+    Mem(Arc<RwLock<MemIndex>>),
+    Sealed(Arc<SealedIndex>),
+}
+
+/// A segment's index held for the length of one query.
+pub(crate) enum Held {
+    Mem(ArcRwLockReadGuard<RawRwLock, MemIndex>),
+    Sealed(Arc<SealedIndex>),
+}
+
+impl Held {
+    pub fn view(&self) -> &dyn IndexView {
+        match self {
+            Held::Mem(g) => &**g,
+            Held::Sealed(s) => &**s,
+        }
+    }
+}
+
+pub(crate) struct Indexes {
+    dir: PathBuf,
+    map: RwLock<HashMap<u64, Entry>>,
+}
+
+impl Indexes {
+    pub fn new(dir: PathBuf) -> Indexes {
+        Indexes {
+            dir,
+            map: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Removes index files of segments that are not sealed (left by a seal
+    /// interrupted before its catalog commit).
+    pub fn remove_stale_files(&self, set: &SegmentSet) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.split('.').next())
+                .and_then(|s| s.parse::<u64>().ok());
+            let sealed = id.is_some_and(|id| set.sealed.iter().any(|s| s.id == id));
+            let is_idx = path.extension().is_some_and(|e| e == "idx");
+            if !(sealed && is_idx) {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes a stored event of an open segment. Events of a segment that
+    /// is sealed meanwhile need nothing: its index file was built from its
+    /// records.
+    pub fn insert(&self, set: &SegmentSet, segment: u64, rows: &[(u32, &Event)]) {
+        let entry = self.map.read().get(&segment).cloned();
+        let mem = match entry {
+            Some(Entry::Mem(m)) => m,
+            Some(Entry::Sealed(_)) => return,
+            None => {
+                if !matches!(set.get(segment), Some(SegmentRef::Open(_))) {
+                    return;
+                }
+                let mut map = self.map.write();
+                match map
+                    .entry(segment)
+                    .or_insert_with(|| Entry::Mem(Arc::new(RwLock::new(MemIndex::new()))))
+                {
+                    Entry::Mem(m) => m.clone(),
+                    Entry::Sealed(_) => return,
+                }
+            }
+        };
+        let mut mem = mem.write();
+        for (row, event) in rows {
+            mem.insert(*row, event);
+        }
+    }
+
+    /// The index of every segment of `set`, in id order, held for one query.
+    pub fn hold_all(&self, set: &SegmentSet) -> Result<Vec<(u64, Held)>, IndexError> {
+        let mut out = Vec::new();
+        for seg in set.iter() {
+            let entry = self.map.read().get(&seg.id()).cloned();
+            let held = match (seg, entry) {
+                (SegmentRef::Sealed(_), Some(Entry::Sealed(s))) => Held::Sealed(s),
+                (SegmentRef::Sealed(s), _) => Held::Sealed(self.load_sealed(s)?),
+                (SegmentRef::Open(_), Some(Entry::Mem(m))) => Held::Mem(m.read_arc()),
+                (SegmentRef::Open(o), _) => {
+                    let mut map = self.map.write();
+                    let entry = map
+                        .entry(o.id)
+                        .or_insert_with(|| Entry::Mem(Arc::new(RwLock::new(MemIndex::new()))));
+                    match entry {
+                        Entry::Mem(m) => Held::Mem(m.read_arc()),
+                        Entry::Sealed(s) => Held::Sealed(s.clone()),
+                    }
+                }
+            };
+            out.push((seg.id(), held));
+        }
+        Ok(out)
+    }
+
+    /// Opens a sealed segment's index file, rebuilding it from the segment
+    /// when it is missing or damaged, and drops the in-memory index.
+    fn load_sealed(&self, seg: &Arc<SealedSegment>) -> Result<Arc<SealedIndex>, IndexError> {
+        let path = index_path(&self.dir, seg.id);
+        let opened = SealedIndex::open(&path, seg.id).and_then(|idx| {
+            if idx.rows() == seg.rows {
+                Ok(idx)
+            } else {
+                Err(IndexError::Corrupted {
+                    segment: seg.id,
+                    offset: 0,
+                    reason: "index and segment disagree on rows".into(),
+                })
+            }
+        });
+        let index = match opened {
+            Ok(idx) => idx,
+            Err(e) => {
+                tracing::warn!(segment = seg.id, error = %e, "rebuilding the segment's index");
+                build_index_file(&self.dir, seg).map_err(|reason| IndexError::Corrupted {
+                    segment: seg.id,
+                    offset: 0,
+                    reason,
+                })?;
+                SealedIndex::open(&path, seg.id)?
+            }
+        };
+        let index = Arc::new(index);
+        self.map
+            .write()
+            .insert(seg.id, Entry::Sealed(index.clone()));
+        Ok(index)
+    }
+
+    /// Bytes of memory held by indexes (not counting mapped files).
+    pub fn memory_bytes(&self) -> usize {
+        self.map
+            .read()
+            .values()
+            .map(|e| match e {
+                Entry::Mem(m) => m.read().memory_bytes(),
+                Entry::Sealed(s) => s.memory_bytes(),
+            })
+            .sum()
+    }
+}

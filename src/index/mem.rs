@@ -1,0 +1,118 @@
+//! The in-memory index of an open segment, updated on the append path.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use roaring::RoaringBitmap;
+
+use super::{Dim, IndexError, IndexView, terms_of};
+use crate::event::Event;
+
+#[derive(Debug, Default)]
+pub struct MemIndex {
+    /// One map per dimension, in `Dim` order.
+    terms: [HashMap<Box<str>, RoaringBitmap>; 5],
+    /// Timestamp of each row; rows not yet indexed hold 0 and are absent
+    /// from `present` (concurrent appends may index rows out of order).
+    timestamps: Vec<i64>,
+    present: RoaringBitmap,
+    deleted: RoaringBitmap,
+    min_ts: i64,
+    max_ts: i64,
+}
+
+impl MemIndex {
+    pub fn new() -> MemIndex {
+        MemIndex::default()
+    }
+
+    /// Indexes `event` at `row`. Re-indexing a row is harmless.
+    pub fn insert(&mut self, row: u32, event: &Event) {
+        terms_of(event, |dim, term| {
+            let map = &mut self.terms[dim as usize];
+            // Look up by the borrowed term first: most terms already exist.
+            match map.get_mut(term) {
+                Some(b) => {
+                    b.insert(row);
+                }
+                None => {
+                    map.insert(term.into(), RoaringBitmap::from_iter([row]));
+                }
+            }
+        });
+        let ts = event.timestamp.as_micros();
+        let i = row as usize;
+        if self.timestamps.len() <= i {
+            self.timestamps.resize(i + 1, 0);
+        }
+        self.timestamps[i] = ts;
+        if self.present.is_empty() {
+            (self.min_ts, self.max_ts) = (ts, ts);
+        } else {
+            self.min_ts = self.min_ts.min(ts);
+            self.max_ts = self.max_ts.max(ts);
+        }
+        self.present.insert(row);
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.present.len()
+    }
+
+    /// Every term and its rows, sorted by (dimension, term): for the file.
+    pub fn sorted_terms(&self) -> Vec<(Dim, &str, &RoaringBitmap)> {
+        let mut v: Vec<_> = Dim::ALL
+            .iter()
+            .flat_map(|&d| {
+                self.terms[d as usize]
+                    .iter()
+                    .map(move |(t, b)| (d, &**t, b))
+            })
+            .collect();
+        v.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        v
+    }
+
+    pub fn timestamps(&self) -> &[i64] {
+        &self.timestamps
+    }
+}
+
+impl IndexView for MemIndex {
+    fn live(&self) -> Cow<'_, RoaringBitmap> {
+        if self.deleted.is_empty() {
+            Cow::Borrowed(&self.present)
+        } else {
+            Cow::Owned(&self.present - &self.deleted)
+        }
+    }
+
+    fn bitmap(&self, dim: Dim, term: &str) -> Result<Option<Cow<'_, RoaringBitmap>>, IndexError> {
+        Ok(self.terms[dim as usize].get(term).map(Cow::Borrowed))
+    }
+
+    fn terms(&self, dim: Dim) -> Result<Vec<(String, Cow<'_, RoaringBitmap>)>, IndexError> {
+        Ok(self.terms[dim as usize]
+            .iter()
+            .map(|(t, b)| (t.to_string(), Cow::Borrowed(b)))
+            .collect())
+    }
+
+    fn timestamp(&self, row: u32) -> Result<i64, IndexError> {
+        Ok(self.timestamps.get(row as usize).copied().unwrap_or(0))
+    }
+
+    fn time_bounds(&self) -> Option<(i64, i64)> {
+        (!self.present.is_empty()).then_some((self.min_ts, self.max_ts))
+    }
+
+    fn memory_bytes(&self) -> usize {
+        let bitmaps: usize = self
+            .terms
+            .iter()
+            .flat_map(|m| m.iter())
+            .map(|(t, b)| t.len() + 48 + b.serialized_size())
+            .sum();
+        bitmaps + self.timestamps.len() * 8 + self.present.serialized_size()
+    }
+}

@@ -1,0 +1,106 @@
+//! `index/`: which rows of a segment hold this source, type, severity, tag
+//! or correlation id, and when did each row happen.
+//!
+//! One index per segment, over row numbers, with `roaring` bitmaps. The
+//! active (and rolled, unsealed) segments have a [`MemIndex`] updated on the
+//! append path; a sealed segment has an index file (`index/N.idx`, format
+//! in `docs/format.md`) written when it is sealed and read through a memory
+//! map, term by term, so memory does not grow with the number of terms.
+//! Index knows nothing of HTTP, JSON or how records are encoded.
+
+mod file;
+mod mem;
+
+use std::borrow::Cow;
+
+use roaring::RoaringBitmap;
+
+pub use file::{SealedIndex, fuzz_index, write_index_file};
+pub use mem::MemIndex;
+
+use crate::event::Event;
+
+/// An indexed dimension of an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dim {
+    Source = 0,
+    Type = 1,
+    Severity = 2,
+    Tag = 3,
+    Correlation = 4,
+}
+
+impl Dim {
+    pub const ALL: [Dim; 5] = [
+        Dim::Source,
+        Dim::Type,
+        Dim::Severity,
+        Dim::Tag,
+        Dim::Correlation,
+    ];
+
+    fn from_u8(v: u8) -> Option<Dim> {
+        Dim::ALL.get(usize::from(v)).copied()
+    }
+}
+
+/// Errors of the index layer.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("index of segment {segment} is corrupted at offset {offset}: {reason}")]
+    Corrupted {
+        segment: u64,
+        offset: u64,
+        reason: String,
+    },
+}
+
+impl IndexError {
+    fn corrupted(segment: u64, offset: usize, reason: impl Into<String>) -> IndexError {
+        IndexError::Corrupted {
+            segment,
+            offset: offset as u64,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The severity term of a level (its name).
+pub fn severity_term(level: crate::event::Severity) -> &'static str {
+    level.as_str()
+}
+
+/// Calls `f` with every (dimension, term) of an event.
+pub fn terms_of(event: &Event, mut f: impl FnMut(Dim, &str)) {
+    f(Dim::Source, &event.source);
+    f(Dim::Type, &event.event_type);
+    f(Dim::Severity, severity_term(event.severity));
+    for tag in &event.tags {
+        f(Dim::Tag, tag);
+    }
+    if let Some(c) = &event.correlation_id {
+        f(Dim::Correlation, c);
+    }
+}
+
+/// What the query engine reads of a segment's index.
+pub trait IndexView {
+    /// Rows the index knows of (present and not deleted).
+    fn live(&self) -> Cow<'_, RoaringBitmap>;
+    /// The rows holding `term` in `dim`; `None` if the term is absent.
+    fn bitmap(&self, dim: Dim, term: &str) -> Result<Option<Cow<'_, RoaringBitmap>>, IndexError>;
+    /// Every term of `dim` with its rows.
+    fn terms(&self, dim: Dim) -> Result<Vec<(String, Cow<'_, RoaringBitmap>)>, IndexError>;
+    /// The timestamp of `row` (µs); only called for rows in `live`.
+    fn timestamp(&self, row: u32) -> Result<i64, IndexError>;
+    /// The smallest and largest timestamp of any row.
+    fn time_bounds(&self) -> Option<(i64, i64)>;
+    /// Bytes of memory the index holds (not counting mapped files).
+    fn memory_bytes(&self) -> usize;
+}

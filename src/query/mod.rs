@@ -1,0 +1,540 @@
+//! `query/`: the filter model of contract §3, the planner (which segments,
+//! which bitmaps), the executor (top-k by timestamp across segments) and
+//! stats from bitmap cardinalities.
+//!
+//! Order is by (timestamp, arrival number) — descending by default. A
+//! cursor carries the last key returned and the arrival watermark of the
+//! first page, so paging under concurrent ingest never repeats or skips an
+//! event of that snapshot.
+
+use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
+
+use roaring::RoaringBitmap;
+
+use crate::event::{Event, Severity, Timestamp};
+use crate::index::{Dim, IndexError, IndexView, severity_term};
+
+/// Most results one query returns.
+pub const QUERY_LIMIT_MAX: usize = 1000;
+pub const QUERY_LIMIT_DEFAULT: usize = 100;
+/// Deepest `offset` accepted: past it, use the cursor.
+pub const QUERY_OFFSET_MAX: usize = 100_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Order {
+    #[default]
+    Desc,
+    Asc,
+}
+
+/// The filters of contract §3.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Query {
+    /// Any of.
+    pub sources: Vec<String>,
+    /// Any of.
+    pub types: Vec<String>,
+    pub severity: Option<Severity>,
+    pub min_severity: Option<Severity>,
+    pub correlation_id: Option<String>,
+    /// All of.
+    pub tags: Vec<String>,
+    /// Inclusive.
+    pub start: Option<Timestamp>,
+    /// Inclusive.
+    pub end: Option<Timestamp>,
+    /// Substring of the event's `data` text.
+    pub text: Option<String>,
+    pub limit: usize,
+    pub offset: usize,
+    pub order: Order,
+    pub cursor: Option<Cursor>,
+}
+
+impl Default for Query {
+    fn default() -> Self {
+        Query {
+            sources: Vec::new(),
+            types: Vec::new(),
+            severity: None,
+            min_severity: None,
+            correlation_id: None,
+            tags: Vec::new(),
+            start: None,
+            end: None,
+            text: None,
+            limit: QUERY_LIMIT_DEFAULT,
+            offset: 0,
+            order: Order::Desc,
+            cursor: None,
+        }
+    }
+}
+
+/// Errors of the query layer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> QueryError {
+    QueryError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// A position in a result order: the sort key of the last event returned
+/// and the arrival watermark of the first page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub timestamp_us: i64,
+    pub seq: u64,
+    pub watermark: u64,
+    pub order: Order,
+}
+
+impl Cursor {
+    /// An opaque, URL-safe text.
+    pub fn encode(&self) -> String {
+        let o = match self.order {
+            Order::Desc => 'd',
+            Order::Asc => 'a',
+        };
+        format!(
+            "1{o}{:016x}{:016x}{:016x}",
+            self.timestamp_us as u64, self.seq, self.watermark
+        )
+    }
+
+    pub fn decode(text: &str) -> Result<Cursor, QueryError> {
+        let bad = || invalid("cursor", "not a cursor returned by this server");
+        if text.len() != 50 || !text.is_ascii() {
+            return Err(bad());
+        }
+        let order = match &text[..2] {
+            "1d" => Order::Desc,
+            "1a" => Order::Asc,
+            _ => return Err(bad()),
+        };
+        let hex = |s: &str| u64::from_str_radix(s, 16).map_err(|_| bad());
+        Ok(Cursor {
+            timestamp_us: hex(&text[2..18])? as i64,
+            seq: hex(&text[18..34])?,
+            watermark: hex(&text[34..50])?,
+            order,
+        })
+    }
+}
+
+impl Query {
+    /// Checks the ranges of contract §3.
+    pub fn validate(&self) -> Result<(), QueryError> {
+        if !(1..=QUERY_LIMIT_MAX).contains(&self.limit) {
+            return Err(invalid(
+                "limit",
+                format!("must lie in 1..={QUERY_LIMIT_MAX}"),
+            ));
+        }
+        if self.offset > QUERY_OFFSET_MAX {
+            return Err(invalid(
+                "offset",
+                format!("at most {QUERY_OFFSET_MAX}; page deeper with the cursor"),
+            ));
+        }
+        if let (Some(s), Some(e)) = (self.start, self.end)
+            && s > e
+        {
+            return Err(invalid("start_time", "is after end_time"));
+        }
+        if let Some(c) = &self.cursor
+            && c.order != self.order
+        {
+            return Err(invalid("cursor", "was made for the other sort_order"));
+        }
+        if self.text.as_deref() == Some("") {
+            return Err(invalid("text", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn has_index_filter(&self) -> bool {
+        !self.sources.is_empty()
+            || !self.types.is_empty()
+            || self.severity.is_some()
+            || self.min_severity.is_some()
+            || self.correlation_id.is_some()
+            || !self.tags.is_empty()
+    }
+}
+
+/// A page of results.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    pub events: Vec<Event>,
+    /// Present when more events may follow.
+    pub next_cursor: Option<Cursor>,
+}
+
+/// Counts by source, type and severity of the events matching a filter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub total: u64,
+    pub by_source: BTreeMap<String, u64>,
+    pub by_type: BTreeMap<String, u64>,
+    pub by_severity: BTreeMap<String, u64>,
+    pub time_range: Option<(Timestamp, Timestamp)>,
+    pub distinct_correlation_ids: u64,
+}
+
+/// What the executor needs of one segment.
+pub struct SegmentInput<'a> {
+    pub segment: u64,
+    /// Arrival number of row 0.
+    pub first_seq: u64,
+    pub index: &'a dyn IndexView,
+}
+
+/// The plan for one segment: why it was skipped, or the bitmaps combined.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SegmentPlan {
+    /// Pruned: no row can match.
+    Skip(&'static str),
+    /// Rows to consider (before the time, cursor and text checks), and
+    /// whether every row lies inside the time range.
+    Scan {
+        candidates: RoaringBitmap,
+        time_check: bool,
+    },
+}
+
+fn union_of(
+    index: &dyn IndexView,
+    dim: Dim,
+    terms: &[&str],
+) -> Result<Option<RoaringBitmap>, QueryError> {
+    let mut out: Option<RoaringBitmap> = None;
+    for term in terms {
+        if let Some(b) = index.bitmap(dim, term)? {
+            match &mut out {
+                Some(o) => *o |= b.as_ref(),
+                None => out = Some(b.into_owned()),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Plans one segment: prune by time bounds and by term absence, then AND
+/// the any-of unions and the all-of tags, minus deleted rows.
+pub fn plan_segment(query: &Query, index: &dyn IndexView) -> Result<SegmentPlan, QueryError> {
+    let Some((min_ts, max_ts)) = index.time_bounds() else {
+        return Ok(SegmentPlan::Skip("empty"));
+    };
+    let start = query.start.map_or(i64::MIN, Timestamp::as_micros);
+    let end = query.end.map_or(i64::MAX, Timestamp::as_micros);
+    if max_ts < start || min_ts > end {
+        return Ok(SegmentPlan::Skip("time range"));
+    }
+    let time_check = min_ts < start || max_ts > end;
+    let live = index.live();
+    let mut acc: Option<Cow<'_, RoaringBitmap>> = None;
+    let mut parts: Vec<RoaringBitmap> = Vec::new();
+    if !query.sources.is_empty() {
+        let terms: Vec<&str> = query.sources.iter().map(String::as_str).collect();
+        match union_of(index, Dim::Source, &terms)? {
+            Some(b) => parts.push(b),
+            None => return Ok(SegmentPlan::Skip("no such source")),
+        }
+    }
+    if !query.types.is_empty() {
+        let terms: Vec<&str> = query.types.iter().map(String::as_str).collect();
+        match union_of(index, Dim::Type, &terms)? {
+            Some(b) => parts.push(b),
+            None => return Ok(SegmentPlan::Skip("no such type")),
+        }
+    }
+    let levels: Vec<&str> = Severity::ALL
+        .iter()
+        .filter(|s| query.severity.is_none_or(|x| **s == x))
+        .filter(|s| query.min_severity.is_none_or(|m| **s >= m))
+        .map(|s| severity_term(*s))
+        .collect();
+    if query.severity.is_some() || query.min_severity.is_some() {
+        match union_of(index, Dim::Severity, &levels)? {
+            Some(b) => parts.push(b),
+            None => return Ok(SegmentPlan::Skip("no such severity")),
+        }
+    }
+    if let Some(c) = &query.correlation_id {
+        match index.bitmap(Dim::Correlation, c)? {
+            Some(b) => parts.push(b.into_owned()),
+            None => return Ok(SegmentPlan::Skip("no such correlation id")),
+        }
+    }
+    for tag in &query.tags {
+        match index.bitmap(Dim::Tag, tag)? {
+            Some(b) => parts.push(b.into_owned()),
+            None => return Ok(SegmentPlan::Skip("no such tag")),
+        }
+    }
+    // Smallest first keeps every intersection small.
+    parts.sort_by_key(RoaringBitmap::len);
+    for p in parts {
+        acc = Some(match acc {
+            None => Cow::Owned(p),
+            Some(a) => Cow::Owned(a.as_ref() & &p),
+        });
+    }
+    let candidates = match acc {
+        None => live.into_owned(),
+        Some(a) => a.as_ref() & live.as_ref(),
+    };
+    if candidates.is_empty() {
+        return Ok(SegmentPlan::Skip("no row matches the filters"));
+    }
+    Ok(SegmentPlan::Scan {
+        candidates,
+        time_check,
+    })
+}
+
+/// A result key: (timestamp, arrival number), and where the row lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Hit {
+    pub timestamp_us: i64,
+    pub seq: u64,
+    pub segment: u64,
+    pub row: u32,
+}
+
+/// How far through the candidates the executor got, for `Db` to decode.
+pub struct Selection {
+    /// In result order, after `offset`.
+    pub hits: Vec<Hit>,
+    pub more: bool,
+}
+
+/// Selects the top `offset + limit` hits across segments without sorting
+/// every match: each segment's candidates pass the time, watermark and
+/// cursor checks and feed one bounded heap. `text` is checked by
+/// `text_match` only on hits that would make the page, in result order.
+pub fn select(
+    query: &Query,
+    segments: &[SegmentInput<'_>],
+    watermark: u64,
+    mut text_match: impl FnMut(&Hit) -> Result<bool, QueryError>,
+) -> Result<Selection, QueryError> {
+    let start = query.start.map_or(i64::MIN, Timestamp::as_micros);
+    let end = query.end.map_or(i64::MAX, Timestamp::as_micros);
+    let want = query.offset + query.limit + 1;
+    let desc = query.order == Order::Desc;
+    // Keys compare in result order: for desc, larger keys come first.
+    let after_cursor = |k: (i64, u64)| match &query.cursor {
+        None => true,
+        Some(c) if desc => k < (c.timestamp_us, c.seq),
+        Some(c) => k > (c.timestamp_us, c.seq),
+    };
+    let mut all: Vec<Hit> = Vec::new();
+    // With text, every candidate is kept (sorted once, then checked in
+    // order until the page is full); without, a heap keeps the best `want`.
+    let mut heap_desc: BinaryHeap<Reverse<Hit>> = BinaryHeap::new();
+    let mut heap_asc: BinaryHeap<Hit> = BinaryHeap::new();
+    let bounded = query.text.is_none();
+    for seg in segments {
+        let plan = plan_segment(query, seg.index)?;
+        let SegmentPlan::Scan {
+            candidates,
+            time_check,
+        } = plan
+        else {
+            continue;
+        };
+        // Prune a whole segment when its time bounds cannot beat the heap.
+        if bounded && let Some((min_ts, max_ts)) = seg.index.time_bounds() {
+            if desc && heap_desc.len() >= want {
+                if let Some(Reverse(worst)) = heap_desc.peek()
+                    && max_ts < worst.timestamp_us
+                {
+                    continue;
+                }
+            } else if !desc
+                && heap_asc.len() >= want
+                && let Some(worst) = heap_asc.peek()
+                && min_ts > worst.timestamp_us
+            {
+                continue;
+            }
+        }
+        for row in candidates.iter() {
+            let seq = seg.first_seq + u64::from(row);
+            if seq >= watermark {
+                continue;
+            }
+            let ts = seg.index.timestamp(row)?;
+            if time_check && (ts < start || ts > end) {
+                continue;
+            }
+            if !after_cursor((ts, seq)) {
+                continue;
+            }
+            let hit = Hit {
+                timestamp_us: ts,
+                seq,
+                segment: seg.segment,
+                row,
+            };
+            if !bounded {
+                all.push(hit);
+            } else if desc {
+                if heap_desc.len() < want {
+                    heap_desc.push(Reverse(hit));
+                } else if let Some(Reverse(worst)) = heap_desc.peek()
+                    && hit > *worst
+                {
+                    heap_desc.pop();
+                    heap_desc.push(Reverse(hit));
+                }
+            } else if heap_asc.len() < want {
+                heap_asc.push(hit);
+            } else if let Some(worst) = heap_asc.peek()
+                && hit < *worst
+            {
+                heap_asc.pop();
+                heap_asc.push(hit);
+            }
+        }
+    }
+    let mut ordered: Vec<Hit> = if bounded {
+        if desc {
+            heap_desc.into_iter().map(|Reverse(h)| h).collect()
+        } else {
+            heap_asc.into_vec()
+        }
+    } else {
+        all
+    };
+    if desc {
+        ordered.sort_unstable_by(|a, b| b.cmp(a));
+    } else {
+        ordered.sort_unstable();
+    }
+    let mut matched = Vec::with_capacity(want);
+    for hit in ordered {
+        if matched.len() == want {
+            break;
+        }
+        if query.text.is_none() || text_match(&hit)? {
+            matched.push(hit);
+        }
+    }
+    let more = matched.len() == want;
+    let hits: Vec<Hit> = matched
+        .into_iter()
+        .skip(query.offset)
+        .take(query.limit)
+        .collect();
+    Ok(Selection { hits, more })
+}
+
+/// Counts for `stats`. `rows_matching_text` narrows a segment's candidates
+/// by `text` (it decodes records); without text nothing is decoded.
+pub fn stats(
+    query: &Query,
+    segments: &[SegmentInput<'_>],
+    mut rows_matching_text: impl FnMut(u64, &RoaringBitmap) -> Result<RoaringBitmap, QueryError>,
+) -> Result<Stats, QueryError> {
+    let start = query.start.map_or(i64::MIN, Timestamp::as_micros);
+    let end = query.end.map_or(i64::MAX, Timestamp::as_micros);
+    let mut out = Stats::default();
+    let mut correlations: HashSet<String> = HashSet::new();
+    let mut range: Option<(i64, i64)> = None;
+    for seg in segments {
+        let SegmentPlan::Scan {
+            mut candidates,
+            time_check,
+        } = plan_segment(query, seg.index)?
+        else {
+            continue;
+        };
+        if time_check {
+            let mut in_range = RoaringBitmap::new();
+            for row in candidates.iter() {
+                let ts = seg.index.timestamp(row)?;
+                if ts >= start && ts <= end {
+                    in_range.insert(row);
+                }
+            }
+            candidates = in_range;
+        }
+        if query.text.is_some() {
+            candidates = rows_matching_text(seg.segment, &candidates)?;
+        }
+        if candidates.is_empty() {
+            continue;
+        }
+        let all_rows = !query.has_index_filter() && !time_check && query.text.is_none();
+        out.total += candidates.len();
+        for (dim, map) in [
+            (Dim::Source, &mut out.by_source),
+            (Dim::Type, &mut out.by_type),
+            (Dim::Severity, &mut out.by_severity),
+        ] {
+            for (term, bitmap) in seg.index.terms(dim)? {
+                let n = bitmap.intersection_len(&candidates);
+                if n > 0 {
+                    *map.entry(term).or_default() += n;
+                }
+            }
+        }
+        for (term, bitmap) in seg.index.terms(Dim::Correlation)? {
+            if !correlations.contains(&term) && !bitmap.is_disjoint(&candidates) {
+                correlations.insert(term);
+            }
+        }
+        let bounds = match (all_rows, seg.index.time_bounds()) {
+            (true, Some(b)) => Some(b),
+            _ => {
+                let mut b: Option<(i64, i64)> = None;
+                for row in candidates.iter() {
+                    let ts = seg.index.timestamp(row)?;
+                    b = Some(b.map_or((ts, ts), |(lo, hi)| (lo.min(ts), hi.max(ts))));
+                }
+                b
+            }
+        };
+        if let Some((lo, hi)) = bounds {
+            range = Some(range.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+        }
+    }
+    out.distinct_correlation_ids = correlations.len() as u64;
+    out.time_range = range.map(|(a, b)| (Timestamp(a), Timestamp(b)));
+    Ok(out)
+}
+
+/// Whether an event passes every filter of `query` (not the cursor): the
+/// reference the model tests compare the engine with, and the text check.
+pub fn matches(query: &Query, event: &Event) -> bool {
+    (query.sources.is_empty() || query.sources.contains(&event.source))
+        && (query.types.is_empty() || query.types.contains(&event.event_type))
+        && query.severity.is_none_or(|s| event.severity == s)
+        && query.min_severity.is_none_or(|s| event.severity >= s)
+        && query
+            .correlation_id
+            .as_ref()
+            .is_none_or(|c| event.correlation_id.as_ref() == Some(c))
+        && query.tags.iter().all(|t| event.tags.contains(t))
+        && query.start.is_none_or(|s| event.timestamp >= s)
+        && query.end.is_none_or(|e| event.timestamp <= e)
+        && query
+            .text
+            .as_ref()
+            .is_none_or(|t| event.data.as_str().contains(t.as_str()))
+}
