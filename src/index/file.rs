@@ -459,3 +459,82 @@ pub fn fuzz_index(data: &[u8]) -> Result<usize, IndexError> {
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generator::Generator;
+    use crate::index::MemIndex;
+
+    fn file_bytes(n: usize) -> (Vec<u8>, MemIndex) {
+        let mut mem = MemIndex::new();
+        for (row, e) in Generator::new(3, crate::event::Timestamp(0), 10)
+            .batch(n)
+            .iter()
+            .enumerate()
+        {
+            mem.insert(row as u32, e);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("5.idx");
+        write_index_file(&path, 5, mem.timestamps(), &mem.sorted_terms()).unwrap();
+        (std::fs::read(path).unwrap(), mem)
+    }
+
+    #[test]
+    fn index_files_answer_like_the_memory_index() {
+        let (bytes, mem) = file_bytes(300);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("5.idx");
+        std::fs::write(&path, &bytes).unwrap();
+        let file = SealedIndex::open(&path, 5).unwrap();
+        assert!(SealedIndex::open(&path, 6).is_err());
+        for dim in Dim::ALL {
+            let mut a: Vec<_> = mem
+                .terms(dim)
+                .unwrap()
+                .into_iter()
+                .map(|(t, b)| (t, b.into_owned()))
+                .collect();
+            let mut b: Vec<_> = file
+                .terms(dim)
+                .unwrap()
+                .into_iter()
+                .map(|(t, b)| (t, b.into_owned()))
+                .collect();
+            a.sort_by(|x, y| x.0.cmp(&y.0));
+            b.sort_by(|x, y| x.0.cmp(&y.0));
+            assert_eq!(a, b, "{dim:?}");
+            for (term, bitmap) in &a {
+                assert_eq!(file.bitmap(dim, term).unwrap().unwrap().as_ref(), bitmap);
+            }
+            assert!(file.bitmap(dim, "no such term").unwrap().is_none());
+        }
+        for row in 0..300 {
+            assert_eq!(file.timestamp(row).unwrap(), mem.timestamp(row).unwrap());
+        }
+        assert_eq!(file.time_bounds(), mem.time_bounds());
+        assert!(fuzz_index(&bytes).unwrap() > 0);
+    }
+
+    #[test]
+    fn every_flipped_byte_of_an_index_file_is_caught() {
+        let (bytes, _) = file_bytes(12);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x21;
+            assert!(
+                fuzz_index(&bad).is_err(),
+                "flip at {i} of {} unnoticed",
+                bytes.len()
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = fuzz_index(&bytes);
+        }
+    }
+}

@@ -538,3 +538,220 @@ pub fn matches(query: &Query, event: &Event) -> bool {
             .as_ref()
             .is_none_or(|t| event.data.as_str().contains(t.as_str()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::JsonObject;
+    use crate::index::MemIndex;
+
+    fn event(source: &str, sev: Severity, tags: &[&str], corr: Option<&str>, ts: i64) -> Event {
+        Event {
+            id: format!("{source}-{ts}"),
+            timestamp: Timestamp(ts),
+            source: source.into(),
+            event_type: "t".into(),
+            severity: sev,
+            correlation_id: corr.map(Into::into),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            data: JsonObject::empty(),
+            native: None,
+        }
+    }
+
+    fn index() -> MemIndex {
+        let mut idx = MemIndex::new();
+        let events = [
+            event("a", Severity::Info, &["x"], Some("c1"), 10),
+            event("a", Severity::Error, &["x", "y"], Some("c1"), 20),
+            event("b", Severity::Critical, &["y"], None, 30),
+            event("b", Severity::Debug, &[], Some("c2"), 40),
+        ];
+        for (row, e) in events.iter().enumerate() {
+            idx.insert(row as u32, e);
+        }
+        idx
+    }
+
+    fn show(plan: SegmentPlan) -> String {
+        match plan {
+            SegmentPlan::Skip(why) => format!("skip: {why}"),
+            SegmentPlan::Scan {
+                candidates,
+                time_check,
+            } => format!(
+                "scan {:?} time_check={time_check}",
+                candidates.iter().collect::<Vec<_>>()
+            ),
+        }
+    }
+
+    /// Which segments are touched and which bitmaps combined, as data.
+    #[test]
+    fn planner_cases() {
+        let idx = index();
+        let ts = |t| Some(Timestamp(t));
+        let cases: Vec<(Query, &str)> = vec![
+            (Query::default(), "scan [0, 1, 2, 3] time_check=false"),
+            (
+                Query {
+                    sources: vec!["a".into()],
+                    ..Query::default()
+                },
+                "scan [0, 1] time_check=false",
+            ),
+            (
+                Query {
+                    sources: vec!["a".into(), "b".into()],
+                    min_severity: Some(Severity::Error),
+                    ..Query::default()
+                },
+                "scan [1, 2] time_check=false",
+            ),
+            (
+                Query {
+                    sources: vec!["zzz".into()],
+                    ..Query::default()
+                },
+                "skip: no such source",
+            ),
+            (
+                Query {
+                    tags: vec!["x".into(), "y".into()],
+                    ..Query::default()
+                },
+                "scan [1] time_check=false",
+            ),
+            (
+                Query {
+                    tags: vec!["x".into(), "nope".into()],
+                    ..Query::default()
+                },
+                "skip: no such tag",
+            ),
+            (
+                Query {
+                    correlation_id: Some("c1".into()),
+                    ..Query::default()
+                },
+                "scan [0, 1] time_check=false",
+            ),
+            (
+                Query {
+                    severity: Some(Severity::Warning),
+                    ..Query::default()
+                },
+                "skip: no such severity",
+            ),
+            (
+                Query {
+                    start: ts(50),
+                    ..Query::default()
+                },
+                "skip: time range",
+            ),
+            (
+                Query {
+                    start: ts(15),
+                    end: ts(35),
+                    ..Query::default()
+                },
+                "scan [0, 1, 2, 3] time_check=true",
+            ),
+            (
+                Query {
+                    start: ts(0),
+                    end: ts(99),
+                    ..Query::default()
+                },
+                "scan [0, 1, 2, 3] time_check=false",
+            ),
+            (
+                Query {
+                    sources: vec!["a".into()],
+                    tags: vec!["y".into()],
+                    correlation_id: Some("c2".into()),
+                    ..Query::default()
+                },
+                "skip: no row matches the filters",
+            ),
+        ];
+        for (q, want) in cases {
+            assert_eq!(show(plan_segment(&q, &idx).unwrap()), want, "{q:?}");
+        }
+        assert_eq!(
+            show(plan_segment(&Query::default(), &MemIndex::new()).unwrap()),
+            "skip: empty"
+        );
+    }
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = Cursor {
+            timestamp_us: -5,
+            seq: 42,
+            watermark: 99,
+            order: Order::Asc,
+        };
+        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        for bad in [
+            "",
+            "x",
+            "1z0000000000000000000000000000000000000000000000000",
+            &format!("1d{}", "g".repeat(48)),
+            "1d-000000000000000000000000000000000000000000000000",
+        ] {
+            assert!(matches!(
+                Cursor::decode(bad),
+                Err(QueryError::Invalid {
+                    field: "cursor",
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let field = |q: Query| match q.validate() {
+            Err(QueryError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(Query {
+                limit: 0,
+                ..Query::default()
+            }),
+            "limit"
+        );
+        assert_eq!(
+            field(Query {
+                limit: 1001,
+                ..Query::default()
+            }),
+            "limit"
+        );
+        assert_eq!(
+            field(Query {
+                offset: QUERY_OFFSET_MAX + 1,
+                ..Query::default()
+            }),
+            "offset"
+        );
+        assert_eq!(
+            field(Query {
+                start: Some(Timestamp(2)),
+                end: Some(Timestamp(1)),
+                ..Query::default()
+            }),
+            "start_time"
+        );
+        assert_eq!(
+            field(Query {
+                text: Some(String::new()),
+                ..Query::default()
+            }),
+            "text"
+        );
+    }
+}
