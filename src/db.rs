@@ -59,6 +59,37 @@ impl std::fmt::Debug for Db {
     }
 }
 
+/// The candidate rows of `segment` whose `data` contains `needle`. A row
+/// whose record bytes lack the needle cannot match, so only byte hits are
+/// decoded; a sealed block without the needle is skipped whole.
+fn rows_with_text(
+    reader: &mut RowReader,
+    segment: u64,
+    candidates: &roaring::RoaringBitmap,
+    needle: &str,
+) -> Result<roaring::RoaringBitmap, StorageError> {
+    let finder = memchr::memmem::Finder::new(needle.as_bytes());
+    let mut out = roaring::RoaringBitmap::new();
+    for row in candidates.iter() {
+        let pos = Position { segment, row };
+        if reader.block_lacks(pos, &finder)? {
+            continue;
+        }
+        let Some(payload) = reader.payload(pos)? else {
+            continue;
+        };
+        if finder.find(&payload).is_none() {
+            continue;
+        }
+        let event = storage::record::decode(&payload)
+            .map_err(|e| StorageError::corrupted(segment, 0, e.to_string()))?;
+        if event.data.as_str().contains(needle) {
+            out.insert(row);
+        }
+    }
+    Ok(out)
+}
+
 fn inputs<'a>(
     set: &storage::SegmentSet,
     held: &'a [(u64, crate::db_index::Held)],
@@ -220,17 +251,9 @@ impl Db {
             None => set.active.first_seq + u64::from(set.active.visible_rows()),
         };
         let mut reader = RowReader::new(set.clone());
-        let text = query.text.clone();
-        let selection = query::select(query, &inputs, watermark, |hit| {
-            let pos = Position {
-                segment: hit.segment,
-                row: hit.row,
-            };
-            let event = reader.event(pos)?;
-            Ok(match (&text, event) {
-                (Some(t), Some(e)) => e.data.as_str().contains(t.as_str()),
-                _ => false,
-            })
+        let needle = query.text.clone().unwrap_or_default();
+        let selection = query::select(query, &inputs, watermark, |segment, candidates| {
+            Ok(rows_with_text(&mut reader, segment, candidates, &needle)?)
         })?;
         drop(held);
         let mut events = Vec::with_capacity(selection.hits.len());
@@ -273,17 +296,9 @@ impl Db {
         let held = self.indexes.hold_all(&set)?;
         let inputs = inputs(&set, &held);
         let mut reader = RowReader::new(set.clone());
-        let text = query.text.clone().unwrap_or_default();
+        let needle = query.text.clone().unwrap_or_default();
         let stats = query::stats(query, &inputs, |segment, candidates| {
-            let mut out = roaring::RoaringBitmap::new();
-            for row in candidates.iter() {
-                if let Some(e) = reader.event(Position { segment, row })?
-                    && e.data.as_str().contains(text.as_str())
-                {
-                    out.insert(row);
-                }
-            }
-            Ok(out)
+            Ok(rows_with_text(&mut reader, segment, candidates, &needle)?)
         })?;
         Ok(stats)
     }

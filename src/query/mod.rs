@@ -324,13 +324,14 @@ pub struct Selection {
 
 /// Selects the top `offset + limit` hits across segments without sorting
 /// every match: each segment's candidates pass the time, watermark and
-/// cursor checks and feed one bounded heap. `text` is checked by
-/// `text_match` only on hits that would make the page, in result order.
+/// cursor checks and feed one bounded heap; segments whose time bounds
+/// cannot beat the heap are skipped whole. `text` is evaluated last, by
+/// `rows_matching_text`, only on a segment's remaining candidates.
 pub fn select(
     query: &Query,
     segments: &[SegmentInput<'_>],
     watermark: u64,
-    mut text_match: impl FnMut(&Hit) -> Result<bool, QueryError>,
+    mut rows_matching_text: impl FnMut(u64, &RoaringBitmap) -> Result<RoaringBitmap, QueryError>,
 ) -> Result<Selection, QueryError> {
     let start = query.start.map_or(i64::MIN, Timestamp::as_micros);
     let end = query.end.map_or(i64::MAX, Timestamp::as_micros);
@@ -342,37 +343,42 @@ pub fn select(
         Some(c) if desc => k < (c.timestamp_us, c.seq),
         Some(c) => k > (c.timestamp_us, c.seq),
     };
-    let mut all: Vec<Hit> = Vec::new();
-    // With text, every candidate is kept (sorted once, then checked in
-    // order until the page is full); without, a heap keeps the best `want`.
+    // The heap's top is the worst hit kept: the smallest key for desc, the
+    // largest for asc.
     let mut heap_desc: BinaryHeap<Reverse<Hit>> = BinaryHeap::new();
     let mut heap_asc: BinaryHeap<Hit> = BinaryHeap::new();
-    let bounded = query.text.is_none();
-    for seg in segments {
-        let plan = plan_segment(query, seg.index)?;
-        let SegmentPlan::Scan {
-            candidates,
-            time_check,
-        } = plan
-        else {
-            continue;
-        };
-        // Prune a whole segment when its time bounds cannot beat the heap.
-        if bounded && let Some((min_ts, max_ts)) = seg.index.time_bounds() {
-            if desc && heap_desc.len() >= want {
-                if let Some(Reverse(worst)) = heap_desc.peek()
-                    && max_ts < worst.timestamp_us
-                {
-                    continue;
-                }
-            } else if !desc
-                && heap_asc.len() >= want
-                && let Some(worst) = heap_asc.peek()
-                && min_ts > worst.timestamp_us
-            {
+    // Newest segments first for desc (oldest for asc), so that the heap
+    // fills early and later segments are pruned by their time bounds.
+    let mut order: Vec<&SegmentInput<'_>> = segments.iter().collect();
+    order.sort_by_key(|s| {
+        s.index
+            .time_bounds()
+            .map_or(i64::MIN, |b| if desc { b.1 } else { -b.0 })
+    });
+    order.reverse();
+    for seg in order {
+        if let Some((min_ts, max_ts)) = seg.index.time_bounds() {
+            let beaten = if desc {
+                heap_desc.len() >= want
+                    && heap_desc
+                        .peek()
+                        .is_some_and(|Reverse(w)| max_ts < w.timestamp_us)
+            } else {
+                heap_asc.len() >= want && heap_asc.peek().is_some_and(|w| min_ts > w.timestamp_us)
+            };
+            if beaten {
                 continue;
             }
         }
+        let SegmentPlan::Scan {
+            candidates,
+            time_check,
+        } = plan_segment(query, seg.index)?
+        else {
+            continue;
+        };
+        let mut kept = RoaringBitmap::new();
+        let mut keys = Vec::new();
         for row in candidates.iter() {
             let seq = seg.first_seq + u64::from(row);
             if seq >= watermark {
@@ -385,58 +391,48 @@ pub fn select(
             if !after_cursor((ts, seq)) {
                 continue;
             }
-            let hit = Hit {
+            if query.text.is_some() {
+                kept.insert(row);
+            }
+            keys.push(Hit {
                 timestamp_us: ts,
                 seq,
                 segment: seg.segment,
                 row,
-            };
-            if !bounded {
-                all.push(hit);
-            } else if desc {
+            });
+        }
+        if query.text.is_some() && !kept.is_empty() {
+            let matching = rows_matching_text(seg.segment, &kept)?;
+            keys.retain(|h| matching.contains(h.row));
+        }
+        for hit in keys {
+            if desc {
                 if heap_desc.len() < want {
                     heap_desc.push(Reverse(hit));
-                } else if let Some(Reverse(worst)) = heap_desc.peek()
-                    && hit > *worst
-                {
+                } else if heap_desc.peek().is_some_and(|Reverse(w)| hit > *w) {
                     heap_desc.pop();
                     heap_desc.push(Reverse(hit));
                 }
             } else if heap_asc.len() < want {
                 heap_asc.push(hit);
-            } else if let Some(worst) = heap_asc.peek()
-                && hit < *worst
-            {
+            } else if heap_asc.peek().is_some_and(|w| hit < *w) {
                 heap_asc.pop();
                 heap_asc.push(hit);
             }
         }
     }
-    let mut ordered: Vec<Hit> = if bounded {
-        if desc {
-            heap_desc.into_iter().map(|Reverse(h)| h).collect()
-        } else {
-            heap_asc.into_vec()
-        }
+    let mut ordered: Vec<Hit> = if desc {
+        heap_desc.into_iter().map(|Reverse(h)| h).collect()
     } else {
-        all
+        heap_asc.into_vec()
     };
     if desc {
         ordered.sort_unstable_by(|a, b| b.cmp(a));
     } else {
         ordered.sort_unstable();
     }
-    let mut matched = Vec::with_capacity(want);
-    for hit in ordered {
-        if matched.len() == want {
-            break;
-        }
-        if query.text.is_none() || text_match(&hit)? {
-            matched.push(hit);
-        }
-    }
-    let more = matched.len() == want;
-    let hits: Vec<Hit> = matched
+    let more = ordered.len() == want;
+    let hits: Vec<Hit> = ordered
         .into_iter()
         .skip(query.offset)
         .take(query.limit)

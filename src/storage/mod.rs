@@ -609,11 +609,17 @@ pub(crate) fn find_id_in(
 pub struct RowReader {
     set: Arc<SegmentSet>,
     block: Option<(u64, usize, segment::Block)>,
+    /// Whether the cached block lacks the last needle asked about.
+    lacks: Option<bool>,
 }
 
 impl RowReader {
     pub fn new(set: Arc<SegmentSet>) -> RowReader {
-        RowReader { set, block: None }
+        RowReader {
+            set,
+            block: None,
+            lacks: None,
+        }
     }
 
     /// The record payload at `pos`, if the row exists and is visible.
@@ -629,12 +635,37 @@ impl RowReader {
         let cached = matches!(&self.block, Some((s, b, _)) if *s == pos.segment && *b == index);
         if !cached {
             self.block = Some((pos.segment, index, sealed.read_block(index)?));
+            self.lacks = None;
         }
         Ok(self
             .block
             .as_ref()
             .and_then(|(_, _, b)| b.payload(pos.row))
             .map(|(_, p)| p.to_vec()))
+    }
+
+    /// Whether `pos` lies in a sealed block whose bytes do not contain
+    /// what `finder` looks for (so no row of that block can match).
+    pub fn block_lacks(
+        &mut self,
+        pos: Position,
+        finder: &memchr::memmem::Finder<'_>,
+    ) -> Result<bool, StorageError> {
+        let sealed = match self.set.get(pos.segment) {
+            Some(SegmentRef::Sealed(s)) => s.clone(),
+            _ => return Ok(false),
+        };
+        let Some(index) = sealed.block_of(pos.row) else {
+            return Ok(false);
+        };
+        let cached = matches!(&self.block, Some((s, b, _)) if *s == pos.segment && *b == index);
+        if !cached {
+            let block = sealed.read_block(index)?;
+            let lacks = finder.find(block.raw()).is_none();
+            self.block = Some((pos.segment, index, block));
+            self.lacks = Some(lacks);
+        }
+        Ok(self.lacks.unwrap_or(false))
     }
 
     /// The decoded event at `pos`.

@@ -591,6 +591,11 @@ impl Block {
     pub fn rows(&self) -> u32 {
         self.offsets.len() as u32
     }
+
+    /// The block's frames, back to back.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
 }
 
 /// Opens a sealed segment held in `data` and reads every block and the id
