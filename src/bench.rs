@@ -473,3 +473,347 @@ pub fn print_table(figures: &[Figure]) {
         );
     }
 }
+
+/// A store and its SQLite twin holding the same seed-shaped events.
+pub struct Dataset {
+    pub db: Db,
+    pub sqlite: Connection,
+    pub events: u64,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    /// Sample correlation ids, sources and tags seen while generating.
+    pub correlation_ids: Vec<String>,
+    pub open_ms: f64,
+    pub sqlite_open_ms: f64,
+    pub bytes_per_event: f64,
+    pub sqlite_bytes_per_event: f64,
+}
+
+/// Builds the query dataset: `opts.events` events in at least 40 segments,
+/// loaded in batches of 10,000 (`--fsync never` for evdb and
+/// `synchronous=OFF` for SQLite: durability of loading is not measured
+/// here), then both stores are closed and reopened.
+pub fn build_dataset(opts: &BenchOptions) -> anyhow::Result<Dataset> {
+    let n = opts.events;
+    let evdb_dir = tempfile::Builder::new()
+        .prefix("evdb-bench-")
+        .tempdir_in(&opts.dir)?;
+    let sqlite_dir = tempfile::Builder::new()
+        .prefix("evdb-bench-sqlite-")
+        .tempdir_in(&opts.dir)?;
+    let mut config = db_config(FsyncMode::Never, Compression::Zstd);
+    // About 450 bytes of log per event: at least 40 segments.
+    config.storage.segment_size_bytes = (n * 450 / 40).clamp(1 << 20, 128 << 20);
+    let db = Db::open(evdb_dir.path(), config.clone())?;
+    let sqlite_path = sqlite_dir.path().join("events.db");
+    let mut sqlite = Sqlite::open(&sqlite_path, false)?;
+    let mut generator = Generator::new(SEED, START, 100);
+    let mut correlation_ids = Vec::new();
+    let mut done = 0u64;
+    while done < n {
+        let k = (n - done).min(10_000) as usize;
+        let events = generator.batch(k);
+        if correlation_ids.len() < 1000 {
+            correlation_ids.extend(
+                events
+                    .iter()
+                    .step_by(997)
+                    .filter_map(|e| e.correlation_id.clone()),
+            );
+        }
+        sqlite.insert_batch(&events)?;
+        check_stored(&db.append_batch(events)?)?;
+        done += k as u64;
+        if done % 500_000 < 10_000 {
+            progress(opts, &format!("loading {done}/{n}"));
+        }
+    }
+    db.close()?;
+    drop(db);
+    sqlite.checkpoint()?;
+    drop(sqlite);
+    let evdb_bytes = dir_bytes(evdb_dir.path());
+    let sqlite_bytes = dir_bytes(sqlite_dir.path());
+    let t = Instant::now();
+    let db = Db::open(evdb_dir.path(), config)?;
+    let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let sqlite = Connection::open(&sqlite_path)?;
+    sqlite.query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0))?;
+    let sqlite_open_ms = t.elapsed().as_secs_f64() * 1e3;
+    Ok(Dataset {
+        db,
+        sqlite,
+        events: n,
+        _dirs: (evdb_dir, sqlite_dir),
+        correlation_ids,
+        open_ms,
+        sqlite_open_ms,
+        bytes_per_event: evdb_bytes as f64 / n as f64,
+        sqlite_bytes_per_event: sqlite_bytes as f64 / n as f64,
+    })
+}
+
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples.get(i).copied().unwrap_or(f64::NAN)
+}
+
+/// Times `f` `runs` times; milliseconds.
+fn time_runs(
+    runs: usize,
+    mut f: impl FnMut(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let t = Instant::now();
+        f(i)?;
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
+const SQL_COLUMNS: &str = "event_id, ts, source_system, event_type, severity, correlation_id, data";
+
+fn sqlite_rows(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> anyhow::Result<usize> {
+    let mut rows = stmt.query(params)?;
+    let mut n = 0;
+    while let Some(row) = rows.next()? {
+        // Read every column, as evdb decodes every field.
+        let _: String = row.get(0)?;
+        let _: i64 = row.get(1)?;
+        let _: String = row.get(6)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// `query` and `stats`: the shapes of contract §3 over the dataset.
+pub fn query_suites(opts: &BenchOptions, ds: &Dataset, which: &str) -> anyhow::Result<Vec<Figure>> {
+    use crate::event::Severity;
+    use crate::query::{Order, Query};
+    let n = ds.events;
+    let mut figures = Vec::new();
+    let runs = 200;
+    let tags = crate::generator::TAGS;
+    let sources = crate::generator::SOURCES;
+    if which == "query" || which == "all" {
+        progress(
+            opts,
+            "query: newest 100 by source, severity >= error and tag",
+        );
+        let q = |i: usize| Query {
+            sources: vec![sources[i % 4].to_owned()],
+            min_severity: Some(Severity::Error),
+            tags: vec![tags[i % tags.len()].to_owned()],
+            limit: 100,
+            ..Query::default()
+        };
+        let mut evdb = time_runs(runs, |i| {
+            ds.db.query(&q(i))?;
+            Ok(())
+        })?;
+        let mut stmt = ds.sqlite.prepare(&format!(
+            "SELECT {SQL_COLUMNS} FROM events e WHERE source_system = ?1 AND severity >= 3
+             AND EXISTS (SELECT 1 FROM event_tags t WHERE t.seq = e.seq AND t.tag = ?2)
+             ORDER BY ts DESC, seq DESC LIMIT 100"
+        ))?;
+        let mut base = time_runs(runs, |i| {
+            sqlite_rows(&mut stmt, params![sources[i % 4], tags[i % tags.len()]])?;
+            Ok(())
+        })?;
+        for (p, unit) in [(0.5, "ms_p50"), (0.99, "ms_p99")] {
+            figures.push(Figure::new(
+                "query",
+                "newest100_source_minsev_tag",
+                n,
+                unit,
+                percentile(&mut evdb, p),
+                "sqlite",
+                percentile(&mut base, p),
+            ));
+        }
+
+        progress(opts, "query: newest 100 overall");
+        let mut evdb = time_runs(runs, |_| {
+            ds.db.query(&Query {
+                limit: 100,
+                ..Query::default()
+            })?;
+            Ok(())
+        })?;
+        let mut stmt = ds.sqlite.prepare(&format!(
+            "SELECT {SQL_COLUMNS} FROM events ORDER BY ts DESC, seq DESC LIMIT 100"
+        ))?;
+        let mut base = time_runs(runs, |_| {
+            sqlite_rows(&mut stmt, [])?;
+            Ok(())
+        })?;
+        figures.push(Figure::new(
+            "query",
+            "newest100_all",
+            n,
+            "ms_p50",
+            percentile(&mut evdb, 0.5),
+            "sqlite",
+            percentile(&mut base, 0.5),
+        ));
+
+        progress(opts, "query: all events of one correlation id");
+        let ids = &ds.correlation_ids;
+        let mut evdb = time_runs(runs, |i| {
+            ds.db.query(&Query {
+                correlation_id: Some(ids[i % ids.len()].clone()),
+                limit: 1000,
+                order: Order::Asc,
+                ..Query::default()
+            })?;
+            Ok(())
+        })?;
+        let mut stmt = ds.sqlite.prepare(&format!(
+            "SELECT {SQL_COLUMNS} FROM events WHERE correlation_id = ?1 ORDER BY ts, seq LIMIT 1000"
+        ))?;
+        let mut base = time_runs(runs, |i| {
+            sqlite_rows(&mut stmt, params![ids[i % ids.len()]])?;
+            Ok(())
+        })?;
+        for (p, unit) in [(0.5, "ms_p50"), (0.99, "ms_p99")] {
+            figures.push(Figure::new(
+                "query",
+                "correlation_id_all",
+                n,
+                unit,
+                percentile(&mut evdb, p),
+                "sqlite",
+                percentile(&mut base, p),
+            ));
+        }
+
+        progress(opts, "query: text substring, no other filter");
+        let needles = [
+            "\"user_id\":\"u-04242\"",
+            "\"user_id\":\"u-31337\"",
+            "\"user_id\":\"u-00007\"",
+        ];
+        let mut evdb = time_runs(3, |i| {
+            ds.db.query(&Query {
+                text: Some(needles[i].to_owned()),
+                limit: 100,
+                ..Query::default()
+            })?;
+            Ok(())
+        })?;
+        let mut stmt = ds.sqlite.prepare(&format!(
+            "SELECT {SQL_COLUMNS} FROM events WHERE instr(data, ?1) > 0 ORDER BY ts DESC, seq DESC LIMIT 100"
+        ))?;
+        let mut base = time_runs(3, |i| {
+            sqlite_rows(&mut stmt, params![needles[i]])?;
+            Ok(())
+        })?;
+        figures.push(Figure::new(
+            "query",
+            "text_substring_full_scan",
+            n,
+            "ms_p50",
+            percentile(&mut evdb, 0.5),
+            "sqlite",
+            percentile(&mut base, 0.5),
+        ));
+    }
+    if which == "stats" || which == "all" {
+        progress(
+            opts,
+            "stats: group by source, type and severity over everything",
+        );
+        let mut evdb = time_runs(5, |_| {
+            ds.db.stats(&Query::default())?;
+            Ok(())
+        })?;
+        let mut base = time_runs(3, |_| {
+            for col in ["source_system", "event_type", "severity"] {
+                let mut stmt = ds.sqlite.prepare_cached(&format!(
+                    "SELECT {col}, count(*) FROM events GROUP BY {col}"
+                ))?;
+                let mut rows = stmt.query([])?;
+                while rows.next()?.is_some() {}
+            }
+            Ok(())
+        })?;
+        figures.push(Figure::new(
+            "stats",
+            "group_by_source_type_severity_all",
+            n,
+            "ms_p50",
+            percentile(&mut evdb, 0.5),
+            "sqlite",
+            percentile(&mut base, 0.5),
+        ));
+        let q = Query {
+            min_severity: Some(Severity::Error),
+            ..Query::default()
+        };
+        let mut evdb = time_runs(5, |_| {
+            ds.db.stats(&q)?;
+            Ok(())
+        })?;
+        let mut base = time_runs(3, |_| {
+            for col in ["source_system", "event_type", "severity"] {
+                let mut stmt = ds.sqlite.prepare_cached(&format!(
+                    "SELECT {col}, count(*) FROM events WHERE severity >= 3 GROUP BY {col}"
+                ))?;
+                let mut rows = stmt.query([])?;
+                while rows.next()?.is_some() {}
+            }
+            Ok(())
+        })?;
+        figures.push(Figure::new(
+            "stats",
+            "group_by_min_severity_error",
+            n,
+            "ms_p50",
+            percentile(&mut evdb, 0.5),
+            "sqlite",
+            percentile(&mut base, 0.5),
+        ));
+    }
+    figures.push(Figure::new(
+        "recovery",
+        "open_10x_segments",
+        n,
+        "ms",
+        ds.open_ms,
+        "sqlite",
+        ds.sqlite_open_ms,
+    ));
+    figures.push(Figure::new(
+        "ingest",
+        "bytes_per_event_with_indexes",
+        n,
+        "bytes",
+        ds.bytes_per_event,
+        "sqlite",
+        ds.sqlite_bytes_per_event,
+    ));
+    figures.push(Figure::new(
+        "query",
+        "index_memory",
+        n,
+        "mib",
+        ds.db.index_memory_bytes() as f64 / (1024.0 * 1024.0),
+        "none",
+        f64::NAN,
+    ));
+    figures.push(Figure::new(
+        "query",
+        "rss_anon_open_db",
+        n,
+        "mib",
+        rss_bytes() as f64 / (1024.0 * 1024.0),
+        "none",
+        f64::NAN,
+    ));
+    Ok(figures)
+}

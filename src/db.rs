@@ -50,6 +50,7 @@ pub enum AppendOutcome {
 pub struct Db {
     log: Log,
     indexes: Indexes,
+    blocks: Arc<storage::BlockCache>,
     config: Config,
 }
 
@@ -160,6 +161,7 @@ impl Db {
         Ok(Db {
             log,
             indexes,
+            blocks: Arc::new(storage::BlockCache::new()),
             config,
         })
     }
@@ -250,20 +252,25 @@ impl Db {
             Some(c) => c.watermark,
             None => set.active.first_seq + u64::from(set.active.visible_rows()),
         };
-        let mut reader = RowReader::new(set.clone());
+        let mut reader = RowReader::with_cache(set.clone(), self.blocks.clone());
         let needle = query.text.clone().unwrap_or_default();
         let selection = query::select(query, &inputs, watermark, |segment, candidates| {
             Ok(rows_with_text(&mut reader, segment, candidates, &needle)?)
         })?;
         drop(held);
-        let mut events = Vec::with_capacity(selection.hits.len());
-        for hit in &selection.hits {
+        // Decode in arrival order (each block once), then restore the
+        // result order.
+        let mut by_position: Vec<usize> = (0..selection.hits.len()).collect();
+        by_position.sort_unstable_by_key(|&i| (selection.hits[i].segment, selection.hits[i].row));
+        let mut slots: Vec<Option<Event>> = vec![None; selection.hits.len()];
+        for i in by_position {
+            let hit = &selection.hits[i];
             let pos = Position {
                 segment: hit.segment,
                 row: hit.row,
             };
             match reader.event(pos)? {
-                Some(e) => events.push(e),
+                Some(e) => slots[i] = Some(e),
                 None => {
                     return Err(StorageError::corrupted(
                         pos.segment,
@@ -274,6 +281,7 @@ impl Db {
                 }
             }
         }
+        let events: Vec<Event> = slots.into_iter().flatten().collect();
         let next_cursor = match (selection.more, selection.hits.last()) {
             (true, Some(last)) => Some(Cursor {
                 timestamp_us: last.timestamp_us,
@@ -295,7 +303,7 @@ impl Db {
         let set = self.log.segments();
         let held = self.indexes.hold_all(&set)?;
         let inputs = inputs(&set, &held);
-        let mut reader = RowReader::new(set.clone());
+        let mut reader = RowReader::with_cache(set.clone(), self.blocks.clone());
         let needle = query.text.clone().unwrap_or_default();
         let stats = query::stats(query, &inputs, |segment, candidates| {
             Ok(rows_with_text(&mut reader, segment, candidates, &needle)?)

@@ -52,7 +52,7 @@ enum Command {
     },
     /// Reproduce the figures of docs/PERFORMANCE.md next to their baselines.
     Bench {
-        /// ingest | recovery | compression | all
+        /// ingest | recovery | compression | query | stats | all
         suite: String,
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
@@ -299,13 +299,19 @@ fn run_bench(
     let figures = match suite {
         "ingest" | "recovery" => bench::ingest(&opts)?,
         "compression" => bench::compression(&opts)?,
+        "query" | "stats" => {
+            let ds = bench::build_dataset(&opts)?;
+            bench::query_suites(&opts, &ds, suite)?
+        }
         "all" => {
             let mut f = bench::ingest(&opts)?;
             f.extend(bench::compression(&opts)?);
+            let ds = bench::build_dataset(&opts)?;
+            f.extend(bench::query_suites(&opts, &ds, "all")?);
             f
         }
         other => anyhow::bail!(
-            "bench suite {other:?} is not available in this build: ingest, recovery, compression or all"
+            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats or all"
         ),
     };
     if json_out {

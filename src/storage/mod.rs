@@ -604,11 +604,63 @@ pub(crate) fn find_id_in(
     Ok(None)
 }
 
+/// Decompressed sealed blocks shared by all readers: the newest-first
+/// queries of a busy store read the same few blocks again and again.
+/// Eviction is first-in first-out; the capacity bounds its memory
+/// (`BLOCK_CACHE_BLOCKS` × the block size).
+pub struct BlockCache {
+    inner: Mutex<BlockCacheInner>,
+}
+
+#[derive(Default)]
+struct BlockCacheInner {
+    map: std::collections::HashMap<(u64, usize), Arc<segment::Block>>,
+    order: std::collections::VecDeque<(u64, usize)>,
+}
+
+impl BlockCache {
+    pub fn new() -> BlockCache {
+        BlockCache {
+            inner: Mutex::new(BlockCacheInner::default()),
+        }
+    }
+
+    /// The block `index` of `segment`, decompressed (and cached) if needed.
+    pub fn get(
+        &self,
+        segment: &SealedSegment,
+        index: usize,
+    ) -> Result<Arc<segment::Block>, StorageError> {
+        let key = (segment.id, index);
+        if let Some(b) = self.inner.lock().map.get(&key) {
+            return Ok(b.clone());
+        }
+        let block = Arc::new(segment.read_block(index)?);
+        let mut inner = self.inner.lock();
+        if inner.map.insert(key, block.clone()).is_none() {
+            inner.order.push_back(key);
+        }
+        while inner.order.len() > limits::BLOCK_CACHE_BLOCKS {
+            if let Some(old) = inner.order.pop_front() {
+                inner.map.remove(&old);
+            }
+        }
+        Ok(block)
+    }
+}
+
+impl Default for BlockCache {
+    fn default() -> Self {
+        BlockCache::new()
+    }
+}
+
 /// Reads rows of a segment set, keeping the last decompressed block so
 /// that rows read in (or near) arrival order decompress each block once.
 pub struct RowReader {
     set: Arc<SegmentSet>,
-    block: Option<(u64, usize, segment::Block)>,
+    cache: Option<Arc<BlockCache>>,
+    block: Option<(u64, usize, Arc<segment::Block>)>,
     /// Whether the cached block lacks the last needle asked about.
     lacks: Option<bool>,
 }
@@ -617,8 +669,28 @@ impl RowReader {
     pub fn new(set: Arc<SegmentSet>) -> RowReader {
         RowReader {
             set,
+            cache: None,
             block: None,
             lacks: None,
+        }
+    }
+
+    /// A reader that shares decompressed blocks through `cache`.
+    pub fn with_cache(set: Arc<SegmentSet>, cache: Arc<BlockCache>) -> RowReader {
+        RowReader {
+            cache: Some(cache),
+            ..RowReader::new(set)
+        }
+    }
+
+    fn load(
+        &self,
+        sealed: &SealedSegment,
+        index: usize,
+    ) -> Result<Arc<segment::Block>, StorageError> {
+        match &self.cache {
+            Some(c) => c.get(sealed, index),
+            None => sealed.read_block(index).map(Arc::new),
         }
     }
 
@@ -634,7 +706,7 @@ impl RowReader {
         };
         let cached = matches!(&self.block, Some((s, b, _)) if *s == pos.segment && *b == index);
         if !cached {
-            self.block = Some((pos.segment, index, sealed.read_block(index)?));
+            self.block = Some((pos.segment, index, self.load(&sealed, index)?));
             self.lacks = None;
         }
         Ok(self
@@ -660,7 +732,7 @@ impl RowReader {
         };
         let cached = matches!(&self.block, Some((s, b, _)) if *s == pos.segment && *b == index);
         if !cached {
-            let block = sealed.read_block(index)?;
+            let block = self.load(&sealed, index)?;
             let lacks = finder.find(block.raw()).is_none();
             self.block = Some((pos.segment, index, block));
             self.lacks = Some(lacks);
