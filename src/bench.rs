@@ -207,7 +207,7 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         .tempdir_in(&opts.dir)?;
     let db = Db::open(
         evdb_dir.path(),
-        db_config(FsyncMode::Always, Compression::Zstd),
+        db_config(FsyncMode::Always, Compression::ZstdDict),
     )?;
     let mut generator = Generator::new(SEED, START, 100);
     let mut evdb_time = Duration::ZERO;
@@ -234,7 +234,7 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let t = Instant::now();
     let db = Db::open(
         evdb_dir.path(),
-        db_config(FsyncMode::Always, Compression::Zstd),
+        db_config(FsyncMode::Always, Compression::ZstdDict),
     )?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
     if db.len() != n {
@@ -321,7 +321,7 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         .tempdir_in(&opts.dir)?;
     let db = Arc::new(Db::open(
         evdb_dir2.path(),
-        db_config(FsyncMode::Always, Compression::Zstd),
+        db_config(FsyncMode::Always, Compression::ZstdDict),
     )?);
     progress(
         opts,
@@ -396,17 +396,26 @@ where
     Ok(n as f64 / elapsed.as_secs_f64())
 }
 
-/// Compares block compressions on the same seed-shaped events: bytes per
-/// event of the sealed segments, and the time of a random get by id (which
-/// decodes one block).
+/// Compares block compressions and sizes on the same seed-shaped events:
+/// bytes per event of the sealed segments, and the median time of a random
+/// get by id (which decodes one block), each next to lz4 with 32 KiB blocks.
 pub fn compression(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let n = opts.events.min(200_000);
+    let configs = [
+        ("lz4_32k", Compression::Lz4, 32 * 1024),
+        ("zstd_32k", Compression::Zstd, 32 * 1024),
+        ("zstd_8k", Compression::Zstd, 8 * 1024),
+        ("zstd_dict_4k", Compression::ZstdDict, 4 * 1024),
+        ("zstd_dict_8k", Compression::ZstdDict, 8 * 1024),
+    ];
     let mut results = Vec::new();
-    for compression in [Compression::Zstd, Compression::Lz4] {
+    for (name, compression, block) in configs {
         let dir = tempfile::Builder::new()
             .prefix("evdb-bench-")
             .tempdir_in(&opts.dir)?;
-        let db = Db::open(dir.path(), db_config(FsyncMode::Never, compression))?;
+        let mut config = db_config(FsyncMode::Never, compression);
+        config.storage.block_size_bytes = block;
+        let db = Db::open(dir.path(), config)?;
         let mut generator = Generator::new(SEED, START, 100);
         let mut ids = Vec::new();
         let mut done = 0;
@@ -433,32 +442,37 @@ pub fn compression(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
                 anyhow::bail!("bench event {id} not found");
             }
         }
-        lat.sort_by(f64::total_cmp);
-        results.push((seg_bytes as f64 / done as f64, lat[lat.len() / 2]));
+        results.push((
+            name,
+            seg_bytes as f64 / done as f64,
+            percentile(&mut lat, 0.5),
+        ));
         db.close()?;
-        progress(opts, &format!("compression {compression:?} measured"));
+        progress(opts, &format!("compression {name} measured"));
     }
-    let (zstd, lz4) = (results[0], results[1]);
-    Ok(vec![
-        Figure::new(
+    let (_, base_bytes, base_get) = results[0];
+    let mut figures = Vec::new();
+    for (name, bytes, get) in &results[1..] {
+        figures.push(Figure::new(
             "ingest",
-            "segment_bytes_per_event_zstd",
+            &format!("segment_bytes_per_event_{name}"),
             n,
             "bytes",
-            zstd.0,
-            "lz4",
-            lz4.0,
-        ),
-        Figure::new(
+            *bytes,
+            "lz4_32k",
+            base_bytes,
+        ));
+        figures.push(Figure::new(
             "ingest",
-            "get_by_id_p50_zstd",
+            &format!("get_by_id_{name}"),
             n,
             "us_p50",
-            zstd.1,
-            "lz4",
-            lz4.1,
-        ),
-    ])
+            *get,
+            "lz4_32k",
+            base_get,
+        ));
+    }
+    Ok(figures)
 }
 
 pub fn print_table(figures: &[Figure]) {
@@ -500,7 +514,7 @@ pub fn build_dataset(opts: &BenchOptions) -> anyhow::Result<Dataset> {
     let sqlite_dir = tempfile::Builder::new()
         .prefix("evdb-bench-sqlite-")
         .tempdir_in(&opts.dir)?;
-    let mut config = db_config(FsyncMode::Never, Compression::Zstd);
+    let mut config = db_config(FsyncMode::Never, Compression::ZstdDict);
     // About 450 bytes of log per event: at least 40 segments.
     config.storage.segment_size_bytes = (n * 450 / 40).clamp(1 << 20, 128 << 20);
     let db = Db::open(evdb_dir.path(), config.clone())?;

@@ -41,10 +41,10 @@ pub const SEGMENT_SIZE_MIN: u64 = 64 * 1024;
 pub const SEGMENT_SIZE_MAX: u64 = 4 * 1024 * 1024 * 1024;
 /// Uncompressed bytes in one sealed block (the target; a block closes at the
 /// first record that reaches it).
-pub const BLOCK_SIZE_DEFAULT: usize = 32 * 1024;
-/// Decompressed blocks kept in the shared block cache (about 8 MiB at the
+pub const BLOCK_SIZE_DEFAULT: usize = 8 * 1024;
+/// Decompressed blocks kept in the shared block cache (8 MiB at the
 /// default block size).
-pub const BLOCK_CACHE_BLOCKS: usize = 256;
+pub const BLOCK_CACHE_BLOCKS: usize = 1024;
 
 const _: () = assert!(FRAME_PAYLOAD_MAX > EVENT_SIZE_MAX);
 const _: () = assert!(BATCH_SIZE_MAX >= EVENT_SIZE_MAX);

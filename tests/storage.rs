@@ -238,7 +238,10 @@ fn a_corrupted_sealed_block_is_reported_not_served() {
         .find(|p| p.extension().is_some_and(|x| x == "seg"))
         .unwrap();
     let mut bytes = std::fs::read(&seg).unwrap();
-    bytes[200] ^= 0xff;
+    // The first block starts after the 32-byte header and the dictionary
+    // whose length the header holds at bytes 12..16.
+    let dict_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    bytes[32 + dict_len + 10] ^= 0xff;
     std::fs::write(&seg, bytes).unwrap();
     let db = Db::open(dir.path(), small_config()).unwrap();
     let results: Vec<_> = db.scan().collect();

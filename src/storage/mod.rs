@@ -134,7 +134,7 @@ impl Default for StorageConfig {
             fsync: FsyncMode::Always,
             segment_size_bytes: 128 * 1024 * 1024,
             segment_age_max: None,
-            compression: Compression::Zstd,
+            compression: Compression::ZstdDict,
             block_size_bytes: limits::BLOCK_SIZE_DEFAULT,
         }
     }

@@ -26,7 +26,8 @@ pub const FORMAT_VERSION: u16 = 1;
 const MAGIC_OFFSET: usize = 0;
 const VERSION_OFFSET: usize = MAGIC_OFFSET + 8;
 const COMPRESSION_OFFSET: usize = VERSION_OFFSET + 2;
-const SEGMENT_ID_OFFSET: usize = COMPRESSION_OFFSET + 6; // 5 reserved bytes
+const DICT_LEN_OFFSET: usize = COMPRESSION_OFFSET + 2; // 1 zero byte before it
+const SEGMENT_ID_OFFSET: usize = DICT_LEN_OFFSET + 4;
 const HEADER_CRC_OFFSET: usize = SEGMENT_ID_OFFSET + 8;
 pub const HEADER_SIZE: usize = HEADER_CRC_OFFSET + 8; // 4 reserved bytes
 
@@ -38,7 +39,8 @@ const FOOTER_BLOCK_INDEX_OFFSET: usize = FOOTER_MAX_TS_OFFSET + 8;
 const FOOTER_ID_TABLE_OFFSET: usize = FOOTER_BLOCK_INDEX_OFFSET + 8;
 const FOOTER_BLOCK_INDEX_CRC: usize = FOOTER_ID_TABLE_OFFSET + 8;
 const FOOTER_ID_TABLE_CRC: usize = FOOTER_BLOCK_INDEX_CRC + 4;
-const FOOTER_CRC_OFFSET: usize = FOOTER_ID_TABLE_CRC + 8; // 4 reserved bytes
+const FOOTER_DICT_CRC: usize = FOOTER_ID_TABLE_CRC + 4;
+const FOOTER_CRC_OFFSET: usize = FOOTER_DICT_CRC + 4;
 const FOOTER_MAGIC_OFFSET: usize = FOOTER_CRC_OFFSET + 4;
 pub const FOOTER_SIZE: usize = FOOTER_MAGIC_OFFSET + 8;
 
@@ -56,6 +58,12 @@ pub const ID_ENTRY_SIZE: usize = 12;
 pub const ZSTD_LEVEL: i32 = 1;
 
 const _: () = assert!(HEADER_SIZE == 32);
+const _: () = assert!(SEGMENT_ID_OFFSET == 16);
+const _: () = assert!(FOOTER_CRC_OFFSET == 52);
+/// Largest zstd dictionary trained for a segment.
+pub const DICT_SIZE_MAX: usize = 32 * 1024;
+/// Frames sampled to train a segment's dictionary.
+const DICT_SAMPLES_MAX: usize = 4096;
 const _: () = assert!(FOOTER_SIZE == 64);
 const _: () = assert!(BLOCK_ENTRY_SIZE == 32);
 
@@ -65,6 +73,10 @@ pub enum Compression {
     None = 0,
     Zstd = 1,
     Lz4 = 2,
+    /// zstd with a dictionary trained on the segment's own records and
+    /// stored in it: small blocks (fast to read one row) that compress like
+    /// large ones.
+    ZstdDict = 3,
 }
 
 impl Compression {
@@ -73,6 +85,7 @@ impl Compression {
             0 => Some(Compression::None),
             1 => Some(Compression::Zstd),
             2 => Some(Compression::Lz4),
+            3 => Some(Compression::ZstdDict),
             _ => None,
         }
     }
@@ -82,6 +95,7 @@ impl Compression {
             "none" => Some(Compression::None),
             "zstd" => Some(Compression::Zstd),
             "lz4" => Some(Compression::Lz4),
+            "zstd-dict" => Some(Compression::ZstdDict),
             _ => None,
         }
     }
@@ -107,22 +121,33 @@ fn read_i64(b: &[u8], at: usize) -> i64 {
 
 /// Encodes a file header.
 pub fn encode_header(magic: [u8; 8], segment: u64, compression: Compression) -> [u8; HEADER_SIZE] {
+    encode_header_with_dict(magic, segment, compression, 0)
+}
+
+fn encode_header_with_dict(
+    magic: [u8; 8],
+    segment: u64,
+    compression: Compression,
+    dict_len: u32,
+) -> [u8; HEADER_SIZE] {
     let mut h = [0u8; HEADER_SIZE];
     h[MAGIC_OFFSET..MAGIC_OFFSET + 8].copy_from_slice(&magic);
     h[VERSION_OFFSET..VERSION_OFFSET + 2].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     h[COMPRESSION_OFFSET] = compression as u8;
+    h[DICT_LEN_OFFSET..DICT_LEN_OFFSET + 4].copy_from_slice(&dict_len.to_le_bytes());
     h[SEGMENT_ID_OFFSET..SEGMENT_ID_OFFSET + 8].copy_from_slice(&segment.to_le_bytes());
     let crc = crc32c::crc32c(&h[..HEADER_CRC_OFFSET]);
     h[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-/// Decodes and checks a file header; returns its compression byte.
+/// Decodes and checks a file header; returns its compression and the
+/// length of the dictionary that follows it.
 pub fn decode_header(
     bytes: &[u8],
     magic: [u8; 8],
     segment: u64,
-) -> Result<Compression, &'static str> {
+) -> Result<(Compression, u32), &'static str> {
     if bytes.len() < HEADER_SIZE {
         return Err("file shorter than its header");
     }
@@ -141,7 +166,34 @@ pub fn decode_header(
     if read_u64(bytes, SEGMENT_ID_OFFSET) != segment {
         return Err("header names another segment");
     }
-    Compression::from_u8(bytes[COMPRESSION_OFFSET]).ok_or("unknown compression")
+    if bytes[COMPRESSION_OFFSET + 1] != 0 {
+        return Err("reserved header bytes are not zero");
+    }
+    let dict_len = read_u32(bytes, DICT_LEN_OFFSET);
+    let compression =
+        Compression::from_u8(bytes[COMPRESSION_OFFSET]).ok_or("unknown compression")?;
+    if dict_len as usize > DICT_SIZE_MAX || (dict_len > 0 && compression != Compression::ZstdDict) {
+        return Err("bad dictionary length");
+    }
+    Ok((compression, dict_len))
+}
+
+/// Trains a zstd dictionary on up to `DICT_SAMPLES_MAX` frames spread over
+/// the segment. `None` when there is too little to train on.
+fn train_dictionary(log_bytes: &[u8], offsets: &[u64]) -> Option<Vec<u8>> {
+    if offsets.len() < 64 {
+        return None;
+    }
+    let step = offsets.len().div_ceil(DICT_SAMPLES_MAX).max(1);
+    let mut samples: Vec<&[u8]> = Vec::new();
+    for (i, &offset) in offsets.iter().enumerate().step_by(step) {
+        let end = offsets
+            .get(i + 1)
+            .copied()
+            .unwrap_or(log_bytes.len() as u64);
+        samples.push(log_bytes.get(offset as usize..end as usize)?);
+    }
+    zstd::dict::from_samples(&samples, DICT_SIZE_MAX).ok()
 }
 
 /// The result of scanning an active log from its header.
@@ -199,11 +251,27 @@ pub fn write_sealed(
     block_size: usize,
 ) -> Result<SealedSummary, StorageError> {
     let io = |e| StorageError::io(path, e);
+    let dict = match compression {
+        Compression::ZstdDict => train_dictionary(log_bytes, offsets),
+        _ => None,
+    };
+    // Too little to train on: plain zstd for this segment.
+    let compression = match (compression, &dict) {
+        (Compression::ZstdDict, None) => Compression::Zstd,
+        (c, _) => c,
+    };
+    let dict = dict.unwrap_or_default();
     let file = File::create(path).map_err(io)?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&encode_header(SEG_MAGIC, segment, compression))
-        .map_err(io)?;
-    let mut written = HEADER_SIZE as u64;
+    out.write_all(&encode_header_with_dict(
+        SEG_MAGIC,
+        segment,
+        compression,
+        dict.len() as u32,
+    ))
+    .map_err(io)?;
+    out.write_all(&dict).map_err(io)?;
+    let mut written = (HEADER_SIZE + dict.len()) as u64;
     let mut block_index = Vec::new();
     let mut ids: Vec<(IdHash, u32)> = Vec::with_capacity(offsets.len());
     let mut raw = Vec::with_capacity(block_size * 2);
@@ -211,6 +279,9 @@ pub fn write_sealed(
     let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
     let mut zstd = match compression {
         Compression::Zstd => Some(zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(io)?),
+        Compression::ZstdDict => {
+            Some(zstd::bulk::Compressor::with_dictionary(ZSTD_LEVEL, &dict).map_err(io)?)
+        }
         _ => None,
     };
     let mut flush_block = |raw: &mut Vec<u8>,
@@ -294,6 +365,8 @@ pub fn write_sealed(
         .copy_from_slice(&crc32c::crc32c(&block_index).to_le_bytes());
     footer[FOOTER_ID_TABLE_CRC..FOOTER_ID_TABLE_CRC + 4]
         .copy_from_slice(&crc32c::crc32c(&id_table).to_le_bytes());
+    footer[FOOTER_DICT_CRC..FOOTER_DICT_CRC + 4]
+        .copy_from_slice(&crc32c::crc32c(&dict).to_le_bytes());
     let crc = crc32c::crc32c(&footer[..FOOTER_CRC_OFFSET]);
     footer[FOOTER_CRC_OFFSET..FOOTER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
     footer[FOOTER_MAGIC_OFFSET..FOOTER_MAGIC_OFFSET + 8].copy_from_slice(&FOOTER_MAGIC);
@@ -307,6 +380,31 @@ pub fn write_sealed(
         max_ts: Timestamp(max_ts),
         bytes: written,
     })
+}
+
+thread_local! {
+    /// One zstd decompression context per thread, reused for every block:
+    /// creating one per block costs more than decompressing a small block.
+    static DCTX: std::cell::RefCell<zstd::zstd_safe::DCtx<'static>> =
+        std::cell::RefCell::new(zstd::zstd_safe::DCtx::create());
+}
+
+/// Decompresses one zstd frame of at most `capacity` bytes.
+fn zstd_decompress(
+    compressed: &[u8],
+    capacity: usize,
+    dict: Option<&zstd::dict::DecoderDictionary<'static>>,
+) -> Result<Vec<u8>, &'static str> {
+    let mut out = Vec::with_capacity(capacity);
+    DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        match dict {
+            Some(dict) => d.decompress_using_ddict(&mut out, compressed, dict.as_ddict()),
+            None => d.decompress(&mut out, compressed),
+        }
+    })
+    .map_err(zstd::zstd_safe::get_error_name)?;
+    Ok(out)
 }
 
 /// One entry of a sealed segment's block index.
@@ -331,6 +429,8 @@ pub struct SealedSegment {
     pub min_ts: Timestamp,
     pub max_ts: Timestamp,
     blocks: Vec<BlockEntry>,
+    /// The prepared dictionary of a `ZstdDict` segment.
+    dict: Option<zstd::dict::DecoderDictionary<'static>>,
     id_table_offset: usize,
     id_table_crc: u32,
     id_table_checked: OnceLock<Result<(), String>>,
@@ -361,8 +461,9 @@ impl SealedSegment {
     fn from_map(map: Mmap, id: u64) -> Result<SealedSegment, StorageError> {
         let bad = |offset: usize, reason: &str| StorageError::corrupted(id, offset as u64, reason);
         let bytes: &[u8] = &map;
-        let compression = decode_header(bytes, SEG_MAGIC, id).map_err(|r| bad(0, r))?;
-        if bytes.len() < HEADER_SIZE + FOOTER_SIZE {
+        let (compression, dict_len) = decode_header(bytes, SEG_MAGIC, id).map_err(|r| bad(0, r))?;
+        let data_start = HEADER_SIZE + dict_len as usize;
+        if bytes.len() < data_start + FOOTER_SIZE {
             return Err(bad(bytes.len(), "file shorter than header and footer"));
         }
         let footer_at = bytes.len() - FOOTER_SIZE;
@@ -382,7 +483,7 @@ impl SealedSegment {
             .ok_or_else(|| bad(footer_at, "block index overflows"))?;
         if block_index_end != id_table_offset
             || id_table_offset + rows as usize * ID_ENTRY_SIZE != footer_at
-            || block_index_offset < HEADER_SIZE
+            || block_index_offset < data_start
         {
             return Err(bad(footer_at, "footer sections do not tile the file"));
         }
@@ -392,7 +493,7 @@ impl SealedSegment {
         }
         let mut blocks = Vec::with_capacity(block_count);
         let mut next_row = 0u32;
-        let mut next_offset = HEADER_SIZE as u64;
+        let mut next_offset = data_start as u64;
         for (i, e) in index_bytes.chunks_exact(BLOCK_ENTRY_SIZE).enumerate() {
             let entry = BlockEntry {
                 offset: read_u64(e, BLOCK_OFFSET),
@@ -424,6 +525,14 @@ impl SealedSegment {
                 "block index does not cover the rows",
             ));
         }
+        let dict_bytes = &bytes[HEADER_SIZE..data_start];
+        if crc32c::crc32c(dict_bytes) != read_u32(footer, FOOTER_DICT_CRC) {
+            return Err(bad(HEADER_SIZE, "dictionary checksum mismatch"));
+        }
+        let dict = match compression {
+            Compression::ZstdDict => Some(zstd::dict::DecoderDictionary::copy(dict_bytes)),
+            _ => None,
+        };
         Ok(SealedSegment {
             id,
             first_seq: 0,
@@ -432,6 +541,7 @@ impl SealedSegment {
             min_ts: Timestamp(read_i64(footer, FOOTER_MIN_TS_OFFSET)),
             max_ts: Timestamp(read_i64(footer, FOOTER_MAX_TS_OFFSET)),
             blocks,
+            dict,
             id_table_offset,
             id_table_crc: read_u32(footer, FOOTER_ID_TABLE_CRC),
             id_table_checked: OnceLock::new(),
@@ -472,10 +582,18 @@ impl SealedSegment {
         let corrupt = |reason: String| StorageError::corrupted(self.id, entry.offset, reason);
         let raw = match self.compression {
             Compression::None => compressed.to_vec(),
-            Compression::Zstd => zstd::bulk::decompress(compressed, entry.raw_len as usize)
+            Compression::Zstd => zstd_decompress(compressed, entry.raw_len as usize, None)
                 .map_err(|e| corrupt(format!("zstd: {e}")))?,
             Compression::Lz4 => lz4_flex::block::decompress(compressed, entry.raw_len as usize)
                 .map_err(|e| corrupt(format!("lz4: {e}")))?,
+            Compression::ZstdDict => {
+                let dict = self
+                    .dict
+                    .as_ref()
+                    .ok_or_else(|| corrupt("dictionary missing".into()))?;
+                zstd_decompress(compressed, entry.raw_len as usize, Some(dict))
+                    .map_err(|e| corrupt(format!("zstd: {e}")))?
+            }
         };
         if raw.len() != entry.raw_len as usize {
             return Err(corrupt("block decompressed to the wrong size".into()));
@@ -655,7 +773,12 @@ mod tests {
 
     #[test]
     fn sealed_segments_round_trip_in_every_compression() {
-        for c in [Compression::None, Compression::Zstd, Compression::Lz4] {
+        for c in [
+            Compression::None,
+            Compression::Zstd,
+            Compression::Lz4,
+            Compression::ZstdDict,
+        ] {
             let bytes = sealed_bytes(100, c);
             assert_eq!(fuzz_sealed(&bytes).unwrap(), 100);
             let log = scan_log(&encode_header(LOG_MAGIC, 1, Compression::None), 1).unwrap();
@@ -665,7 +788,8 @@ mod tests {
 
     #[test]
     fn every_flipped_byte_of_a_sealed_segment_is_caught_or_harmless() {
-        let bytes = sealed_bytes(20, Compression::Zstd);
+        let bytes = sealed_bytes(80, Compression::ZstdDict);
+        assert_eq!(bytes[COMPRESSION_OFFSET], Compression::ZstdDict as u8);
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x55;
