@@ -1,0 +1,114 @@
+//! The command line: `ingest`, `query` (with cursor paging) and `stats`
+//! against a data directory, through the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::process::Command;
+
+fn evdb(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_evdb"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn ingest_query_page_and_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let input = dir.path().join("in.ndjson");
+    let mut text = String::new();
+    for i in 0..25 {
+        let sev = if i % 5 == 0 { "error" } else { "info" };
+        text.push_str(&format!(
+            r#"{{"event_id":"e{i}","source_system":"{}","event_type":"t","severity":"{sev}","timestamp":"2024-01-01T00:00:{i:02}Z","tags":["x"],"data":{{"n":{i}}}}}"#,
+            if i % 2 == 0 { "even" } else { "odd" }
+        ));
+        text.push('\n');
+    }
+    text.push_str("{\"event_type\":\"missing source\"}\n");
+    std::fs::write(&input, text).unwrap();
+    let (ok, out, err) = evdb(&[
+        "ingest",
+        "--data-dir",
+        data,
+        "--file",
+        input.to_str().unwrap(),
+    ]);
+    assert!(!ok, "a refused line makes ingest exit non-zero");
+    assert!(out.contains("stored 25, duplicates 0, failed 1"), "{out}");
+    assert!(err.contains("line 26: source_system"), "{err}");
+
+    let (ok, out, _) = evdb(&[
+        "query",
+        "--data-dir",
+        data,
+        "--source-system",
+        "even",
+        "--min-severity",
+        "error",
+    ]);
+    assert!(ok);
+    let ids: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids, ["e20", "e10", "e0"]);
+
+    let mut cursor: Option<String> = None;
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let mut args = vec![
+            "query",
+            "--data-dir",
+            data,
+            "--limit",
+            "10",
+            "--sort-order",
+            "asc",
+        ];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let (ok, out, err) = evdb(&args);
+        assert!(ok, "{err}");
+        cursor = None;
+        for line in out.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            match v.get("next_cursor") {
+                Some(c) => cursor = Some(c.as_str().unwrap().to_owned()),
+                None => seen.push(v["event_id"].as_str().unwrap().to_owned()),
+            }
+        }
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let want: Vec<String> = (0..25).map(|i| format!("e{i}")).collect();
+    assert_eq!(seen, want);
+
+    let (ok, out, _) = evdb(&["stats", "--data-dir", data, "--tags", "x"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["total_events"], 25);
+    assert_eq!(v["by_source_system"]["even"], 13);
+    assert_eq!(v["by_severity"]["error"], 5);
+    assert_eq!(v["time_range"]["start"], "2024-01-01T00:00:00.000000Z");
+
+    let (ok, _, err) = evdb(&["query", "--data-dir", data, "--limit", "0"]);
+    assert!(!ok);
+    assert!(err.contains("limit"), "{err}");
+    let (ok, _, err) = evdb(&["query", "--data-dir", data, "--cursor", "garbage"]);
+    assert!(!ok);
+    assert!(err.contains("cursor"), "{err}");
+}
