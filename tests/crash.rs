@@ -100,6 +100,9 @@ fn sigkill_during_ingest_loses_nothing_acknowledged() {
         for id in &acked {
             assert!(seen.contains(id), "round {round}: acknowledged {id} lost");
         }
+        // The indexes rebuilt after the crash agree with the log.
+        let stats = db.stats(&evdb::query::Query::default()).unwrap();
+        assert_eq!(stats.total, seen.len() as u64, "round {round}: index and log disagree");
         db.close().unwrap();
     }
     // Finish the input: exactly the missing events are stored.
