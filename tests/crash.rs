@@ -102,7 +102,11 @@ fn sigkill_during_ingest_loses_nothing_acknowledged() {
         }
         // The indexes rebuilt after the crash agree with the log.
         let stats = db.stats(&evdb::query::Query::default()).unwrap();
-        assert_eq!(stats.total, seen.len() as u64, "round {round}: index and log disagree");
+        assert_eq!(
+            stats.total,
+            seen.len() as u64,
+            "round {round}: index and log disagree"
+        );
         db.close().unwrap();
     }
     // Finish the input: exactly the missing events are stored.

@@ -155,6 +155,7 @@ pub struct SealedIndex {
     dir_crc: u32,
     checked: OnceLock<Result<(), String>>,
     live: OnceLock<RoaringBitmap>,
+    zones: OnceLock<Vec<(i64, i64)>>,
     /// Every bitmap of the small dimensions (source, type, severity, tag),
     /// loaded together on first use: a few dozen terms per segment.
     small: OnceLock<Result<SmallTerms, String>>,
@@ -230,6 +231,7 @@ impl SealedIndex {
             dir_crc: u32_at(f, F_DIR_CRC),
             checked: OnceLock::new(),
             live: OnceLock::new(),
+            zones: OnceLock::new(),
             small: OnceLock::new(),
             map,
         })
@@ -413,6 +415,14 @@ impl IndexView for SealedIndex {
         (self.rows > 0).then_some((self.min_ts, self.max_ts))
     }
 
+    fn zones(&self) -> Result<Cow<'_, [(i64, i64)]>, IndexError> {
+        self.check()?;
+        Ok(Cow::Borrowed(self.zones.get_or_init(|| {
+            let ts = &self.map[HEADER_SIZE..HEADER_SIZE + self.rows as usize * 8];
+            super::zones_of(ts.chunks_exact(8).map(|c| u64_at(c, 0) as i64))
+        })))
+    }
+
     fn memory_bytes(&self) -> usize {
         let small: usize = self
             .small
@@ -423,7 +433,9 @@ impl IndexView for SealedIndex {
                     .map(|(_, t, b)| t.len() + 48 + b.serialized_size())
                     .sum()
             });
-        small + self.live.get().map_or(0, |b| b.serialized_size())
+        small
+            + self.live.get().map_or(0, |b| b.serialized_size())
+            + self.zones.get().map_or(0, |z| z.len() * 16)
     }
 }
 

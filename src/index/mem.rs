@@ -17,6 +17,7 @@ pub struct MemIndex {
     timestamps: Vec<i64>,
     present: RoaringBitmap,
     deleted: RoaringBitmap,
+    zones: Vec<(i64, i64)>,
     min_ts: i64,
     max_ts: i64,
 }
@@ -46,6 +47,11 @@ impl MemIndex {
             self.timestamps.resize(i + 1, 0);
         }
         self.timestamps[i] = ts;
+        let z = (row / super::ZONE_ROWS) as usize;
+        if self.zones.len() <= z {
+            self.zones.resize(z + 1, (i64::MAX, i64::MIN));
+        }
+        self.zones[z] = (self.zones[z].0.min(ts), self.zones[z].1.max(ts));
         if self.present.is_empty() {
             (self.min_ts, self.max_ts) = (ts, ts);
         } else {
@@ -104,6 +110,10 @@ impl IndexView for MemIndex {
 
     fn time_bounds(&self) -> Option<(i64, i64)> {
         (!self.present.is_empty()).then_some((self.min_ts, self.max_ts))
+    }
+
+    fn zones(&self) -> Result<Cow<'_, [(i64, i64)]>, IndexError> {
+        Ok(Cow::Borrowed(&self.zones))
     }
 
     fn memory_bytes(&self) -> usize {

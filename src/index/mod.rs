@@ -71,6 +71,22 @@ impl IndexError {
     }
 }
 
+/// Rows per time zone (see [`IndexView::zones`]).
+pub const ZONE_ROWS: u32 = 1024;
+
+/// The zones of a timestamp column.
+pub fn zones_of(timestamps: impl Iterator<Item = i64>) -> Vec<(i64, i64)> {
+    let mut zones: Vec<(i64, i64)> = Vec::new();
+    for (row, ts) in timestamps.enumerate() {
+        let z = row / ZONE_ROWS as usize;
+        if zones.len() <= z {
+            zones.push((i64::MAX, i64::MIN));
+        }
+        zones[z] = (zones[z].0.min(ts), zones[z].1.max(ts));
+    }
+    zones
+}
+
 /// The severity term of a level (its name).
 pub fn severity_term(level: crate::event::Severity) -> &'static str {
     level.as_str()
@@ -101,6 +117,10 @@ pub trait IndexView {
     fn timestamp(&self, row: u32) -> Result<i64, IndexError>;
     /// The smallest and largest timestamp of any row.
     fn time_bounds(&self) -> Option<(i64, i64)>;
+    /// Smallest and largest timestamp of each run of `ZONE_ROWS` rows
+    /// (`(i64::MAX, i64::MIN)` for a run with no row yet): lets a top-k
+    /// query visit the newest rows first and stop early.
+    fn zones(&self) -> Result<Cow<'_, [(i64, i64)]>, IndexError>;
     /// Bytes of memory the index holds (not counting mapped files).
     fn memory_bytes(&self) -> usize;
 }

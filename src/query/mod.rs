@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use roaring::RoaringBitmap;
 
 use crate::event::{Event, Severity, Timestamp};
-use crate::index::{Dim, IndexError, IndexView, severity_term};
+use crate::index::{Dim, IndexError, IndexView, ZONE_ROWS, severity_term};
 
 /// Most results one query returns.
 pub const QUERY_LIMIT_MAX: usize = 1000;
@@ -322,6 +322,73 @@ pub struct Selection {
     pub more: bool,
 }
 
+/// The best `want` hits seen so far, in result order.
+struct TopK {
+    desc: bool,
+    want: usize,
+    // The heap's top is the worst hit kept: the smallest key for desc, the
+    // largest for asc.
+    heap_desc: BinaryHeap<Reverse<Hit>>,
+    heap_asc: BinaryHeap<Hit>,
+}
+
+impl TopK {
+    fn new(desc: bool, want: usize) -> TopK {
+        TopK {
+            desc,
+            want,
+            heap_desc: BinaryHeap::new(),
+            heap_asc: BinaryHeap::new(),
+        }
+    }
+
+    fn push(&mut self, hit: Hit) {
+        if self.desc {
+            if self.heap_desc.len() < self.want {
+                self.heap_desc.push(Reverse(hit));
+            } else if self.heap_desc.peek().is_some_and(|Reverse(w)| hit > *w) {
+                self.heap_desc.pop();
+                self.heap_desc.push(Reverse(hit));
+            }
+        } else if self.heap_asc.len() < self.want {
+            self.heap_asc.push(hit);
+        } else if self.heap_asc.peek().is_some_and(|w| hit < *w) {
+            self.heap_asc.pop();
+            self.heap_asc.push(hit);
+        }
+    }
+
+    /// Whether the heap is full and no row with a timestamp in
+    /// `min_ts..=max_ts` could enter it.
+    fn beats(&self, min_ts: i64, max_ts: i64) -> bool {
+        if self.desc {
+            self.heap_desc.len() >= self.want
+                && self
+                    .heap_desc
+                    .peek()
+                    .is_some_and(|Reverse(w)| max_ts < w.timestamp_us)
+        } else {
+            self.heap_asc.len() >= self.want
+                && self
+                    .heap_asc
+                    .peek()
+                    .is_some_and(|w| min_ts > w.timestamp_us)
+        }
+    }
+
+    fn into_sorted(self) -> Vec<Hit> {
+        if self.desc {
+            let mut v: Vec<Hit> = self.heap_desc.into_iter().map(|Reverse(h)| h).collect();
+            v.sort_unstable_by(|a, b| b.cmp(a));
+            v
+        } else {
+            let mut v = self.heap_asc.into_vec();
+            v.sort_unstable();
+            v
+        }
+    }
+}
+
 /// Selects the top `offset + limit` hits across segments without sorting
 /// every match: each segment's candidates pass the time, watermark and
 /// cursor checks and feed one bounded heap; segments whose time bounds
@@ -343,10 +410,7 @@ pub fn select(
         Some(c) if desc => k < (c.timestamp_us, c.seq),
         Some(c) => k > (c.timestamp_us, c.seq),
     };
-    // The heap's top is the worst hit kept: the smallest key for desc, the
-    // largest for asc.
-    let mut heap_desc: BinaryHeap<Reverse<Hit>> = BinaryHeap::new();
-    let mut heap_asc: BinaryHeap<Hit> = BinaryHeap::new();
+    let mut top = TopK::new(desc, want);
     // Newest segments first for desc (oldest for asc), so that the heap
     // fills early and later segments are pruned by their time bounds.
     let mut order: Vec<&SegmentInput<'_>> = segments.iter().collect();
@@ -357,18 +421,10 @@ pub fn select(
     });
     order.reverse();
     for seg in order {
-        if let Some((min_ts, max_ts)) = seg.index.time_bounds() {
-            let beaten = if desc {
-                heap_desc.len() >= want
-                    && heap_desc
-                        .peek()
-                        .is_some_and(|Reverse(w)| max_ts < w.timestamp_us)
-            } else {
-                heap_asc.len() >= want && heap_asc.peek().is_some_and(|w| min_ts > w.timestamp_us)
-            };
-            if beaten {
-                continue;
-            }
+        if let Some((min_ts, max_ts)) = seg.index.time_bounds()
+            && top.beats(min_ts, max_ts)
+        {
+            continue;
         }
         let SegmentPlan::Scan {
             candidates,
@@ -377,60 +433,66 @@ pub fn select(
         else {
             continue;
         };
-        let mut kept = RoaringBitmap::new();
-        let mut keys = Vec::new();
-        for row in candidates.iter() {
+        // The hit for `row`, if it passes the watermark, time and cursor.
+        let hit_of = |row: u32| -> Result<Option<Hit>, QueryError> {
             let seq = seg.first_seq + u64::from(row);
             if seq >= watermark {
-                continue;
+                return Ok(None);
             }
             let ts = seg.index.timestamp(row)?;
-            if time_check && (ts < start || ts > end) {
-                continue;
+            if (time_check && (ts < start || ts > end)) || !after_cursor((ts, seq)) {
+                return Ok(None);
             }
-            if !after_cursor((ts, seq)) {
-                continue;
-            }
-            if query.text.is_some() {
-                kept.insert(row);
-            }
-            keys.push(Hit {
+            Ok(Some(Hit {
                 timestamp_us: ts,
                 seq,
                 segment: seg.segment,
                 row,
-            });
-        }
-        if query.text.is_some() && !kept.is_empty() {
-            let matching = rows_matching_text(seg.segment, &kept)?;
-            keys.retain(|h| matching.contains(h.row));
-        }
-        for hit in keys {
-            if desc {
-                if heap_desc.len() < want {
-                    heap_desc.push(Reverse(hit));
-                } else if heap_desc.peek().is_some_and(|Reverse(w)| hit > *w) {
-                    heap_desc.pop();
-                    heap_desc.push(Reverse(hit));
+            }))
+        };
+        if query.text.is_some() {
+            let mut kept = RoaringBitmap::new();
+            let mut keys = Vec::new();
+            for row in candidates.iter() {
+                if let Some(hit) = hit_of(row)? {
+                    kept.insert(row);
+                    keys.push(hit);
                 }
-            } else if heap_asc.len() < want {
-                heap_asc.push(hit);
-            } else if heap_asc.peek().is_some_and(|w| hit < *w) {
-                heap_asc.pop();
-                heap_asc.push(hit);
+            }
+            if !kept.is_empty() {
+                let matching = rows_matching_text(seg.segment, &kept)?;
+                for hit in keys.into_iter().filter(|h| matching.contains(h.row)) {
+                    top.push(hit);
+                }
+            }
+            continue;
+        }
+        // Visit the segment's time zones best first and stop at the first
+        // zone that cannot beat the heap: a newest-k query reads about k rows.
+        let zones = seg.index.zones()?;
+        let mut zone_order: Vec<usize> = (0..zones.len()).collect();
+        if desc {
+            zone_order.sort_unstable_by_key(|&z| Reverse(zones[z].1));
+        } else {
+            zone_order.sort_unstable_by_key(|&z| zones[z].0);
+        }
+        for z in zone_order {
+            let (zone_min, zone_max) = zones[z];
+            if zone_min > zone_max {
+                continue;
+            }
+            if top.beats(zone_min, zone_max) {
+                break;
+            }
+            let lo = z as u32 * ZONE_ROWS;
+            for row in candidates.range(lo..lo.saturating_add(ZONE_ROWS)) {
+                if let Some(hit) = hit_of(row)? {
+                    top.push(hit);
+                }
             }
         }
     }
-    let mut ordered: Vec<Hit> = if desc {
-        heap_desc.into_iter().map(|Reverse(h)| h).collect()
-    } else {
-        heap_asc.into_vec()
-    };
-    if desc {
-        ordered.sort_unstable_by(|a, b| b.cmp(a));
-    } else {
-        ordered.sort_unstable();
-    }
+    let ordered = top.into_sorted();
     let more = ordered.len() == want;
     let hits: Vec<Hit> = ordered
         .into_iter()
