@@ -792,6 +792,28 @@ pub fn query_suites(opts: &BenchOptions, ds: &Dataset, which: &str) -> anyhow::R
             "sqlite",
             percentile(&mut base, 0.5),
         ));
+        progress(opts, "stats: distinct correlation ids over everything");
+        let mut evdb = time_runs(3, |_| {
+            ds.db.stats_with(&Query::default(), true)?;
+            Ok(())
+        })?;
+        let mut base = time_runs(3, |_| {
+            ds.sqlite.query_row(
+                "SELECT count(DISTINCT correlation_id) FROM events",
+                [],
+                |r| r.get::<_, i64>(0),
+            )?;
+            Ok(())
+        })?;
+        figures.push(Figure::new(
+            "stats",
+            "distinct_correlation_ids_all",
+            n,
+            "ms_p50",
+            percentile(&mut evdb, 0.5),
+            "sqlite",
+            percentile(&mut base, 0.5),
+        ));
     }
     figures.push(Figure::new(
         "recovery",

@@ -298,16 +298,31 @@ impl Db {
     }
 
     /// Counts by source, type and severity of the events matching `query`
-    /// (its limit, offset, order and cursor are ignored).
+    /// (its limit, offset, order and cursor are ignored), from bitmap
+    /// counts: nothing is decoded unless `text` is given.
     pub fn stats(&self, query: &Query) -> Result<Stats, DbError> {
+        self.stats_with(query, false)
+    }
+
+    /// [`Db::stats`], plus the number of distinct correlation ids when
+    /// `distinct_correlation_ids` is set (it reads every correlation-id
+    /// bitmap of the segments involved).
+    pub fn stats_with(
+        &self,
+        query: &Query,
+        distinct_correlation_ids: bool,
+    ) -> Result<Stats, DbError> {
         let set = self.log.segments();
         let held = self.indexes.hold_all(&set)?;
         let inputs = inputs(&set, &held);
         let mut reader = RowReader::with_cache(set.clone(), self.blocks.clone());
         let needle = query.text.clone().unwrap_or_default();
-        let stats = query::stats(query, &inputs, |segment, candidates| {
-            Ok(rows_with_text(&mut reader, segment, candidates, &needle)?)
-        })?;
+        let stats = query::stats(
+            query,
+            &inputs,
+            distinct_correlation_ids,
+            |segment, candidates| Ok(rows_with_text(&mut reader, segment, candidates, &needle)?),
+        )?;
         Ok(stats)
     }
 

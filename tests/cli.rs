@@ -97,13 +97,21 @@ fn ingest_query_page_and_stats() {
     let want: Vec<String> = (0..25).map(|i| format!("e{i}")).collect();
     assert_eq!(seen, want);
 
-    let (ok, out, _) = evdb(&["stats", "--data-dir", data, "--tags", "x"]);
+    let (ok, out, _) = evdb(&[
+        "stats",
+        "--data-dir",
+        data,
+        "--tags",
+        "x",
+        "--distinct-correlation-ids",
+    ]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["total_events"], 25);
     assert_eq!(v["by_source_system"]["even"], 13);
     assert_eq!(v["by_severity"]["error"], 5);
     assert_eq!(v["time_range"]["start"], "2024-01-01T00:00:00.000000Z");
+    assert_eq!(v["distinct_correlation_ids"], 0);
 
     let (ok, _, err) = evdb(&["query", "--data-dir", data, "--limit", "0"]);
     assert!(!ok);

@@ -126,7 +126,7 @@ fn model_stats(stored: &[Event], q: &Query) -> query::Stats {
             Some((a, b)) => (a.min(e.timestamp), b.max(e.timestamp)),
         });
     }
-    s.distinct_correlation_ids = corr.len() as u64;
+    s.distinct_correlation_ids = Some(corr.len() as u64);
     s
 }
 
@@ -162,7 +162,10 @@ fn run(ops: Vec<Op>) {
                 assert_eq!(got.events, want, "query {q:?}");
             }
             Op::Stats(q) => {
-                let got = db.stats(&q).unwrap();
+                let got = db.stats_with(&q, true).unwrap();
+                let fast = db.stats(&q).unwrap();
+                assert_eq!(fast.distinct_correlation_ids, None);
+                assert_eq!(fast.total, got.total);
                 let want = model_stats(&stored, &q);
                 assert_eq!(got, want, "stats {q:?}");
             }

@@ -191,7 +191,9 @@ pub struct Stats {
     pub by_type: BTreeMap<String, u64>,
     pub by_severity: BTreeMap<String, u64>,
     pub time_range: Option<(Timestamp, Timestamp)>,
-    pub distinct_correlation_ids: u64,
+    /// Present when asked for: it reads every correlation-id bitmap of the
+    /// segments involved, so it costs time in proportion to their number.
+    pub distinct_correlation_ids: Option<u64>,
 }
 
 /// What the executor needs of one segment.
@@ -507,6 +509,7 @@ pub fn select(
 pub fn stats(
     query: &Query,
     segments: &[SegmentInput<'_>],
+    distinct_correlation_ids: bool,
     mut rows_matching_text: impl FnMut(u64, &RoaringBitmap) -> Result<RoaringBitmap, QueryError>,
 ) -> Result<Stats, QueryError> {
     let start = query.start.map_or(i64::MIN, Timestamp::as_micros);
@@ -552,9 +555,11 @@ pub fn stats(
                 }
             }
         }
-        for (term, bitmap) in seg.index.terms(Dim::Correlation)? {
-            if !correlations.contains(&term) && !bitmap.is_disjoint(&candidates) {
-                correlations.insert(term);
+        if distinct_correlation_ids {
+            for (term, bitmap) in seg.index.terms(Dim::Correlation)? {
+                if !correlations.contains(&term) && !bitmap.is_disjoint(&candidates) {
+                    correlations.insert(term);
+                }
             }
         }
         let bounds = match (all_rows, seg.index.time_bounds()) {
@@ -572,7 +577,7 @@ pub fn stats(
             range = Some(range.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
         }
     }
-    out.distinct_correlation_ids = correlations.len() as u64;
+    out.distinct_correlation_ids = distinct_correlation_ids.then_some(correlations.len() as u64);
     out.time_range = range.map(|(a, b)| (Timestamp(a), Timestamp(b)));
     Ok(out)
 }
