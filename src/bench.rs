@@ -742,56 +742,46 @@ pub fn query_suites(opts: &BenchOptions, ds: &Dataset, which: &str) -> anyhow::R
             opts,
             "stats: group by source, type and severity over everything",
         );
-        let mut evdb = time_runs(5, |_| {
-            ds.db.stats(&Query::default())?;
-            Ok(())
-        })?;
-        let mut base = time_runs(3, |_| {
-            for col in ["source_system", "event_type", "severity"] {
-                let mut stmt = ds.sqlite.prepare_cached(&format!(
-                    "SELECT {col}, count(*) FROM events GROUP BY {col}"
-                ))?;
-                let mut rows = stmt.query([])?;
-                while rows.next()?.is_some() {}
-            }
-            Ok(())
-        })?;
-        figures.push(Figure::new(
-            "stats",
+        // evdb's stats next to SQLite's three GROUP BYs under the same filter.
+        let stats_figure = |name: &str, q: &Query, sql_where: &str| -> anyhow::Result<Figure> {
+            let mut evdb = time_runs(5, |_| {
+                ds.db.stats(q)?;
+                Ok(())
+            })?;
+            let mut base = time_runs(3, |_| {
+                for col in ["source_system", "event_type", "severity"] {
+                    let mut stmt = ds.sqlite.prepare_cached(&format!(
+                        "SELECT {col}, count(*) FROM events {sql_where} GROUP BY {col}"
+                    ))?;
+                    let mut rows = stmt.query([])?;
+                    while rows.next()?.is_some() {}
+                }
+                Ok(())
+            })?;
+            Ok(Figure::new(
+                "stats",
+                name,
+                n,
+                "ms_p50",
+                percentile(&mut evdb, 0.5),
+                "sqlite",
+                percentile(&mut base, 0.5),
+            ))
+        };
+        figures.push(stats_figure(
             "group_by_source_type_severity_all",
-            n,
-            "ms_p50",
-            percentile(&mut evdb, 0.5),
-            "sqlite",
-            percentile(&mut base, 0.5),
-        ));
-        let q = Query {
+            &Query::default(),
+            "",
+        )?);
+        let errors_up = Query {
             min_severity: Some(Severity::Error),
             ..Query::default()
         };
-        let mut evdb = time_runs(5, |_| {
-            ds.db.stats(&q)?;
-            Ok(())
-        })?;
-        let mut base = time_runs(3, |_| {
-            for col in ["source_system", "event_type", "severity"] {
-                let mut stmt = ds.sqlite.prepare_cached(&format!(
-                    "SELECT {col}, count(*) FROM events WHERE severity >= 3 GROUP BY {col}"
-                ))?;
-                let mut rows = stmt.query([])?;
-                while rows.next()?.is_some() {}
-            }
-            Ok(())
-        })?;
-        figures.push(Figure::new(
-            "stats",
+        figures.push(stats_figure(
             "group_by_min_severity_error",
-            n,
-            "ms_p50",
-            percentile(&mut evdb, 0.5),
-            "sqlite",
-            percentile(&mut base, 0.5),
-        ));
+            &errors_up,
+            "WHERE severity >= 3",
+        )?);
         progress(opts, "stats: distinct correlation ids over everything");
         let mut evdb = time_runs(3, |_| {
             ds.db.stats_with(&Query::default(), true)?;
