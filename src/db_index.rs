@@ -80,6 +80,10 @@ impl Held {
 pub(crate) struct Indexes {
     dir: PathBuf,
     map: RwLock<HashMap<u64, Entry>>,
+    /// Segments whose in-memory index was dropped because they are sealed:
+    /// never index them in memory again, even for a reader whose older
+    /// snapshot still shows them open (their index file is complete).
+    retired: parking_lot::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Indexes {
@@ -87,6 +91,7 @@ impl Indexes {
         Indexes {
             dir,
             map: RwLock::new(HashMap::new()),
+            retired: parking_lot::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -122,10 +127,26 @@ impl Indexes {
             Some(Entry::Mem(m)) => m,
             Some(Entry::Sealed(_)) => return,
             None => {
-                if !matches!(set.get(segment), Some(SegmentRef::Open(_))) {
+                if !matches!(set.get(segment), Some(SegmentRef::Open(_)))
+                    || self.retired.lock().contains(&segment)
+                {
                     return;
                 }
                 let mut map = self.map.write();
+                // A new open segment means an earlier one rolled: drop the
+                // in-memory indexes of segments sealed since (their index
+                // files replace them), so memory stays bounded by the open
+                // segments during pure ingest.
+                let mut retired = self.retired.lock();
+                map.retain(|id, e| {
+                    let keep = !matches!(e, Entry::Mem(_))
+                        || matches!(set.get(*id), Some(SegmentRef::Open(_)));
+                    if !keep {
+                        retired.insert(*id);
+                    }
+                    keep
+                });
+                drop(retired);
                 match map
                     .entry(segment)
                     .or_insert_with(|| Entry::Mem(Arc::new(RwLock::new(MemIndex::new()))))
@@ -150,6 +171,11 @@ impl Indexes {
                 (SegmentRef::Sealed(_), Some(Entry::Sealed(s))) => Held::Sealed(s),
                 (SegmentRef::Sealed(s), _) => Held::Sealed(self.load_sealed(s)?),
                 (SegmentRef::Open(_), Some(Entry::Mem(m))) => Held::Mem(m.read_arc()),
+                (SegmentRef::Open(o), _) if self.retired.lock().contains(&o.id) => {
+                    // Sealed since this snapshot was taken: its file is complete.
+                    let path = index_path(&self.dir, o.id);
+                    Held::Sealed(Arc::new(SealedIndex::open(&path, o.id)?))
+                }
                 (SegmentRef::Open(o), _) => {
                     let mut map = self.map.write();
                     let entry = map
