@@ -607,6 +607,31 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples.get(i).copied().unwrap_or(f64::NAN)
 }
 
+/// Query-suite figures of `evdb` and SQLite timings (ms) at each quantile.
+fn latency_figures(
+    name: &str,
+    events: u64,
+    evdb: &mut [f64],
+    sqlite: &mut [f64],
+    quantiles: &[f64],
+) -> Vec<Figure> {
+    quantiles
+        .iter()
+        .map(|&q| {
+            let unit = if q == 0.5 { "ms_p50" } else { "ms_p99" };
+            Figure::new(
+                "query",
+                name,
+                events,
+                unit,
+                percentile(evdb, q),
+                "sqlite",
+                percentile(sqlite, q),
+            )
+        })
+        .collect()
+}
+
 /// Times `f` `runs` times; milliseconds.
 fn time_runs(
     runs: usize,
@@ -673,17 +698,13 @@ pub fn query_suites(opts: &BenchOptions, ds: Dataset, which: &str) -> anyhow::Re
             sqlite_rows(&mut stmt, params![sources[i % 4], tags[i % tags.len()]])?;
             Ok(())
         })?;
-        for (p, unit) in [(0.5, "ms_p50"), (0.99, "ms_p99")] {
-            figures.push(Figure::new(
-                "query",
-                "newest100_source_minsev_tag",
-                n,
-                unit,
-                percentile(&mut evdb, p),
-                "sqlite",
-                percentile(&mut base, p),
-            ));
-        }
+        figures.extend(latency_figures(
+            "newest100_source_minsev_tag",
+            n,
+            &mut evdb,
+            &mut base,
+            &[0.5, 0.99],
+        ));
 
         progress(opts, "query: newest 100 overall");
         let mut evdb = time_runs(runs, |_| {
@@ -700,14 +721,12 @@ pub fn query_suites(opts: &BenchOptions, ds: Dataset, which: &str) -> anyhow::Re
             sqlite_rows(&mut stmt, [])?;
             Ok(())
         })?;
-        figures.push(Figure::new(
-            "query",
+        figures.extend(latency_figures(
             "newest100_all",
             n,
-            "ms_p50",
-            percentile(&mut evdb, 0.5),
-            "sqlite",
-            percentile(&mut base, 0.5),
+            &mut evdb,
+            &mut base,
+            &[0.5],
         ));
 
         progress(opts, "query: all events of one correlation id");
@@ -728,17 +747,13 @@ pub fn query_suites(opts: &BenchOptions, ds: Dataset, which: &str) -> anyhow::Re
             sqlite_rows(&mut stmt, params![ids[i % ids.len()]])?;
             Ok(())
         })?;
-        for (p, unit) in [(0.5, "ms_p50"), (0.99, "ms_p99")] {
-            figures.push(Figure::new(
-                "query",
-                "correlation_id_all",
-                n,
-                unit,
-                percentile(&mut evdb, p),
-                "sqlite",
-                percentile(&mut base, p),
-            ));
-        }
+        figures.extend(latency_figures(
+            "correlation_id_all",
+            n,
+            &mut evdb,
+            &mut base,
+            &[0.5, 0.99],
+        ));
 
         progress(opts, "query: text substring, no other filter");
         let needles = [
@@ -761,14 +776,12 @@ pub fn query_suites(opts: &BenchOptions, ds: Dataset, which: &str) -> anyhow::Re
             sqlite_rows(&mut stmt, params![needles[i]])?;
             Ok(())
         })?;
-        figures.push(Figure::new(
-            "query",
+        figures.extend(latency_figures(
             "text_substring_full_scan",
             n,
-            "ms_p50",
-            percentile(&mut evdb, 0.5),
-            "sqlite",
-            percentile(&mut base, 0.5),
+            &mut evdb,
+            &mut base,
+            &[0.5],
         ));
     }
     if which == "stats" || which == "all" {
