@@ -854,7 +854,7 @@ pub fn query_suites(opts: &BenchOptions, ds: Dataset, which: &str) -> anyhow::Re
     }
     figures.push(Figure::new(
         "recovery",
-        "open_10x_segments",
+        "open_query_dataset",
         n,
         "ms",
         ds.open_ms,
