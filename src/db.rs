@@ -127,6 +127,14 @@ impl Db {
         config: Config,
         fs: Arc<dyn FileSystem>,
     ) -> Result<Db, DbError> {
+        if config.limits.event_size_max > limits::EVENT_SIZE_MAX_CONFIGURABLE {
+            return Err(StorageError::Config(format!(
+                "event_size_max {} exceeds the largest record frame ({} bytes)",
+                config.limits.event_size_max,
+                limits::EVENT_SIZE_MAX_CONFIGURABLE
+            ))
+            .into());
+        }
         let dir = path.as_ref();
         let index_dir = dir.join("index");
         std::fs::create_dir_all(&index_dir).map_err(|e| StorageError::io(&index_dir, e))?;

@@ -25,6 +25,9 @@ pub const BATCH_SIZE_MAX: usize = 16 * 1024 * 1024;
 /// A record frame's payload may not exceed this: an event at its limit plus
 /// the protobuf framing of its fields.
 pub const FRAME_PAYLOAD_MAX: usize = EVENT_SIZE_MAX + 64 * 1024;
+/// The largest `event_size_max` a deployment may configure: the encoded
+/// event is the frame payload.
+pub const EVENT_SIZE_MAX_CONFIGURABLE: usize = FRAME_PAYLOAD_MAX;
 /// Timestamps are accepted between years 0001 and 9999 (RFC 3339's range).
 pub const TIMESTAMP_MIN: Timestamp = Timestamp(-62_135_596_800_000_000);
 pub const TIMESTAMP_MAX: Timestamp = Timestamp(253_402_300_799_999_999);

@@ -267,3 +267,12 @@ fn an_old_active_segment_rolls_by_age() {
     }
     assert_eq!(db.len(), 5);
 }
+
+#[test]
+fn an_event_size_limit_beyond_the_frame_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config();
+    config.limits.event_size_max = evdb::limits::EVENT_SIZE_MAX_CONFIGURABLE + 1;
+    let err = Db::open(dir.path(), config).unwrap_err().to_string();
+    assert!(err.contains("event_size_max"), "{err}");
+}
