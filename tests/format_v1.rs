@@ -59,9 +59,17 @@ fn a_format_v1_directory_opens_and_reads_the_same() {
     let db = Db::open(tmp.path(), config()).unwrap();
     let scanned: Vec<Event> = db.scan().map(|r| r.unwrap().1).collect();
     assert_eq!(scanned, events);
-    assert!(db.log().segments().sealed.len() >= 2, "the fixture holds sealed segments");
+    assert!(
+        db.log().segments().sealed.len() >= 2,
+        "the fixture holds sealed segments"
+    );
     assert_eq!(db.get(&events[7].id).unwrap().as_ref(), Some(&events[7]));
     assert_eq!(db.stats(&Query::default()).unwrap().total, 300);
-    let newest = db.query(&Query { limit: 5, ..Query::default() }).unwrap();
+    let newest = db
+        .query(&Query {
+            limit: 5,
+            ..Query::default()
+        })
+        .unwrap();
     assert_eq!(newest.events.len(), 5);
 }

@@ -1,9 +1,9 @@
 //! The in-memory index of an open segment, updated on the append path.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 use roaring::RoaringBitmap;
+use rustc_hash::FxHashMap;
 
 use super::{Dim, IndexError, IndexView, terms_of};
 use crate::event::Event;
@@ -11,7 +11,7 @@ use crate::event::Event;
 #[derive(Debug, Default)]
 pub struct MemIndex {
     /// One map per dimension, in `Dim` order.
-    terms: [HashMap<Box<str>, RoaringBitmap>; 5],
+    terms: [FxHashMap<Box<str>, RoaringBitmap>; 5],
     /// Timestamp of each row; rows not yet indexed hold 0 and are absent
     /// from `present` (concurrent appends may index rows out of order).
     timestamps: Vec<i64>,

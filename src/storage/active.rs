@@ -2,7 +2,6 @@
 //! `pread`, and the in-memory row offsets and id map that make it readable
 //! and deduplicable without a scan.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -12,7 +11,7 @@ use parking_lot::RwLock;
 
 use super::StorageError;
 use super::frame;
-use super::ids::IdHash;
+use super::ids::{IdHash, IdHashMap};
 
 #[derive(Debug, Default)]
 pub(crate) struct OpenRows {
@@ -23,8 +22,8 @@ pub(crate) struct OpenRows {
     /// First row of each id hash; further rows with the same hash (a hash
     /// collision or a stored duplicate never happens, but a collision can)
     /// are in `collisions`.
-    pub ids: HashMap<u64, u32>,
-    pub collisions: HashMap<u64, Vec<u32>>,
+    pub ids: IdHashMap<u32>,
+    pub collisions: IdHashMap<Vec<u32>>,
     pub min_ts: i64,
     pub max_ts: i64,
 }

@@ -10,6 +10,32 @@ use super::record::RecordError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IdHash(pub u64);
 
+/// A hasher for keys that are already uniformly distributed hashes (id
+/// hashes): it passes the `u64` through instead of hashing it again.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct PassThroughHasher(u64);
+
+impl std::hash::Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used for id hashes; fold anything else in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+/// Maps keyed by an id hash.
+pub type IdHashMap<V> =
+    std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<PassThroughHasher>>;
+
 pub fn hash_id(id: &str) -> IdHash {
     IdHash(xxhash_rust::xxh3::xxh3_64(id.as_bytes()))
 }
