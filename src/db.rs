@@ -148,22 +148,30 @@ impl Db {
             .remove_stale_files(&set)
             .map_err(|e| StorageError::io(indexes.dir(), e))?;
         // Open segments have no index file: rebuild theirs from the log
-        // (after a clean close only the empty active segment is open).
+        // (after a clean close only the empty active segment is open), a
+        // bounded chunk of decoded events at a time.
+        const REBUILD_CHUNK_ROWS: u32 = 4096;
         for seg in set.iter() {
             if let SegmentRef::Open(open) = seg {
                 let mut reader = RowReader::new(set.clone());
-                let mut events = Vec::new();
-                for row in 0..open.visible_rows() {
-                    let pos = Position {
-                        segment: open.id,
-                        row,
-                    };
-                    if let Some(e) = reader.event(pos)? {
-                        events.push((row, e));
+                let rows = open.visible_rows();
+                let mut start = 0;
+                while start < rows {
+                    let end = rows.min(start + REBUILD_CHUNK_ROWS);
+                    let mut events = Vec::with_capacity((end - start) as usize);
+                    for row in start..end {
+                        let pos = Position {
+                            segment: open.id,
+                            row,
+                        };
+                        if let Some(e) = reader.event(pos)? {
+                            events.push((row, e));
+                        }
                     }
+                    let chunk: Vec<(u32, &Event)> = events.iter().map(|(r, e)| (*r, e)).collect();
+                    indexes.insert(&set, open.id, &chunk);
+                    start = end;
                 }
-                let rows: Vec<(u32, &Event)> = events.iter().map(|(r, e)| (*r, e)).collect();
-                indexes.insert(&set, open.id, &rows);
             }
         }
         Ok(Db {
