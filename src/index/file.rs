@@ -172,15 +172,7 @@ impl std::fmt::Debug for SealedIndex {
 
 impl SealedIndex {
     pub fn open(path: &Path, segment: u64) -> Result<SealedIndex, IndexError> {
-        let file = File::open(path).map_err(|e| IndexError::Io {
-            path: path.to_owned(),
-            source: e,
-        })?;
-        // SAFETY: index files are written once, fsynced and renamed into
-        // place; nothing writes them afterwards and the data directory lock
-        // keeps other processes out. Every read is bounds-checked.
-        #[allow(unsafe_code)]
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| IndexError::Io {
+        let map = crate::storage::dir::map_readonly(path).map_err(|e| IndexError::Io {
             path: path.to_owned(),
             source: e,
         })?;
@@ -442,12 +434,7 @@ impl IndexView for SealedIndex {
 /// Opens an index held in `data`: the entry point of the `index_open` fuzz
 /// target and of the arbitrary-bytes property test.
 pub fn fuzz_index(data: &[u8]) -> Result<usize, IndexError> {
-    let mut anon = memmap2::MmapMut::map_anon(data.len().max(1)).map_err(|e| IndexError::Io {
-        path: "<anonymous>".into(),
-        source: e,
-    })?;
-    anon[..data.len()].copy_from_slice(data);
-    let map = anon.make_read_only().map_err(|e| IndexError::Io {
+    let map = crate::storage::dir::map_bytes(data).map_err(|e| IndexError::Io {
         path: "<anonymous>".into(),
         source: e,
     })?;

@@ -162,3 +162,28 @@ impl FileSystem for FaultyFs {
         }))
     }
 }
+
+/// Maps a whole file read-only.
+///
+/// The one place evdb maps a file. Callers map only files that nothing
+/// writes while the map lives: sealed segments and index files are written
+/// once, fsynced and renamed into place; a log is mapped only before the
+/// writer starts (recovery) or after it has rolled away from it (sealing);
+/// and the data directory lock keeps other processes out. Every read of a
+/// map is bounds-checked by its caller.
+pub fn map_readonly(path: &Path) -> io::Result<memmap2::Mmap> {
+    let file = File::open(path)?;
+    // SAFETY: see above — the mapped bytes do not change while mapped.
+    #[allow(unsafe_code)]
+    let map = unsafe { memmap2::Mmap::map(&file) }?;
+    Ok(map)
+}
+
+/// Copies `data` into an anonymous read-only map, so that decoders written
+/// for mapped files can be fed arbitrary bytes (fuzzing, property tests).
+/// An empty input maps one zero byte; callers compare lengths.
+pub fn map_bytes(data: &[u8]) -> io::Result<memmap2::Mmap> {
+    let mut anon = memmap2::MmapMut::map_anon(data.len().max(1))?;
+    anon[..data.len()].copy_from_slice(data);
+    anon.make_read_only()
+}

@@ -7,8 +7,6 @@ use std::fs::{self, File, OpenOptions};
 use std::path::Path;
 use std::sync::Arc;
 
-use memmap2::Mmap;
-
 use super::active::{OpenRows, OpenSegment};
 use super::catalog::{Catalog, SegmentMeta, SegmentState};
 use super::dir::{FileSystem, sync_dir};
@@ -86,10 +84,8 @@ fn open_log(dir: &Path, id: u64, first_seq: u64) -> Result<OpenSegment, StorageE
             },
         );
     }
-    // SAFETY: the log is only written by this process's writer thread, which
-    // has not started yet, and the directory lock keeps other processes out.
-    #[allow(unsafe_code)]
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io(&path, e))?;
+    // The writer thread has not started yet: nothing writes the log now.
+    let map = super::dir::map_readonly(&path).map_err(|e| StorageError::io(&path, e))?;
     let scan = segment::scan_log(&map, id).map_err(|r| StorageError::corrupted(id, 0, r))?;
     let mut rows = OpenRows {
         end: segment::HEADER_SIZE as u64,

@@ -449,12 +449,7 @@ impl SealedSegment {
     /// Maps and checks a sealed segment: header, footer and block index are
     /// verified now; the id table on first use; each block when it is read.
     pub fn open(path: &Path, id: u64) -> Result<SealedSegment, StorageError> {
-        let file = File::open(path).map_err(|e| StorageError::io(path, e))?;
-        // SAFETY: sealed segments are immutable once renamed into place; evdb
-        // never writes to them again and holds the data directory lock, so the
-        // mapped bytes do not change under us. Every read below is bounds-checked.
-        #[allow(unsafe_code)]
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io(path, e))?;
+        let map = super::dir::map_readonly(path).map_err(|e| StorageError::io(path, e))?;
         Self::from_map(map, id)
     }
 
@@ -720,12 +715,8 @@ impl Block {
 /// table: the entry point of the `segment_open` fuzz target and of the
 /// arbitrary-bytes property test. Returns the rows read.
 pub fn fuzz_sealed(data: &[u8]) -> Result<u32, StorageError> {
-    let mut anon = memmap2::MmapMut::map_anon(data.len().max(1))
-        .map_err(|e| StorageError::io(Path::new("<anonymous>"), e))?;
-    anon[..data.len()].copy_from_slice(data);
-    let map = anon
-        .make_read_only()
-        .map_err(|e| StorageError::io(Path::new("<anonymous>"), e))?;
+    let map =
+        super::dir::map_bytes(data).map_err(|e| StorageError::io(Path::new("<anonymous>"), e))?;
     let id = if data.len() >= HEADER_SIZE {
         read_u64(data, SEGMENT_ID_OFFSET)
     } else {

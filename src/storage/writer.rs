@@ -445,11 +445,7 @@ pub(crate) fn seal_one(shared: &Arc<Shared>, open: &Arc<OpenSegment>) {
 fn try_seal(shared: &Arc<Shared>, open: &Arc<OpenSegment>) -> Result<(), StorageError> {
     let log_path = shared.log_path(open.id);
     let seg_path = shared.seg_path(open.id);
-    let file = std::fs::File::open(&log_path).map_err(|e| StorageError::io(&log_path, e))?;
-    // SAFETY: a rolled log is never written again; the lock keeps other
-    // processes out.
-    #[allow(unsafe_code)]
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| StorageError::io(&log_path, e))?;
+    let map = super::dir::map_readonly(&log_path).map_err(|e| StorageError::io(&log_path, e))?;
     let (offsets, end) = {
         let rows = open.rows.read();
         (rows.offsets.clone(), rows.end)
