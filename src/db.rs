@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::db_index::{IndexSealer, Indexes};
-use crate::event::Event;
+use crate::event::{Event, Timestamp};
 use crate::index::IndexError;
 use crate::limits::{self, Invalid, Limits};
 use crate::query::{self, Cursor, Page, Query, QueryError, SegmentInput, Stats};
@@ -16,6 +16,7 @@ use crate::storage::dir::{FileSystem, RealFs};
 use crate::storage::{
     self, Appended, Log, Position, Prepared, RowReader, SegmentRef, StorageConfig, StorageError,
 };
+use crate::tail::{Subscription, TailFilter, TailHub};
 
 /// Everything `Db::open` needs to know.
 #[derive(Clone, Debug, Default)]
@@ -51,6 +52,9 @@ pub struct Db {
     log: Log,
     indexes: Indexes,
     blocks: Arc<storage::BlockCache>,
+    tail: TailHub,
+    /// Serializes deletions (read, then write, the tombstone sets).
+    delete_lock: parking_lot::Mutex<()>,
     config: Config,
 }
 
@@ -174,10 +178,16 @@ impl Db {
                 }
             }
         }
+        for (segment, rows) in log.tombstones()? {
+            indexes.set_deleted(segment, rows);
+        }
+        let next_seq = set.active.first_seq + u64::from(set.active.visible_rows());
         Ok(Db {
             log,
             indexes,
             blocks: Arc::new(storage::BlockCache::new()),
+            tail: TailHub::new(next_seq),
+            delete_lock: parking_lot::Mutex::new(()),
             config,
         })
     }
@@ -191,6 +201,26 @@ impl Db {
     /// once the stored events are acknowledged (durable under
     /// `--fsync always`).
     pub fn append_batch(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, DbError> {
+        let (outcomes, prepared) = self.prepare(&events)?;
+        let appended = self.log.append(prepared)?;
+        self.finish(events, outcomes, appended)
+    }
+
+    /// [`Db::append_batch`] for async callers: the task awaits the group
+    /// commit instead of blocking a thread. Validation and encoding run on
+    /// the calling task.
+    pub async fn append_batch_async(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<Vec<AppendOutcome>, DbError> {
+        let (outcomes, prepared) = self.prepare(&events)?;
+        let appended = self.log.append_async(prepared).await?;
+        self.finish(events, outcomes, appended)
+    }
+
+    /// Validates and encodes a batch: `None` for each event to store, the
+    /// reason for each invalid one.
+    fn prepare(&self, events: &[Event]) -> Result<(Vec<Option<AppendOutcome>>, Prepared), DbError> {
         let max = self.config.limits.batch_events_max;
         if events.len() > max {
             return Err(DbError::TooLarge(Invalid::new(
@@ -201,7 +231,7 @@ impl Db {
         let mut outcomes: Vec<Option<AppendOutcome>> = Vec::with_capacity(events.len());
         let mut prepared = Prepared::with_capacity(events.len());
         let limit = self.config.limits.event_size_max;
-        for event in &events {
+        for event in events {
             let checked = limits::validate(event).and_then(|()| {
                 prepared
                     .push(event, limit)
@@ -210,8 +240,18 @@ impl Db {
             });
             outcomes.push(checked.err().map(AppendOutcome::Invalid));
         }
-        let appended = self.log.append(prepared)?;
+        Ok((outcomes, prepared))
+    }
+
+    /// Indexes and publishes what the writer stored; one outcome per event.
+    fn finish(
+        &self,
+        events: Vec<Event>,
+        outcomes: Vec<Option<AppendOutcome>>,
+        appended: Vec<Appended>,
+    ) -> Result<Vec<AppendOutcome>, DbError> {
         self.index_stored(&events, &outcomes, &appended);
+        self.publish_stored(events, &outcomes, &appended);
         let mut appended = appended.into_iter();
         let mut out = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
@@ -255,6 +295,67 @@ impl Db {
         for (segment, rows) in by_segment {
             self.indexes.insert(&set, segment, &rows);
         }
+    }
+
+    /// Hands the stored events to the live tail, as runs of consecutive
+    /// arrival numbers.
+    fn publish_stored(
+        &self,
+        events: Vec<Event>,
+        outcomes: &[Option<AppendOutcome>],
+        appended: &[Appended],
+    ) {
+        let set = self.log.segments();
+        let listening = self.tail.has_subscribers();
+        let mut run: Option<(u64, u64, Vec<Arc<Event>>)> = None;
+        let valid = events
+            .into_iter()
+            .zip(outcomes)
+            .filter(|(_, o)| o.is_none());
+        for ((event, _), outcome) in valid.zip(appended) {
+            let Appended::Stored(pos) = outcome else {
+                continue;
+            };
+            let Some(first_seq) = set.get(pos.segment).map(|s| match s {
+                SegmentRef::Open(o) => o.first_seq,
+                SegmentRef::Sealed(s) => s.first_seq,
+            }) else {
+                continue;
+            };
+            let seq = first_seq + u64::from(pos.row);
+            match &mut run {
+                Some((first, count, events)) if *first + *count == seq => {
+                    *count += 1;
+                    if listening {
+                        events.push(Arc::new(event));
+                    }
+                }
+                _ => {
+                    if let Some((first, count, events)) = run.take() {
+                        self.tail.publish(first, count, events);
+                    }
+                    let events = if listening {
+                        vec![Arc::new(event)]
+                    } else {
+                        Vec::new()
+                    };
+                    run = Some((seq, 1, events));
+                }
+            }
+        }
+        if let Some((first, count, events)) = run {
+            self.tail.publish(first, count, events);
+        }
+    }
+
+    /// Subscribes to the events stored from now on that match `filter`.
+    pub fn subscribe(&self, filter: TailFilter) -> Subscription {
+        self.tail.subscribe(filter)
+    }
+
+    /// Current live-tail subscribers.
+    pub fn tail_subscribers(&self) -> usize {
+        self.tail.subscribers()
     }
 
     /// The events matching `query`, in its order, with a cursor for the
@@ -355,9 +456,78 @@ impl Db {
         })
     }
 
-    /// The event with this id, if stored.
+    /// The event with this id, if stored and not deleted.
     pub fn get(&self, event_id: &str) -> Result<Option<Event>, DbError> {
-        Ok(self.log.get(event_id)?)
+        match self.log.find(event_id)? {
+            Some((pos, _)) if self.is_deleted(pos) => Ok(None),
+            Some((pos, payload)) => Ok(Some(storage::decode_at(pos, &payload)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn is_deleted(&self, pos: Position) -> bool {
+        self.indexes
+            .deleted(pos.segment)
+            .is_some_and(|d| d.contains(pos.row))
+    }
+
+    /// Deletes the event with this id; false when it is unknown or deleted
+    /// already. The deletion is durable when this returns. The id stays
+    /// taken (a retry of its ingest is a duplicate) until compaction
+    /// rewrites its segment.
+    pub fn delete(&self, event_id: &str) -> Result<bool, DbError> {
+        let _one_at_a_time = self.delete_lock.lock();
+        let Some((pos, _)) = self.log.find(event_id)? else {
+            return Ok(false);
+        };
+        if self.is_deleted(pos) {
+            return Ok(false);
+        }
+        let mut rows = roaring::RoaringBitmap::new();
+        rows.insert(pos.row);
+        self.apply_deletes(vec![(pos.segment, rows)])?;
+        Ok(true)
+    }
+
+    /// Deletes every event whose timestamp is before `before`; returns how
+    /// many. Durable when this returns.
+    pub fn delete_before(&self, before: Timestamp) -> Result<u64, DbError> {
+        let _one_at_a_time = self.delete_lock.lock();
+        let cut = before.as_micros();
+        let set = self.log.segments();
+        let held = self.indexes.hold_all(&set)?;
+        let mut changes = Vec::new();
+        let mut total = 0u64;
+        for (segment, h) in &held {
+            let index = h.view();
+            match index.time_bounds() {
+                Some((min, _)) if min < cut => {}
+                _ => continue,
+            }
+            let mut rows = roaring::RoaringBitmap::new();
+            for row in index.live().iter() {
+                if index.timestamp(row)? < cut {
+                    rows.insert(row);
+                }
+            }
+            if !rows.is_empty() {
+                total += rows.len();
+                changes.push((*segment, rows));
+            }
+        }
+        drop(held);
+        self.apply_deletes(changes)?;
+        Ok(total)
+    }
+
+    fn apply_deletes(&self, changes: Vec<(u64, roaring::RoaringBitmap)>) -> Result<(), DbError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        for (segment, all) in self.log.add_tombstones(&changes)? {
+            self.indexes.set_deleted(segment, all);
+        }
+        Ok(())
     }
 
     /// Every event in arrival order.
@@ -391,6 +561,7 @@ impl Db {
 
     /// Seals, syncs and stops the background threads.
     pub fn close(&self) -> Result<(), DbError> {
+        self.tail.close();
         Ok(self.log.close()?)
     }
 }

@@ -3,6 +3,7 @@
 //! (written by the seal hook, opened on first use, rebuilt if missing or
 //! damaged).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +11,9 @@ use std::sync::Arc;
 use parking_lot::{RawRwLock, RwLock, lock_api::ArcRwLockReadGuard};
 
 use crate::event::Event;
-use crate::index::{IndexError, IndexView, MemIndex, SealedIndex, write_index_file};
+use roaring::RoaringBitmap;
+
+use crate::index::{Dim, IndexError, IndexView, MemIndex, SealedIndex, write_index_file};
 use crate::storage::{SealHook, SealedSegment, SegmentRef, SegmentSet, StorageError, record};
 
 pub(crate) fn index_path(dir: &Path, segment: u64) -> PathBuf {
@@ -62,18 +65,56 @@ enum Entry {
     Sealed(Arc<SealedIndex>),
 }
 
-/// A segment's index held for the length of one query.
-pub(crate) enum Held {
+enum HeldIndex {
     Mem(ArcRwLockReadGuard<RawRwLock, MemIndex>),
     Sealed(Arc<SealedIndex>),
 }
 
+/// A segment's index held for the length of one query, with its deleted
+/// rows masked out of [`IndexView::live`].
+pub(crate) struct Held {
+    index: HeldIndex,
+    deleted: Option<Arc<RoaringBitmap>>,
+}
+
 impl Held {
     pub fn view(&self) -> &dyn IndexView {
-        match self {
-            Held::Mem(g) => &**g,
-            Held::Sealed(s) => &**s,
+        self
+    }
+
+    fn inner(&self) -> &dyn IndexView {
+        match &self.index {
+            HeldIndex::Mem(g) => &**g,
+            HeldIndex::Sealed(s) => &**s,
         }
+    }
+}
+
+impl IndexView for Held {
+    fn live(&self) -> Cow<'_, RoaringBitmap> {
+        let live = self.inner().live();
+        match &self.deleted {
+            Some(d) => Cow::Owned(live.as_ref() - d.as_ref()),
+            None => live,
+        }
+    }
+    fn bitmap(&self, dim: Dim, term: &str) -> Result<Option<Cow<'_, RoaringBitmap>>, IndexError> {
+        self.inner().bitmap(dim, term)
+    }
+    fn terms(&self, dim: Dim) -> Result<Vec<(String, Cow<'_, RoaringBitmap>)>, IndexError> {
+        self.inner().terms(dim)
+    }
+    fn timestamp(&self, row: u32) -> Result<i64, IndexError> {
+        self.inner().timestamp(row)
+    }
+    fn time_bounds(&self) -> Option<(i64, i64)> {
+        self.inner().time_bounds()
+    }
+    fn zones(&self) -> Result<Cow<'_, [(i64, i64)]>, IndexError> {
+        self.inner().zones()
+    }
+    fn memory_bytes(&self) -> usize {
+        self.inner().memory_bytes()
     }
 }
 
@@ -84,6 +125,8 @@ pub(crate) struct Indexes {
     /// never index them in memory again, even for a reader whose older
     /// snapshot still shows them open (their index file is complete).
     retired: parking_lot::Mutex<std::collections::HashSet<u64>>,
+    /// Deleted rows per segment (the catalog's tombstones).
+    deleted: RwLock<HashMap<u64, Arc<RoaringBitmap>>>,
 }
 
 impl Indexes {
@@ -92,6 +135,7 @@ impl Indexes {
             dir,
             map: RwLock::new(HashMap::new()),
             retired: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            deleted: RwLock::new(HashMap::new()),
         }
     }
 
@@ -162,19 +206,29 @@ impl Indexes {
         }
     }
 
+    /// Replaces a segment's set of deleted rows.
+    pub fn set_deleted(&self, segment: u64, rows: RoaringBitmap) {
+        self.deleted.write().insert(segment, Arc::new(rows));
+    }
+
+    /// A segment's deleted rows, if any.
+    pub fn deleted(&self, segment: u64) -> Option<Arc<RoaringBitmap>> {
+        self.deleted.read().get(&segment).cloned()
+    }
+
     /// The index of every segment of `set`, in id order, held for one query.
     pub fn hold_all(&self, set: &SegmentSet) -> Result<Vec<(u64, Held)>, IndexError> {
         let mut out = Vec::new();
         for seg in set.iter() {
             let entry = self.map.read().get(&seg.id()).cloned();
-            let held = match (seg, entry) {
-                (SegmentRef::Sealed(_), Some(Entry::Sealed(s))) => Held::Sealed(s),
-                (SegmentRef::Sealed(s), _) => Held::Sealed(self.load_sealed(s)?),
-                (SegmentRef::Open(_), Some(Entry::Mem(m))) => Held::Mem(m.read_arc()),
+            let index = match (seg, entry) {
+                (SegmentRef::Sealed(_), Some(Entry::Sealed(s))) => HeldIndex::Sealed(s),
+                (SegmentRef::Sealed(s), _) => HeldIndex::Sealed(self.load_sealed(s)?),
+                (SegmentRef::Open(_), Some(Entry::Mem(m))) => HeldIndex::Mem(m.read_arc()),
                 (SegmentRef::Open(o), _) if self.retired.lock().contains(&o.id) => {
                     // Sealed since this snapshot was taken: its file is complete.
                     let path = index_path(&self.dir, o.id);
-                    Held::Sealed(Arc::new(SealedIndex::open(&path, o.id)?))
+                    HeldIndex::Sealed(Arc::new(SealedIndex::open(&path, o.id)?))
                 }
                 (SegmentRef::Open(o), _) => {
                     let mut map = self.map.write();
@@ -182,12 +236,13 @@ impl Indexes {
                         .entry(o.id)
                         .or_insert_with(|| Entry::Mem(Arc::new(RwLock::new(MemIndex::new()))));
                     match entry {
-                        Entry::Mem(m) => Held::Mem(m.read_arc()),
-                        Entry::Sealed(s) => Held::Sealed(s.clone()),
+                        Entry::Mem(m) => HeldIndex::Mem(m.read_arc()),
+                        Entry::Sealed(s) => HeldIndex::Sealed(s.clone()),
                     }
                 }
             };
-            out.push((seg.id(), held));
+            let deleted = self.deleted.read().get(&seg.id()).cloned();
+            out.push((seg.id(), Held { index, deleted }));
         }
         Ok(out)
     }

@@ -32,6 +32,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod config;
 pub mod db;
 mod db_index;
 pub mod event;
@@ -39,7 +40,9 @@ pub mod generator;
 pub mod index;
 pub mod limits;
 pub mod query;
+pub mod server;
 pub mod storage;
+pub mod tail;
 
 pub use db::{AppendOutcome, Config, Db, DbError};
 pub use event::{Event, JsonObject, NativeFormat, NativePayload, Severity, Timestamp};

@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use evdb::api::json;
 use evdb::bench::{self, BenchOptions};
+use evdb::config::{ServeArgs, ServeConfig};
 use evdb::query::{Cursor, Order, Query};
 use evdb::storage::FsyncMode;
 use evdb::{AppendOutcome, Config, Db, Severity, Timestamp};
@@ -21,16 +22,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Open the data directory and run until SIGINT/SIGTERM.
+    /// Serve HTTP and gRPC until SIGINT/SIGTERM.
     Serve {
-        #[arg(long, env = "EVDB_DATA_DIR", default_value = "./evdb-data")]
-        data_dir: PathBuf,
-        /// always | interval:MS | never
-        #[arg(long, env = "EVDB_FSYNC", default_value = "always")]
-        fsync: String,
+        /// Default ./evdb-data.
+        #[arg(long, env = "EVDB_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// HTTP listener, HOST:PORT (default 127.0.0.1:8000; port 0: any free).
+        #[arg(long, env = "EVDB_HTTP")]
+        http: Option<String>,
+        /// gRPC listener, HOST:PORT (default 127.0.0.1:50051).
+        #[arg(long, env = "EVDB_GRPC")]
+        grpc: Option<String>,
+        /// A TOML file with any of these settings (flags and env win).
+        #[arg(long, env = "EVDB_CONFIG")]
+        config: Option<PathBuf>,
         /// Use a fresh temporary data directory, removed on exit.
         #[arg(long, env = "EVDB_EPHEMERAL")]
         ephemeral: bool,
+        /// Once listening, write {"http","grpc","data_dir","pid"} here.
+        #[arg(long, env = "EVDB_READY_FILE")]
+        ready_file: Option<PathBuf>,
+        /// always (default) | interval:MS | never
+        #[arg(long, env = "EVDB_FSYNC")]
+        fsync: Option<String>,
+        /// Allow listening beyond loopback without authentication.
+        #[arg(long, env = "EVDB_INSECURE_LISTEN")]
+        insecure_listen: bool,
     },
     /// Store NDJSON events read from a file or standard input.
     Ingest {
@@ -183,9 +200,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve {
             data_dir,
-            fsync,
+            http,
+            grpc,
+            config,
             ephemeral,
-        } => serve(data_dir, &fsync, ephemeral),
+            ready_file,
+            fsync,
+            insecure_listen,
+        } => serve(ServeArgs {
+            data_dir,
+            http,
+            grpc,
+            config,
+            ephemeral,
+            ready_file,
+            fsync,
+            insecure_listen,
+        }),
         Command::Ingest {
             data_dir,
             file,
@@ -221,31 +252,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(data_dir: PathBuf, fsync: &str, ephemeral: bool) -> anyhow::Result<ExitCode> {
-    let temp = if ephemeral {
-        Some(
-            tempfile::Builder::new()
-                .prefix("evdb-ephemeral-")
-                .tempdir()?,
-        )
-    } else {
-        None
-    };
-    let dir = temp.as_ref().map_or(data_dir, |t| t.path().to_owned());
-    let db = Db::open(&dir, config(fsync)?)
-        .map_err(|e| anyhow::anyhow!("cannot open data directory {}: {e}", dir.display()))?;
-    eprintln!(
-        "evdb: data directory {} open ({} events); this build has no network listeners, \
-         so it prints no ready line; waiting for SIGINT/SIGTERM",
-        dir.display(),
-        db.len()
-    );
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
-    let _ = signals.forever().next();
-    db.close()?;
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = ServeConfig::resolve(args)?;
+    evdb::server::run(config)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -427,20 +436,7 @@ fn run_stats(filters: &Filters, distinct_correlation_ids: bool) -> anyhow::Resul
     let query = filters.to_query()?;
     let db = Db::open(&filters.data_dir, Config::default())?;
     let stats = db.stats_with(&query, distinct_correlation_ids)?;
-    let range = stats
-        .time_range
-        .map(|(a, b)| serde_json::json!({ "start": a.to_rfc3339(), "end": b.to_rfc3339() }));
-    let mut out = serde_json::json!({
-        "total_events": stats.total,
-        "by_source_system": stats.by_source,
-        "by_event_type": stats.by_type,
-        "by_severity": stats.by_severity,
-        "time_range": range.unwrap_or(serde_json::json!({ "start": null, "end": null })),
-    });
-    if let Some(n) = stats.distinct_correlation_ids {
-        out["distinct_correlation_ids"] = n.into();
-    }
-    println!("{out}");
+    println!("{}", json::stats_to_json(&stats));
     db.close()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -101,6 +101,26 @@ pub fn write_event(event: &Event, out: &mut String) {
     out.push_str("]}");
 }
 
+/// The JSON form of stats (contract §3 `GET /events/stats`). `time_range`
+/// is the span of the matching events (nulls when none match).
+pub fn stats_to_json(stats: &crate::query::Stats) -> serde_json::Value {
+    let range = stats.time_range.map_or_else(
+        || serde_json::json!({ "start": null, "end": null }),
+        |(a, b)| serde_json::json!({ "start": a.to_rfc3339(), "end": b.to_rfc3339() }),
+    );
+    let mut out = serde_json::json!({
+        "total_events": stats.total,
+        "by_source_system": stats.by_source,
+        "by_event_type": stats.by_type,
+        "by_severity": stats.by_severity,
+        "time_range": range,
+    });
+    if let Some(n) = stats.distinct_correlation_ids {
+        out["distinct_correlation_ids"] = n.into();
+    }
+    out
+}
+
 pub fn event_to_json(event: &Event) -> String {
     let mut out = String::with_capacity(256 + event.data.as_str().len());
     write_event(event, &mut out);

@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 
 use super::StorageError;
@@ -15,6 +16,9 @@ use super::StorageError;
 /// segment id → postcard `SegmentMeta`, behind a version byte.
 const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
 /// Small named values: `format_version`.
+/// Deleted rows per segment: version byte + a portable roaring bitmap.
+const TOMBSTONES: TableDefinition<u64, &[u8]> = TableDefinition::new("tombstones");
+const TOMBSTONE_VERSION: u8 = 1;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Version byte in front of every postcard value.
@@ -94,6 +98,7 @@ impl Catalog {
                 }
             }
             txn.open_table(SEGMENTS).map_err(catalog_err)?;
+            txn.open_table(TOMBSTONES).map_err(catalog_err)?;
         }
         txn.commit().map_err(catalog_err)?;
         Ok(catalog)
@@ -131,6 +136,58 @@ impl Catalog {
             }
         }
         txn.commit().map_err(catalog_err)
+    }
+}
+
+fn decode_tombstones(segment: u64, bytes: &[u8]) -> Result<RoaringBitmap, StorageError> {
+    match bytes.split_first() {
+        Some((&TOMBSTONE_VERSION, rest)) => RoaringBitmap::deserialize_from(rest)
+            .map_err(|e| StorageError::Catalog(format!("tombstones of segment {segment}: {e}"))),
+        _ => Err(StorageError::Catalog(format!(
+            "tombstones of segment {segment} have an unknown version"
+        ))),
+    }
+}
+
+impl Catalog {
+    /// The deleted rows of every segment that has any.
+    pub fn tombstones(&self) -> Result<Vec<(u64, RoaringBitmap)>, StorageError> {
+        let txn = self.db.begin_read().map_err(catalog_err)?;
+        let table = txn.open_table(TOMBSTONES).map_err(catalog_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(catalog_err)? {
+            let (k, v) = entry.map_err(catalog_err)?;
+            out.push((k.value(), decode_tombstones(k.value(), v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Adds deleted rows, in one durable transaction; returns each touched
+    /// segment's full set afterwards.
+    pub fn add_tombstones(
+        &self,
+        rows: &[(u64, RoaringBitmap)],
+    ) -> Result<Vec<(u64, RoaringBitmap)>, StorageError> {
+        let txn = self.db.begin_write().map_err(catalog_err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        {
+            let mut table = txn.open_table(TOMBSTONES).map_err(catalog_err)?;
+            for (segment, add) in rows {
+                let mut all = match table.get(*segment).map_err(catalog_err)? {
+                    Some(v) => decode_tombstones(*segment, v.value())?,
+                    None => RoaringBitmap::new(),
+                };
+                all |= add;
+                let mut bytes = Vec::with_capacity(1 + all.serialized_size());
+                bytes.push(TOMBSTONE_VERSION);
+                all.serialize_into(&mut bytes)
+                    .map_err(|e| StorageError::Catalog(e.to_string()))?;
+                table.insert(*segment, &bytes[..]).map_err(catalog_err)?;
+                out.push((*segment, all));
+            }
+        }
+        txn.commit().map_err(catalog_err)?;
+        Ok(out)
     }
 }
 

@@ -126,6 +126,18 @@ pub struct StorageConfig {
     pub compression: Compression,
     /// Uncompressed bytes per sealed block.
     pub block_size_bytes: usize,
+    /// Told how long each fsync of the active log took (metrics).
+    pub sync_observer: Option<SyncObserver>,
+}
+
+/// A callback for fsync latencies; storage knows nothing of metrics.
+#[derive(Clone)]
+pub struct SyncObserver(pub Arc<dyn Fn(Duration) + Send + Sync>);
+
+impl std::fmt::Debug for SyncObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncObserver")
+    }
 }
 
 impl Default for StorageConfig {
@@ -136,6 +148,7 @@ impl Default for StorageConfig {
             segment_age_max: None,
             compression: Compression::ZstdDict,
             block_size_bytes: limits::BLOCK_SIZE_DEFAULT,
+            sync_observer: None,
         }
     }
 }
@@ -430,10 +443,27 @@ impl Log {
             return Ok(Vec::new());
         }
         let (reply, rx) = bounded(1);
+        let reply = writer::AppendReply::Blocking(reply);
         self.sender()?
             .send(writer::Command::Append { events, reply })
             .map_err(|_| StorageError::Closed)?;
         rx.recv().map_err(|_| StorageError::Closed)?
+    }
+
+    /// [`Log::append`] for async callers: the task awaits the writer's
+    /// answer instead of blocking its thread. (Handing the request over may
+    /// wait briefly when the writer's queue is full: that is backpressure.)
+    pub async fn append_async(&self, events: Prepared) -> Result<Vec<Appended>, StorageError> {
+        self.shared.check_poisoned()?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let reply = writer::AppendReply::Async(reply);
+        self.sender()?
+            .send(writer::Command::Append { events, reply })
+            .map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
     }
 
     /// Makes everything appended so far durable.
@@ -496,6 +526,21 @@ impl Log {
         &self.shared.dir
     }
 
+    /// The deleted rows of every segment that has any (from the catalog).
+    pub fn tombstones(&self) -> Result<Vec<(u64, roaring::RoaringBitmap)>, StorageError> {
+        self.shared.catalog.tombstones()
+    }
+
+    /// Records deleted rows durably; returns each touched segment's full
+    /// set afterwards.
+    pub fn add_tombstones(
+        &self,
+        rows: &[(u64, roaring::RoaringBitmap)],
+    ) -> Result<Vec<(u64, roaring::RoaringBitmap)>, StorageError> {
+        self.shared.check_poisoned()?;
+        self.shared.catalog.add_tombstones(rows)
+    }
+
     /// Why the store refuses writes, if it does.
     pub fn poisoned(&self) -> Option<String> {
         self.shared.poisoned.lock().clone()
@@ -534,7 +579,7 @@ impl Drop for Log {
     }
 }
 
-fn decode_at(pos: Position, payload: &[u8]) -> Result<Event, StorageError> {
+pub(crate) fn decode_at(pos: Position, payload: &[u8]) -> Result<Event, StorageError> {
     record::decode(payload).map_err(|e| StorageError::corrupted(pos.segment, 0, e.to_string()))
 }
 

@@ -41,7 +41,27 @@ pub(crate) enum Command {
     },
 }
 
-type AppendReply = Sender<Result<Vec<Appended>, StorageError>>;
+/// Where the outcome of an append goes: a blocked thread or an awaiting task.
+pub(crate) enum AppendReply {
+    Blocking(Sender<AppendResult>),
+    Async(tokio::sync::oneshot::Sender<AppendResult>),
+}
+
+pub(crate) type AppendResult = Result<Vec<Appended>, StorageError>;
+
+impl AppendReply {
+    /// Delivers the outcome; a caller that went away is ignored.
+    fn send(self, result: AppendResult) {
+        match self {
+            AppendReply::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+            AppendReply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
 /// An append request of the current group with its reply channel.
 type PendingAppend = (Prepared, AppendReply);
 
@@ -177,7 +197,7 @@ impl Writer {
             match result {
                 Ok(outcomes) => {
                     for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
-                        let _ = reply.send(Ok(outcome));
+                        reply.send(Ok(outcome));
                     }
                 }
                 Err(e) => {
@@ -191,7 +211,7 @@ impl Writer {
                         .clone()
                         .unwrap_or_else(|| e.to_string());
                     for (_, reply) in appends {
-                        let _ = reply.send(Err(StorageError::Poisoned(why.clone())));
+                        reply.send(Err(StorageError::Poisoned(why.clone())));
                     }
                 }
             }
@@ -221,7 +241,11 @@ impl Writer {
 
     fn sync(&mut self) -> Result<(), StorageError> {
         let path = self.shared.log_path(self.active.id);
+        let started = Instant::now();
         self.log.sync().map_err(|e| StorageError::io(&path, e))?;
+        if let Some(observe) = &self.shared.config.sync_observer {
+            (observe.0)(started.elapsed());
+        }
         self.dirty = false;
         self.last_sync = Instant::now();
         Ok(())

@@ -1,0 +1,432 @@
+//! The HTTP listener (contract §3, seed 002 routes): axum handlers that
+//! turn requests into `Db` calls and answers into JSON. JSON and HTTP
+//! types live here and in `api::json`; errors become answers only in
+//! [`error`].
+
+pub mod error;
+mod ingest;
+pub mod params;
+mod tail;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::watch;
+use tower_http::compression::CompressionLayer;
+use tower_http::decompression::RequestDecompressionLayer;
+
+use crate::api::json::{self, write_event};
+use crate::api::metrics::{Metrics, RouteLabels};
+use crate::db::Db;
+use crate::event::Timestamp;
+use crate::query::{Order, QUERY_LIMIT_MAX, Query};
+
+use error::ApiError;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Arc<Db>,
+    pub metrics: Arc<Metrics>,
+    pub data_dir: PathBuf,
+    pub started: Instant,
+    /// Events stored through this process.
+    pub processed: Arc<AtomicU64>,
+    /// Turns true when the daemon begins shutting down (ends live tails).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl AppState {
+    pub fn new(
+        db: Arc<Db>,
+        metrics: Arc<Metrics>,
+        data_dir: PathBuf,
+    ) -> (AppState, watch::Sender<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (
+            AppState {
+                db,
+                metrics,
+                data_dir,
+                started: Instant::now(),
+                processed: Arc::new(AtomicU64::new(0)),
+                shutdown: rx,
+            },
+            tx,
+        )
+    }
+}
+
+/// Every route of contract §3 (snapshots come with the backup routes).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/events",
+            post(ingest::one).get(query_events).delete(delete_before),
+        )
+        .route("/events/batch", post(ingest::batch))
+        .route("/events/stats", get(stats))
+        .route("/events/stream", get(tail::stream))
+        .route("/events/correlation/{id}", get(correlation))
+        .route("/events/{event_id}", get(get_event).delete(delete_event))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(CompressionLayer::new())
+        .layer(RequestDecompressionLayer::new())
+        .with_state(state)
+}
+
+/// Records each request's latency by route and status.
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let resp = next.run(req).await;
+    state.metrics.observe_request(
+        RouteLabels {
+            protocol: "http",
+            method,
+            route,
+            status: resp.status().as_u16(),
+        },
+        started.elapsed(),
+    );
+    resp
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
+}
+
+/// A JSON body that is already text.
+fn json_text(status: StatusCode, body: String) -> Response {
+    let mut resp = (status, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Runs blocking store work (queries touch mapped files) off the runtime's
+/// worker threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("worker failed: {e}")))?
+}
+
+fn echo(q: &Query, cursor: Option<&str>) -> serde_json::Value {
+    let many = |v: &[String]| match v {
+        [one] => serde_json::Value::from(one.as_str()),
+        more => serde_json::Value::from(more.to_vec()),
+    };
+    let mut m = serde_json::Map::new();
+    if !q.sources.is_empty() {
+        m.insert("source_system".into(), many(&q.sources));
+    }
+    if !q.types.is_empty() {
+        m.insert("event_type".into(), many(&q.types));
+    }
+    if let Some(s) = q.severity {
+        m.insert("severity".into(), s.as_str().into());
+    }
+    if let Some(s) = q.min_severity {
+        m.insert("min_severity".into(), s.as_str().into());
+    }
+    if let Some(c) = &q.correlation_id {
+        m.insert("correlation_id".into(), c.as_str().into());
+    }
+    if !q.tags.is_empty() {
+        m.insert("tags".into(), q.tags.clone().into());
+    }
+    if let Some(t) = q.start {
+        m.insert("start_time".into(), t.to_rfc3339().into());
+    }
+    if let Some(t) = q.end {
+        m.insert("end_time".into(), t.to_rfc3339().into());
+    }
+    if let Some(t) = &q.text {
+        m.insert("text".into(), t.as_str().into());
+    }
+    m.insert("limit".into(), q.limit.into());
+    m.insert("offset".into(), q.offset.into());
+    let order = match q.order {
+        Order::Desc => "desc",
+        Order::Asc => "asc",
+    };
+    m.insert("sort_order".into(), order.into());
+    if let Some(c) = cursor {
+        m.insert("cursor".into(), c.into());
+    }
+    serde_json::Value::Object(m)
+}
+
+async fn query_events(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = params::pairs(raw.as_deref());
+    let query = params::query(&pairs)?;
+    let cursor_text = pairs
+        .iter()
+        .rev()
+        .find(|(k, v)| k == "cursor" && !v.is_empty())
+        .map(|(_, v)| v.clone());
+    let db = state.db.clone();
+    blocking(move || {
+        let page = db.query(&query)?;
+        let mut body = String::with_capacity(256 + page.events.len() * 512);
+        body.push_str("{\"events\":[");
+        for (i, e) in page.events.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            write_event(e, &mut body);
+        }
+        body.push_str("],\"count\":");
+        body.push_str(&page.events.len().to_string());
+        body.push_str(",\"query\":");
+        body.push_str(&echo(&query, cursor_text.as_deref()).to_string());
+        body.push_str(",\"next_cursor\":");
+        match page.next_cursor {
+            Some(c) => {
+                body.push('"');
+                body.push_str(&c.encode());
+                body.push('"');
+            }
+            None => body.push_str("null"),
+        }
+        body.push('}');
+        Ok(json_text(StatusCode::OK, body))
+    })
+    .await
+}
+
+/// Most events `GET /events/correlation/{id}` returns (`limit` may lower it).
+pub const CORRELATION_LIMIT_MAX: usize = 10_000;
+
+async fn correlation(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut limit = 1000;
+    for (k, v) in params::pairs(raw.as_deref()) {
+        match k.as_str() {
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=CORRELATION_LIMIT_MAX).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "limit",
+                            format!("limit: {v:?}: use 1..={CORRELATION_LIMIT_MAX}"),
+                        )
+                    })?;
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    other,
+                    format!("unknown query parameter {other:?}; known: limit"),
+                ));
+            }
+        }
+    }
+    let db = state.db.clone();
+    blocking(move || {
+        let mut query = Query {
+            correlation_id: Some(id.clone()),
+            order: Order::Asc,
+            ..Query::default()
+        };
+        let mut body = String::from("{\"correlation_id\":");
+        body.push_str(&serde_json::Value::from(id.as_str()).to_string());
+        body.push_str(",\"events\":[");
+        let mut count = 0usize;
+        loop {
+            query.limit = (limit - count).min(QUERY_LIMIT_MAX);
+            let page = db.query(&query)?;
+            for e in &page.events {
+                if count > 0 {
+                    body.push(',');
+                }
+                write_event(e, &mut body);
+                count += 1;
+            }
+            match page.next_cursor {
+                Some(c) if count < limit => query.cursor = Some(c),
+                _ => break,
+            }
+        }
+        body.push_str("],\"count\":");
+        body.push_str(&count.to_string());
+        body.push('}');
+        Ok(json_text(StatusCode::OK, body))
+    })
+    .await
+}
+
+async fn stats(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs = params::pairs(raw.as_deref());
+    let distinct = pairs
+        .iter()
+        .any(|(k, v)| k == "distinct_correlation_ids" && (v == "true" || v == "1"));
+    let filtered: Vec<(String, String)> = pairs
+        .into_iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "distinct_correlation_ids" | "limit" | "offset" | "sort_order" | "cursor"
+            )
+        })
+        .collect();
+    let query = params::query(&filtered)?;
+    let db = state.db.clone();
+    blocking(move || {
+        let stats = db.stats_with(&query, distinct)?;
+        Ok(json_text(
+            StatusCode::OK,
+            json::stats_to_json(&stats).to_string(),
+        ))
+    })
+    .await
+}
+
+async fn get_event(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let db = state.db.clone();
+    blocking(move || match db.get(&id)? {
+        Some(e) => Ok(json_text(StatusCode::OK, json::event_to_json(&e))),
+        None => Err(
+            ApiError::not_found(format!("no event with event_id {id:?}")).with_field("event_id"),
+        ),
+    })
+    .await
+}
+
+async fn delete_event(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let db = state.db.clone();
+    blocking(move || {
+        if db.delete(&id)? {
+            Ok(json_text(StatusCode::OK, "{\"deleted\":1}".into()))
+        } else {
+            Err(
+                ApiError::not_found(format!("no event with event_id {id:?}"))
+                    .with_field("event_id"),
+            )
+        }
+    })
+    .await
+}
+
+async fn delete_before(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut before: Option<Timestamp> = None;
+    for (k, v) in params::pairs(raw.as_deref()) {
+        match k.as_str() {
+            "before" => {
+                before = Some(Timestamp::parse_rfc3339(&v).map_err(|e| {
+                    ApiError::bad_request("before", format!("before: {e}: {v:?} (use RFC 3339)"))
+                })?);
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    other,
+                    format!("unknown query parameter {other:?}; known: before"),
+                ));
+            }
+        }
+    }
+    let before = before.ok_or_else(|| {
+        ApiError::bad_request(
+            "before",
+            "before is required (RFC 3339): DELETE /events?before=…",
+        )
+    })?;
+    let db = state.db.clone();
+    blocking(move || {
+        let n = db.delete_before(before)?;
+        Ok(json_text(StatusCode::OK, format!("{{\"deleted\":{n}}}")))
+    })
+    .await
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let db = &state.db;
+    let total = db.len();
+    let poisoned = db.log().poisoned();
+    let healthy = poisoned.is_none();
+    let status = if healthy { "healthy" } else { "unhealthy" };
+    let mut body = serde_json::json!({
+        "status": status,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": state.started.elapsed().as_secs(),
+        "collector": {
+            "healthy": healthy,
+            "started": true,
+            "storage_type": "evdb",
+            "events_processed": state.processed.load(Ordering::Relaxed),
+            "active_websockets": db.tail_subscribers(),
+        },
+        "storage": {
+            "status": status,
+            "storage_type": "evdb",
+            "db_path": state.data_dir.display().to_string(),
+            "total_events": total,
+            "segments": db.log().segments().iter().count(),
+        },
+    });
+    let code = if let Some(why) = poisoned {
+        body["error"] = format!("the store refuses writes: {why}").into();
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    json_text(code, body.to_string())
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let st = state.clone();
+    let text = blocking(move || Ok(st.metrics.render(&st.db))).await?;
+    let mut resp = (StatusCode::OK, text).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    Ok(resp)
+}

@@ -1,0 +1,231 @@
+//! Prometheus metrics shared by the HTTP and gRPC listeners.
+//!
+//! Label values that clients choose (`source`) are capped at
+//! [`SOURCE_LABELS_MAX`] distinct values; later ones count under `_other`,
+//! so a client cannot grow the registry without bound.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::db::{AppendOutcome, Db};
+
+pub const SOURCE_LABELS_MAX: usize = 1000;
+const OTHER: &str = "_other";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub protocol: &'static str,
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// Every metric of the daemon.
+pub struct Metrics {
+    registry: Registry,
+    ingested: Family<SourceLabel, Counter>,
+    duplicates: Family<SourceLabel, Counter>,
+    rejected: Family<SourceLabel, Counter>,
+    requests: HistogramFamily<RouteLabels>,
+    fsync: Histogram,
+    segments: Gauge,
+    disk_bytes: Gauge,
+    events: Gauge,
+    tail_subscribers: Gauge,
+    index_memory: Gauge,
+    sources_seen: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("evdb");
+        let ingested = Family::<SourceLabel, Counter>::default();
+        let duplicates = Family::<SourceLabel, Counter>::default();
+        let rejected = Family::<SourceLabel, Counter>::default();
+        let requests: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let fsync = latency_histogram();
+        let segments = Gauge::default();
+        let disk_bytes = Gauge::default();
+        let events = Gauge::default();
+        let tail_subscribers = Gauge::default();
+        let index_memory = Gauge::default();
+        registry.register(
+            "events_ingested",
+            "Events stored, by source_system",
+            ingested.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Events not stored again because their event_id was stored already",
+            duplicates.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Events refused as invalid, by source_system (`_unknown` when unreadable)",
+            rejected.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Request latency by protocol, method, route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "fsync_duration_seconds",
+            "Latency of each fsync of the active log",
+            fsync.clone(),
+        );
+        registry.register("segments", "Segments in the store", segments.clone());
+        registry.register(
+            "disk_bytes",
+            "Bytes of the data directory's files",
+            disk_bytes.clone(),
+        );
+        registry.register(
+            "events_stored",
+            "Rows in the store (deleted ones included until compaction)",
+            events.clone(),
+        );
+        registry.register(
+            "tail_subscribers",
+            "Live-tail subscribers",
+            tail_subscribers.clone(),
+        );
+        registry.register(
+            "index_memory_bytes",
+            "Memory held by in-memory indexes",
+            index_memory.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            ingested,
+            duplicates,
+            rejected,
+            requests,
+            fsync,
+            segments,
+            disk_bytes,
+            events,
+            tail_subscribers,
+            index_memory,
+            sources_seen: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn label(&self, source: &str) -> SourceLabel {
+        let mut seen = self.sources_seen.lock();
+        let source = if seen.contains(source) {
+            source.to_owned()
+        } else if seen.len() < SOURCE_LABELS_MAX {
+            seen.insert(source.to_owned());
+            source.to_owned()
+        } else {
+            OTHER.to_owned()
+        };
+        SourceLabel { source }
+    }
+
+    /// Counts the outcomes of one batch.
+    pub fn count_outcomes<'a>(
+        &self,
+        sources: impl IntoIterator<Item = &'a str>,
+        outcomes: &[AppendOutcome],
+    ) {
+        for (source, o) in sources.into_iter().zip(outcomes) {
+            let family = match o {
+                AppendOutcome::Stored(_) => &self.ingested,
+                AppendOutcome::Duplicate(_) => &self.duplicates,
+                AppendOutcome::Invalid(_) => &self.rejected,
+            };
+            family.get_or_create(&self.label(source)).inc();
+        }
+    }
+
+    /// Counts events refused before they became events (unparseable).
+    pub fn count_unreadable(&self, n: u64) {
+        if n > 0 {
+            self.rejected
+                .get_or_create(&SourceLabel {
+                    source: "_unknown".into(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    pub fn observe_request(&self, labels: RouteLabels, elapsed: Duration) {
+        self.requests
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_fsync(&self, elapsed: Duration) {
+        self.fsync.observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition, with the gauges read from `db` now.
+    pub fn render(&self, db: &Db) -> String {
+        let set = db.log().segments();
+        self.segments.set(set.iter().count() as i64);
+        self.events
+            .set(i64::try_from(set.total_rows()).unwrap_or(i64::MAX));
+        self.tail_subscribers
+            .set(i64::try_from(db.tail_subscribers()).unwrap_or(i64::MAX));
+        self.index_memory
+            .set(i64::try_from(db.index_memory_bytes()).unwrap_or(i64::MAX));
+        self.disk_bytes
+            .set(i64::try_from(dir_bytes(db.log().dir())).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Bytes of the regular files under `dir` (two levels: the data directory
+/// and its `index/`).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_file() {
+                total += meta.len();
+            } else if meta.is_dir() && depth < 2 {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,242 @@
+//! `evdb serve`: opens the store, binds both listeners on one tokio
+//! runtime, announces readiness, and shuts down gracefully on SIGINT or
+//! SIGTERM (stop accepting, finish in-flight requests, sync, exit 0).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::http::{AppState, router};
+use crate::api::metrics::Metrics;
+use crate::config::ServeConfig;
+use crate::db::{Config, Db, DbError};
+use crate::storage::{StorageConfig, SyncObserver};
+
+/// Why the daemon could not start or stopped with an error. Each displays
+/// as one line naming what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    // The cause is part of each message (one line), not a separate source.
+    #[error("cannot open data directory {path}: {cause}")]
+    Open { path: PathBuf, cause: DbError },
+    #[error("cannot listen for {what} on {addr}: {cause}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
+    #[error("cannot write the ready file {path}: {cause}")]
+    ReadyFile {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("cannot create a temporary data directory: {0}")]
+    Ephemeral(std::io::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("{what} listener failed: {message}")]
+    Listener { what: &'static str, message: String },
+    #[error("closing the store failed: {0}")]
+    Close(DbError),
+}
+
+/// Runs the daemon until a signal; blocks the calling thread.
+pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("evdb-rt")
+        .build()
+        .map_err(ServeError::Runtime)?;
+    runtime.block_on(serve(config, shutdown_signal()))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon could never stop cleanly.
+        tracing::error!("cannot install signal handlers; stopping");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Writes `contents` to `path` atomically (a temporary file renamed).
+fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(contents.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Serves until `stop` resolves.
+pub async fn serve(
+    config: ServeConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let _ephemeral;
+    let data_dir = if config.ephemeral {
+        let dir = tempfile::Builder::new()
+            .prefix("evdb-ephemeral-")
+            .tempdir()
+            .map_err(ServeError::Ephemeral)?;
+        let path = dir.path().to_path_buf();
+        _ephemeral = Some(dir);
+        path
+    } else {
+        _ephemeral = None;
+        config.data_dir.clone()
+    };
+    let metrics = Metrics::new();
+    let observer = {
+        let m = metrics.clone();
+        SyncObserver(Arc::new(move |d| m.observe_fsync(d)))
+    };
+    let db_config = Config {
+        storage: StorageConfig {
+            fsync: config.fsync,
+            sync_observer: Some(observer),
+            ..StorageConfig::default()
+        },
+        limits: config.limits.clone(),
+    };
+    let open_dir = data_dir.clone();
+    let db = tokio::task::spawn_blocking(move || Db::open(&open_dir, db_config))
+        .await
+        .map_err(|e| ServeError::Listener {
+            what: "startup",
+            message: e.to_string(),
+        })?
+        .map_err(|cause| ServeError::Open {
+            path: data_dir.clone(),
+            cause,
+        })?;
+    let db = Arc::new(db);
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|cause| ServeError::Bind { what, addr, cause })
+    };
+    let http_listener = bind("HTTP", config.http).await?;
+    let grpc_listener = bind("gRPC", config.grpc).await?;
+    let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
+        l.local_addr()
+            .map_err(|cause| ServeError::Bind { what, addr, cause })
+    };
+    let http_addr = local(&http_listener, "HTTP", config.http)?;
+    let grpc_addr = local(&grpc_listener, "gRPC", config.grpc)?;
+
+    let (state, shutdown_tx) = AppState::new(db.clone(), metrics.clone(), data_dir.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+
+    let app = router(state);
+    let http = tokio::spawn(
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+    );
+
+    let data_dir_text = data_dir.display().to_string();
+    if let Some(path) = &config.ready_file {
+        let ready = serde_json::json!({
+            "http": http_addr.to_string(),
+            "grpc": grpc_addr.to_string(),
+            "data_dir": data_dir_text,
+            "pid": std::process::id(),
+        });
+        write_atomically(path, &ready.to_string()).map_err(|cause| ServeError::ReadyFile {
+            path: path.clone(),
+            cause,
+        })?;
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "evdb ready http={http_addr} grpc={grpc_addr} data_dir={data_dir_text}"
+        );
+        let _ = out.flush();
+    }
+    tracing::info!(%http_addr, %grpc_addr, data_dir = %data_dir_text, "serving");
+
+    stop.await;
+    tracing::info!("shutting down: draining in-flight requests");
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let _ = shutdown_tx.send(true);
+    let _ = stop_tx.send(true);
+    let http_result = http.await;
+    let grpc_result = grpc.await;
+    let closing = db.clone();
+    let closed = tokio::task::spawn_blocking(move || closing.close()).await;
+    if let Some(path) = &config.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    match http_result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(ServeError::Listener {
+                what: "HTTP",
+                message: e.to_string(),
+            });
+        }
+        Err(e) => {
+            return Err(ServeError::Listener {
+                what: "HTTP",
+                message: e.to_string(),
+            });
+        }
+    }
+    match grpc_result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(ServeError::Listener {
+                what: "gRPC",
+                message: e.to_string(),
+            });
+        }
+        Err(e) => {
+            return Err(ServeError::Listener {
+                what: "gRPC",
+                message: e.to_string(),
+            });
+        }
+    }
+    match closed {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ServeError::Close(e)),
+        Err(e) => Err(ServeError::Listener {
+            what: "shutdown",
+            message: e.to_string(),
+        }),
+    }
+}
