@@ -29,7 +29,7 @@ pub struct Figure {
 }
 
 impl Figure {
-    fn new(
+    pub(crate) fn new(
         suite: &'static str,
         name: &str,
         events: u64,
@@ -73,10 +73,10 @@ pub struct BenchOptions {
     pub progress: bool,
 }
 
-const SEED: u64 = 0x00ED_B5EE_D000_0001;
-const START: Timestamp = Timestamp(1_700_000_000_000_000);
+pub(crate) const SEED: u64 = 0x00ED_B5EE_D000_0001;
+pub(crate) const START: Timestamp = Timestamp(1_700_000_000_000_000);
 
-fn progress(opts: &BenchOptions, what: &str) {
+pub(crate) fn progress(opts: &BenchOptions, what: &str) {
     if opts.progress {
         eprintln!("bench: {what}");
     }
@@ -601,7 +601,7 @@ pub fn build_dataset(opts: &BenchOptions) -> anyhow::Result<Dataset> {
     })
 }
 
-fn percentile(samples: &mut [f64], p: f64) -> f64 {
+pub(crate) fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
     let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
     samples.get(i).copied().unwrap_or(f64::NAN)
@@ -662,6 +662,22 @@ fn sqlite_rows(
         n += 1;
     }
     Ok(n)
+}
+
+/// SQLite timings (ms) of the newest-100 query by source, severity >= error
+/// and tag, `runs` times over the dataset's SQLite twin.
+pub fn sqlite_newest100_samples(sqlite: &Connection, runs: usize) -> anyhow::Result<Vec<f64>> {
+    let tags = crate::generator::TAGS;
+    let sources = crate::generator::SOURCES;
+    let mut stmt = sqlite.prepare(&format!(
+        "SELECT {SQL_COLUMNS} FROM events e WHERE source_system = ?1 AND severity >= 3
+         AND EXISTS (SELECT 1 FROM event_tags t WHERE t.seq = e.seq AND t.tag = ?2)
+         ORDER BY ts DESC, seq DESC LIMIT 100"
+    ))?;
+    time_runs(runs, |i| {
+        sqlite_rows(&mut stmt, params![sources[i % 4], tags[i % tags.len()]])?;
+        Ok(())
+    })
 }
 
 /// `query` and `stats`: the shapes of contract §3 over the dataset.

@@ -95,7 +95,7 @@ enum Command {
     },
     /// Reproduce the figures of docs/PERFORMANCE.md next to their baselines.
     Bench {
-        /// ingest | recovery | compression | query | stats | query,stats | all
+        /// ingest | recovery | compression | query | stats | query,stats | http | all
         suite: String,
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
@@ -472,15 +472,17 @@ fn run_bench(
             let ds = bench::build_dataset(&opts)?;
             bench::query_suites(&opts, ds, "all")?
         }
+        "http" => evdb::bench_http::http(&opts)?,
         "all" => {
             let mut f = bench::ingest(&opts)?;
             f.extend(bench::compression(&opts)?);
             let ds = bench::build_dataset(&opts)?;
             f.extend(bench::query_suites(&opts, ds, "all")?);
+            f.extend(evdb::bench_http::http(&opts)?);
             f
         }
         other => anyhow::bail!(
-            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats or all"
+            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats, http or all"
         ),
     };
     if json_out {

@@ -51,7 +51,25 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         .thread_name("evdb-rt")
         .build()
         .map_err(ServeError::Runtime)?;
-    runtime.block_on(serve(config, shutdown_signal()))
+    runtime.block_on(serve(config, shutdown_signal(), |ready| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "evdb ready http={} grpc={} data_dir={}",
+            ready.http,
+            ready.grpc,
+            ready.data_dir.display()
+        );
+        let _ = out.flush();
+    }))
+}
+
+/// Where a started daemon listens.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub data_dir: PathBuf,
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -84,10 +102,12 @@ fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Serves until `stop` resolves.
+/// Serves until `stop` resolves; `on_ready` is told the addresses once both
+/// listeners accept connections (after the ready file is written).
 pub async fn serve(
     config: ServeConfig,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(&Ready),
 ) -> Result<(), ServeError> {
     let _ephemeral;
     let data_dir = if config.ephemeral {
@@ -177,14 +197,11 @@ pub async fn serve(
             cause,
         })?;
     }
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "evdb ready http={http_addr} grpc={grpc_addr} data_dir={data_dir_text}"
-        );
-        let _ = out.flush();
-    }
+    on_ready(&Ready {
+        http: http_addr,
+        grpc: grpc_addr,
+        data_dir: data_dir.clone(),
+    });
     tracing::info!(%http_addr, %grpc_addr, data_dir = %data_dir_text, "serving");
 
     stop.await;
