@@ -666,7 +666,13 @@ fn sqlite_rows(
 
 /// SQLite timings (ms) of the newest-100 query by source, severity >= error
 /// and tag, `runs` times over the dataset's SQLite twin.
-pub fn sqlite_newest100_samples(sqlite: &Connection, runs: usize) -> anyhow::Result<Vec<f64>> {
+/// Stops after `budget` once `min_runs` are done.
+pub fn sqlite_newest100_samples(
+    sqlite: &Connection,
+    runs: usize,
+    budget: Duration,
+    min_runs: usize,
+) -> anyhow::Result<Vec<f64>> {
     let tags = crate::generator::TAGS;
     let sources = crate::generator::SOURCES;
     let mut stmt = sqlite.prepare(&format!(
@@ -674,10 +680,17 @@ pub fn sqlite_newest100_samples(sqlite: &Connection, runs: usize) -> anyhow::Res
          AND EXISTS (SELECT 1 FROM event_tags t WHERE t.seq = e.seq AND t.tag = ?2)
          ORDER BY ts DESC, seq DESC LIMIT 100"
     ))?;
-    time_runs(runs, |i| {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    for i in 0..runs {
+        if i >= min_runs && started.elapsed() > budget {
+            break;
+        }
+        let t = Instant::now();
         sqlite_rows(&mut stmt, params![sources[i % 4], tags[i % tags.len()]])?;
-        Ok(())
-    })
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
 }
 
 /// `query` and `stats`: the shapes of contract §3 over the dataset.

@@ -10,8 +10,11 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::grpc;
 use crate::api::http::{AppState, router};
 use crate::api::metrics::Metrics;
+use crate::api::proto::chaukas::wire::chaukas_server_service_server::ChaukasServerServiceServer;
+use crate::api::proto::evdb::v1::evdb_server::EvdbServer;
 use crate::config::ServeConfig;
 use crate::db::{Config, Db, DbError};
 use crate::storage::{StorageConfig, SyncObserver};
@@ -174,13 +177,50 @@ pub async fn serve(
             .into_future(),
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    for name in [
+        "",
+        "chaukas.spec.server.v1.ChaukasServerService",
+        "evdb.v1.Evdb",
+    ] {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let health_task = tokio::spawn(grpc::watch_health(db.clone(), health_reporter.clone()));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::api::proto::DESCRIPTORS)
+        .build_v1()
+        .map_err(|e| ServeError::Listener {
+            what: "gRPC reflection",
+            message: e.to_string(),
+        })?;
+    let chaukas = ChaukasServerServiceServer::new(grpc::chaukas::ChaukasService {
+        db: db.clone(),
+        metrics: metrics.clone(),
+    })
+    .max_decoding_message_size(grpc::REQUEST_BYTES_MAX)
+    .max_encoding_message_size(grpc::RESPONSE_BYTES_MAX);
+    let evdb = EvdbServer::new(grpc::evdb::EvdbService {
+        db: db.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown_tx.subscribe(),
+    })
+    .max_decoding_message_size(grpc::REQUEST_BYTES_MAX)
+    .max_encoding_message_size(grpc::RESPONSE_BYTES_MAX);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(tower::layer::layer_fn({
+                let metrics = metrics.clone();
+                move |inner| grpc::Observe {
+                    inner,
+                    metrics: metrics.clone(),
+                }
+            }))
             .add_service(health_service)
+            .add_service(reflection)
+            .add_service(chaukas)
+            .add_service(evdb)
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
     );
 
@@ -206,9 +246,16 @@ pub async fn serve(
 
     stop.await;
     tracing::info!("shutting down: draining in-flight requests");
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    health_task.abort();
+    for name in [
+        "",
+        "chaukas.spec.server.v1.ChaukasServerService",
+        "evdb.v1.Evdb",
+    ] {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
     let _ = shutdown_tx.send(true);
     let _ = stop_tx.send(true);
     let http_result = http.await;

@@ -52,15 +52,34 @@ fn query_strategy() -> impl Strategy<Value = Query> {
         1usize..30,
         0usize..5,
         any::<bool>(),
+        (
+            proptest::collection::vec(0usize..5, 0..3),
+            proptest::collection::vec(0usize..4, 0..3),
+        ),
     )
         .prop_map(
-            |(s, t, sev, min_sev, corr, tags, range, text, limit, offset, asc)| Query {
+            |(
+                s,
+                t,
+                sev,
+                min_sev,
+                corr,
+                tags,
+                range,
+                text,
+                limit,
+                offset,
+                asc,
+                (sev_any, tag_any),
+            )| Query {
                 sources: s.into_iter().map(|i| SOURCES[i].to_owned()).collect(),
                 types: t.into_iter().map(|i| TYPES[i].to_owned()).collect(),
                 severity: sev.map(|i| Severity::ALL[i]),
                 min_severity: min_sev.map(|i| Severity::ALL[i]),
+                severities: sev_any.into_iter().map(|i| Severity::ALL[i]).collect(),
                 correlation_id: corr.map(|c| format!("corr-{c}")),
                 tags: tags.into_iter().map(|i| TAGS[i].to_owned()).collect(),
+                any_tags: tag_any.into_iter().map(|i| TAGS[i].to_owned()).collect(),
                 start: range.map(|(a, b)| Timestamp(a.min(b))),
                 end: range.map(|(a, b)| Timestamp(a.max(b))),
                 text: text.map(|i| WORDS[i].to_owned()),

@@ -1,7 +1,8 @@
-//! `api/`: the only module that knows JSON (and, later, axum, tonic and
-//! protobuf). It converts to and from domain types at its edge.
+//! `api/`: the only module that knows the wire: JSON, HTTP (axum), gRPC
+//! (tonic) and protobuf. It converts to and from domain types at its edge.
 
 pub mod chaukas;
+pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod metrics;

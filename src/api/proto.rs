@@ -13,8 +13,18 @@ pub mod chaukas {
             tonic::include_proto!("chaukas.spec.server.v1");
         }
     }
+    /// The server side, with `QueryEventsResponse` carrying encoded events.
+    pub mod wire {
+        include!(concat!(env!("OUT_DIR"), "/wire/chaukas.spec.server.v1.rs"));
+    }
 }
 
-/// The encoded `FileDescriptorSet` of every proto above (for JSON
+pub mod evdb {
+    pub mod v1 {
+        tonic::include_proto!("evdb.v1");
+    }
+}
+
+/// The encoded `FileDescriptorSet` of every public proto above (for JSON
 /// rendering and gRPC reflection).
 pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("descriptors");

@@ -38,9 +38,14 @@ pub struct Query {
     pub types: Vec<String>,
     pub severity: Option<Severity>,
     pub min_severity: Option<Severity>,
+    /// Any of (empty: no filter); combines with `severity` and
+    /// `min_severity` by AND.
+    pub severities: Vec<Severity>,
     pub correlation_id: Option<String>,
     /// All of.
     pub tags: Vec<String>,
+    /// Any of (empty: no filter): at least one of these tags.
+    pub any_tags: Vec<String>,
     /// Inclusive.
     pub start: Option<Timestamp>,
     /// Inclusive.
@@ -60,8 +65,10 @@ impl Default for Query {
             types: Vec::new(),
             severity: None,
             min_severity: None,
+            severities: Vec::new(),
             correlation_id: None,
             tags: Vec::new(),
+            any_tags: Vec::new(),
             start: None,
             end: None,
             text: None,
@@ -267,9 +274,10 @@ pub fn plan_segment(query: &Query, index: &dyn IndexView) -> Result<SegmentPlan,
         .iter()
         .filter(|s| query.severity.is_none_or(|x| **s == x))
         .filter(|s| query.min_severity.is_none_or(|m| **s >= m))
+        .filter(|s| query.severities.is_empty() || query.severities.contains(s))
         .map(|s| severity_term(*s))
         .collect();
-    if query.severity.is_some() || query.min_severity.is_some() {
+    if query.severity.is_some() || query.min_severity.is_some() || !query.severities.is_empty() {
         match union_of(index, Dim::Severity, &levels)? {
             Some(b) => parts.push(b),
             None => return Ok(SegmentPlan::Skip("no such severity")),
@@ -285,6 +293,13 @@ pub fn plan_segment(query: &Query, index: &dyn IndexView) -> Result<SegmentPlan,
         match index.bitmap(Dim::Tag, tag)? {
             Some(b) => parts.push(b.into_owned()),
             None => return Ok(SegmentPlan::Skip("no such tag")),
+        }
+    }
+    if !query.any_tags.is_empty() {
+        let terms: Vec<&str> = query.any_tags.iter().map(String::as_str).collect();
+        match union_of(index, Dim::Tag, &terms)? {
+            Some(b) => parts.push(b),
+            None => return Ok(SegmentPlan::Skip("none of the tags")),
         }
     }
     // Smallest first keeps every intersection small.
@@ -589,6 +604,8 @@ pub fn matches(query: &Query, event: &Event) -> bool {
         && (query.types.is_empty() || query.types.contains(&event.event_type))
         && query.severity.is_none_or(|s| event.severity == s)
         && query.min_severity.is_none_or(|s| event.severity >= s)
+        && (query.severities.is_empty() || query.severities.contains(&event.severity))
+        && (query.any_tags.is_empty() || query.any_tags.iter().any(|t| event.tags.contains(t)))
         && query
             .correlation_id
             .as_ref()

@@ -1,0 +1,167 @@
+//! The gRPC listener's services (contract §4, §5): the Chaukas server,
+//! `evdb.v1`, standard health and reflection. Errors become status codes
+//! only in [`status`].
+
+pub mod chaukas;
+pub mod evdb;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+use crate::db::{Db, DbError};
+use crate::limits::Invalid;
+use crate::query::QueryError;
+use crate::storage::StorageError;
+
+/// Largest request message accepted: a full batch plus framing.
+pub const REQUEST_BYTES_MAX: usize = crate::limits::BATCH_SIZE_MAX + 1024 * 1024;
+/// Largest response message sent (a page of 1,000 large events).
+pub const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// The one mapping of errors to gRPC status codes.
+pub fn status(e: DbError) -> Status {
+    match e {
+        DbError::Storage(StorageError::Poisoned(_) | StorageError::Closed)
+        | DbError::Query(QueryError::Storage(StorageError::Poisoned(_) | StorageError::Closed)) => {
+            Status::unavailable(e.to_string())
+        }
+        DbError::Query(QueryError::Invalid { field, reason }) => {
+            Status::invalid_argument(format!("{field}: {reason}"))
+        }
+        DbError::TooLarge(invalid) => {
+            Status::resource_exhausted(format!("{}: {}", invalid.field, invalid.reason))
+        }
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// An invalid event or argument: `INVALID_ARGUMENT` naming the field, or
+/// `RESOURCE_EXHAUSTED` for a size limit.
+pub fn invalid(e: &Invalid) -> Status {
+    let code = if e.reason.contains("at most") && e.reason.contains("bytes") {
+        Code::ResourceExhausted
+    } else {
+        Code::InvalidArgument
+    };
+    Status::new(code, format!("{}: {}", e.field, e.reason))
+}
+
+/// Runs blocking store work (queries read mapped files) on the blocking
+/// pool, off the runtime's workers.
+pub async fn blocking<T: Send + 'static>(
+    db: Arc<Db>,
+    f: impl FnOnce(&Db) -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(move || f(&db))
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+}
+
+/// Keeps the standard health service in step with the store: NOT_SERVING
+/// once it refuses writes.
+pub async fn watch_health(db: Arc<Db>, reporter: tonic_health::server::HealthReporter) {
+    let mut serving = true;
+    loop {
+        let ok = db.log().poisoned().is_none();
+        if ok != serving {
+            serving = ok;
+            let status = if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for name in [
+                "",
+                "chaukas.spec.server.v1.ChaukasServerService",
+                "evdb.v1.Evdb",
+            ] {
+                reporter.set_service_status(name, status).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Every method the gRPC listener serves: the only values of the `route`
+/// label (anything else counts as `unknown`, so clients cannot grow it).
+const METHODS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/chaukas.spec.server.v1.ChaukasServerService/Healthz",
+    "/chaukas.spec.server.v1.ChaukasServerService/GetCapabilities",
+    "/chaukas.spec.server.v1.ChaukasServerService/IngestEvent",
+    "/chaukas.spec.server.v1.ChaukasServerService/IngestEventBatch",
+    "/chaukas.spec.server.v1.ChaukasServerService/QueryEvents",
+    "/chaukas.spec.server.v1.ChaukasServerService/GetEventStats",
+    "/evdb.v1.Evdb/Ingest",
+    "/evdb.v1.Evdb/IngestStream",
+    "/evdb.v1.Evdb/Get",
+    "/evdb.v1.Evdb/Query",
+    "/evdb.v1.Evdb/Stats",
+    "/evdb.v1.Evdb/Delete",
+    "/evdb.v1.Evdb/Tail",
+];
+
+/// A tower layer recording each call's latency (until its response
+/// headers; a stream's lifetime is not a latency) by method and status.
+#[derive(Clone)]
+pub struct Observe<S> {
+    pub inner: S,
+    pub metrics: Arc<crate::api::metrics::Metrics>,
+}
+
+impl<S, B, RB> tower::Service<axum::http::Request<B>> for Observe<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        let route = METHODS
+            .iter()
+            .find(|m| **m == path)
+            .map_or("unknown", |m| *m);
+        let started = std::time::Instant::now();
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await;
+            if let Ok(r) = &resp {
+                // Trailers-only answers (errors) carry grpc-status in the
+                // headers; a successful unary call's status is 0.
+                let code = r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u16>().ok())
+                    .unwrap_or(0);
+                metrics.observe_request(
+                    crate::api::metrics::RouteLabels {
+                        protocol: "grpc",
+                        method: "POST".to_owned(),
+                        route: route.to_owned(),
+                        status: code,
+                    },
+                    started.elapsed(),
+                );
+            }
+            resp
+        })
+    }
+}
