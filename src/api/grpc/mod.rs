@@ -105,8 +105,17 @@ const METHODS: &[&str] = &[
     "/evdb.v1.Evdb/Tail",
 ];
 
-/// A tower layer recording each call's latency (until its response
-/// headers; a stream's lifetime is not a latency) by method and status.
+/// The service name of the `chaukas-spec-client` 1.0.5 stubs. Its five
+/// methods are the server's with the same messages on the wire (its ingest
+/// answers are empty messages; ours parse as them), so calls to it are
+/// served by the Chaukas server service.
+const CHAUKAS_CLIENT_SERVICE: &str = "/chaukas.spec.client.v1.ChaukasClientService/";
+const CHAUKAS_SERVER_SERVICE: &str = "/chaukas.spec.server.v1.ChaukasServerService/";
+
+/// The edge of the gRPC listener, a tower layer: routes the Chaukas
+/// client-stub service name to the server service, and records each call's
+/// latency (until its response headers; a stream's lifetime is not a
+/// latency) by method and status.
 #[derive(Clone)]
 pub struct Observe<S> {
     pub inner: S,
@@ -131,7 +140,12 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
+        if let Some(method) = req.uri().path().strip_prefix(CHAUKAS_CLIENT_SERVICE)
+            && let Ok(uri) = format!("{CHAUKAS_SERVER_SERVICE}{method}").parse()
+        {
+            *req.uri_mut() = uri;
+        }
         let path = req.uri().path();
         let route = METHODS
             .iter()
