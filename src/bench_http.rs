@@ -66,15 +66,16 @@ impl Conn {
     }
 }
 
-/// A daemon in this process on a fresh port; stopped when dropped.
-struct Server {
-    http: SocketAddr,
+/// A daemon in this process on fresh ports.
+pub(crate) struct Server {
+    pub(crate) http: SocketAddr,
+    pub(crate) grpc: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), crate::server::ServeError>>>,
 }
 
 impl Server {
-    async fn start(data_dir: &Path, fsync: FsyncMode) -> anyhow::Result<Server> {
+    pub(crate) async fn start(data_dir: &Path, fsync: FsyncMode) -> anyhow::Result<Server> {
         let config = ServeConfig {
             data_dir: data_dir.to_owned(),
             http: "127.0.0.1:0".parse()?,
@@ -93,20 +94,21 @@ impl Server {
                 let _ = stop_rx.await;
             },
             move |ready| {
-                let _ = ready_tx.send(ready.http);
+                let _ = ready_tx.send((ready.http, ready.grpc));
             },
         ));
-        let http = ready_rx
+        let (http, grpc) = ready_rx
             .await
             .map_err(|_| anyhow::anyhow!("the bench daemon did not start"))?;
         Ok(Server {
             http,
+            grpc,
             stop: Some(stop_tx),
             task: Some(task),
         })
     }
 
-    async fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -232,7 +234,7 @@ async fn single_posts(addr: SocketAddr, requests: u64) -> anyhow::Result<f64> {
 }
 
 /// SQLite inserting `n` events in transactions of `batch` (synchronous=FULL).
-fn sqlite_rate(dir: &Path, n: usize, batch: usize) -> anyhow::Result<f64> {
+pub(crate) fn sqlite_rate(dir: &Path, n: usize, batch: usize) -> anyhow::Result<f64> {
     let path = dir.join(format!("baseline-{batch}.db"));
     let mut sqlite = Sqlite::open(&path, true)?;
     let mut generator = Generator::new(SEED ^ 0x5351_4c49, START, 100);

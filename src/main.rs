@@ -95,7 +95,7 @@ enum Command {
     },
     /// Reproduce the figures of docs/PERFORMANCE.md next to their baselines.
     Bench {
-        /// ingest | recovery | compression | query | stats | query,stats | http | all
+        /// ingest | recovery | compression | query | stats | query,stats | http | grpc | http,grpc | all
         suite: String,
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
@@ -473,16 +473,23 @@ fn run_bench(
             bench::query_suites(&opts, ds, "all")?
         }
         "http" => evdb::bench_http::http(&opts)?,
+        "grpc" => evdb::bench_grpc::grpc(&opts)?,
+        "http,grpc" | "grpc,http" => {
+            let mut f = evdb::bench_http::http(&opts)?;
+            f.extend(evdb::bench_grpc::grpc(&opts)?);
+            f
+        }
         "all" => {
             let mut f = bench::ingest(&opts)?;
             f.extend(bench::compression(&opts)?);
             let ds = bench::build_dataset(&opts)?;
             f.extend(bench::query_suites(&opts, ds, "all")?);
             f.extend(evdb::bench_http::http(&opts)?);
+            f.extend(evdb::bench_grpc::grpc(&opts)?);
             f
         }
         other => anyhow::bail!(
-            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats, http or all"
+            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats, http, grpc or all"
         ),
     };
     if json_out {

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -172,9 +173,15 @@ pub async fn serve(
 
     let app = router(state);
     let http = tokio::spawn(
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
+        axum::serve(
+            http_listener.tap_io(|tcp| {
+                // Small answers go out at once (no Nagle delay).
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()))
+        .into_future(),
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for name in [
@@ -207,7 +214,8 @@ pub async fn serve(
     })
     .max_decoding_message_size(grpc::REQUEST_BYTES_MAX)
     .max_encoding_message_size(grpc::RESPONSE_BYTES_MAX);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(tower::layer::layer_fn({

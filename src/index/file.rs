@@ -15,6 +15,8 @@ use super::{Dim, IndexError, IndexView};
 pub const IDX_MAGIC: [u8; 8] = *b"EVDBIDX\0";
 pub const IDX_FOOTER_MAGIC: [u8; 8] = *b"EVDBIEND";
 pub const IDX_VERSION: u16 = 1;
+/// Most terms of one dimension a sealed index keeps decoded in memory.
+pub const SMALL_DIM_TERMS_MAX: usize = 256;
 
 const H_MAGIC: usize = 0;
 const H_VERSION: usize = H_MAGIC + 8;
@@ -320,10 +322,22 @@ impl SealedIndex {
         start..end
     }
 
+    /// Whether `dim`'s bitmaps are all loaded at first use and kept: when
+    /// the segment has at most [`SMALL_DIM_TERMS_MAX`] terms of it (always
+    /// true of severity; never asked of correlation ids). Other lookups
+    /// binary-search the directory and read one bitmap, so memory does not
+    /// grow with the number of distinct terms.
+    fn is_small(&self, dim: Dim) -> bool {
+        dim != Dim::Correlation && self.dim_range(dim).len() <= SMALL_DIM_TERMS_MAX
+    }
+
     fn small(&self) -> Result<&SmallTerms, IndexError> {
         let loaded = self.small.get_or_init(|| {
             let mut out = Vec::new();
             for dim in [Dim::Source, Dim::Type, Dim::Severity, Dim::Tag] {
+                if !self.is_small(dim) {
+                    continue;
+                }
                 for i in self.dim_range(dim) {
                     let term = String::from_utf8_lossy(self.entry_key(i).1).into_owned();
                     out.push((dim, term, self.read_bitmap(i).map_err(|e| e.to_string())?));
@@ -362,7 +376,7 @@ impl IndexView for SealedIndex {
 
     fn bitmap(&self, dim: Dim, term: &str) -> Result<Option<Cow<'_, RoaringBitmap>>, IndexError> {
         self.check()?;
-        if dim != Dim::Correlation {
+        if self.is_small(dim) {
             return Ok(self
                 .small()?
                 .iter()
@@ -379,7 +393,7 @@ impl IndexView for SealedIndex {
 
     fn terms(&self, dim: Dim) -> Result<Vec<(String, Cow<'_, RoaringBitmap>)>, IndexError> {
         self.check()?;
-        if dim != Dim::Correlation {
+        if self.is_small(dim) {
             return Ok(self
                 .small()?
                 .iter()
