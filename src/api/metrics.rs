@@ -41,6 +41,32 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
+/// The sources of a batch, noted before its events are handed to the
+/// store: each distinct source once, and each event's index into them.
+#[derive(Debug, Default)]
+pub struct Sources {
+    distinct: Vec<String>,
+    of: Vec<u32>,
+}
+
+impl Sources {
+    pub fn of(events: &[crate::event::Event]) -> Sources {
+        let mut out = Sources {
+            distinct: Vec::new(),
+            of: Vec::with_capacity(events.len()),
+        };
+        let mut seen: rustc_hash::FxHashMap<&str, u32> = Default::default();
+        for e in events {
+            let i = *seen.entry(e.source.as_str()).or_insert_with(|| {
+                out.distinct.push(e.source.clone());
+                u32::try_from(out.distinct.len() - 1).unwrap_or(u32::MAX)
+            });
+            out.of.push(i);
+        }
+        out
+    }
+}
+
 /// Every metric of the daemon.
 pub struct Metrics {
     registry: Registry,
@@ -152,19 +178,27 @@ impl Metrics {
         SourceLabel { source }
     }
 
-    /// Counts the outcomes of one batch.
-    pub fn count_outcomes<'a>(
-        &self,
-        sources: impl IntoIterator<Item = &'a str>,
-        outcomes: &[AppendOutcome],
-    ) {
-        for (source, o) in sources.into_iter().zip(outcomes) {
-            let family = match o {
-                AppendOutcome::Stored(_) => &self.ingested,
-                AppendOutcome::Duplicate(_) => &self.duplicates,
-                AppendOutcome::Invalid(_) => &self.rejected,
+    /// Counts the outcomes of one batch (whose sources `sources` noted
+    /// before the events were handed over): one registry update per
+    /// distinct (source, outcome) pair, not per event.
+    pub fn count_outcomes(&self, sources: &Sources, outcomes: &[AppendOutcome]) {
+        let mut tally: rustc_hash::FxHashMap<(u32, u8), u64> = Default::default();
+        for (&source, o) in sources.of.iter().zip(outcomes) {
+            let kind = match o {
+                AppendOutcome::Stored(_) => 0,
+                AppendOutcome::Duplicate(_) => 1,
+                AppendOutcome::Invalid(_) => 2,
             };
-            family.get_or_create(&self.label(source)).inc();
+            *tally.entry((source, kind)).or_default() += 1;
+        }
+        for ((source, kind), n) in tally {
+            let family = match kind {
+                0 => &self.ingested,
+                1 => &self.duplicates,
+                _ => &self.rejected,
+            };
+            let name = sources.distinct.get(source as usize).map_or("", String::as_str);
+            family.get_or_create(&self.label(name)).inc_by(n);
         }
     }
 

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::{blocking, invalid, status};
 use crate::api::chaukas as map;
-use crate::api::metrics::Metrics;
+use crate::api::metrics::{Metrics, Sources};
 use crate::api::proto::chaukas::common::v1 as pb;
 use crate::api::proto::chaukas::wire;
 use crate::db::{AppendOutcome, Db};
@@ -118,10 +118,9 @@ pub fn chaukas_bytes(e: &Event) -> Vec<u8> {
 
 impl ChaukasService {
     async fn store(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, Status> {
-        let sources: Vec<String> = events.iter().map(|e| e.source.clone()).collect();
+        let sources = Sources::of(&events);
         let outcomes = self.db.append_batch_async(events).await.map_err(status)?;
-        self.metrics
-            .count_outcomes(sources.iter().map(String::as_str), &outcomes);
+        self.metrics.count_outcomes(&sources, &outcomes);
         Ok(outcomes)
     }
 }

@@ -9,7 +9,7 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{blocking, invalid, status};
-use crate::api::metrics::Metrics;
+use crate::api::metrics::{Metrics, Sources};
 use crate::api::proto::evdb::v1 as pb;
 use crate::db::{AppendOutcome, Db};
 use crate::event::{Event, JsonObject, Severity, Timestamp, new_event_id};
@@ -153,7 +153,12 @@ impl Totals {
 
 impl EvdbService {
     /// Validates, stores and tallies one request's events.
-    async fn ingest_one(&self, req: pb::IngestRequest, totals: &mut Totals) -> Result<(), Status> {
+    async fn ingest_one(
+        &self,
+        req: pb::IngestRequest,
+        totals: &mut Totals,
+        want_ids: bool,
+    ) -> Result<(), Status> {
         let max = self.db.config().limits.batch_events_max;
         if req.events.len() > max {
             return Err(Status::resource_exhausted(format!(
@@ -179,11 +184,15 @@ impl EvdbService {
                 }
             }
         }
-        let sources: Vec<String> = valid.iter().map(|e| e.source.clone()).collect();
-        let event_ids: Vec<String> = valid.iter().map(|e| e.id.clone()).collect();
+        let sources = Sources::of(&valid);
+        // A stream's answer carries no ids: do not copy them.
+        let event_ids: Vec<String> = if want_ids {
+            valid.iter().map(|e| e.id.clone()).collect()
+        } else {
+            vec![String::new(); valid.len()]
+        };
         let outcomes = self.db.append_batch_async(valid).await.map_err(status)?;
-        self.metrics
-            .count_outcomes(sources.iter().map(String::as_str), &outcomes);
+        self.metrics.count_outcomes(&sources, &outcomes);
         for ((outcome, i), id) in outcomes.iter().zip(positions).zip(event_ids) {
             match outcome {
                 AppendOutcome::Stored(_) => {
@@ -211,7 +220,7 @@ impl pb::evdb_server::Evdb for EvdbService {
         request: Request<pb::IngestRequest>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
         let mut totals = Totals::default();
-        self.ingest_one(request.into_inner(), &mut totals).await?;
+        self.ingest_one(request.into_inner(), &mut totals, true).await?;
         Ok(Response::new(totals.response))
     }
 
@@ -222,9 +231,9 @@ impl pb::evdb_server::Evdb for EvdbService {
         let mut stream = request.into_inner();
         let mut totals = Totals::default();
         while let Some(msg) = stream.message().await? {
-            self.ingest_one(msg, &mut totals).await?;
             // Event ids of a long stream would grow without bound: the
             // answer of a stream carries counts and errors only.
+            self.ingest_one(msg, &mut totals, false).await?;
             totals.response.event_ids.clear();
         }
         Ok(Response::new(totals.response))

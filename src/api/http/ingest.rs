@@ -15,6 +15,7 @@ use super::error::ApiError;
 use super::{AppState, json_text};
 use crate::api::chaukas;
 use crate::api::json::parse_event;
+use crate::api::metrics::Sources;
 use crate::api::proto::chaukas::server::v1 as pb;
 use crate::db::AppendOutcome;
 use crate::event::{Event, Timestamp};
@@ -112,9 +113,10 @@ pub async fn one(
         }
     };
     let id = event.id.clone();
-    let source = event.source.clone();
-    let outcome = state.db.append_batch_async(vec![event]).await?;
-    state.metrics.count_outcomes([source.as_str()], &outcome);
+    let events = vec![event];
+    let sources = Sources::of(&events);
+    let outcome = state.db.append_batch_async(events).await?;
+    state.metrics.count_outcomes(&sources, &outcome);
     let (status, word) = match outcome.first() {
         Some(AppendOutcome::Stored(_)) => {
             state.processed.fetch_add(1, Ordering::Relaxed);
@@ -180,25 +182,27 @@ async fn store(
     state: &AppState,
     events: Vec<(usize, Event)>,
     tally: &mut Tally,
+    want_ids: bool,
 ) -> Result<(), ApiError> {
     if events.is_empty() {
         return Ok(());
     }
     let (indexes, events): (Vec<usize>, Vec<Event>) = events.into_iter().unzip();
-    let ids: Vec<(String, String)> = events
-        .iter()
-        .map(|e| (e.id.clone(), e.source.clone()))
-        .collect();
+    // Ids only when the answer lists rejected ids.
+    let sources = Sources::of(&events);
+    let ids: Vec<String> = if want_ids {
+        events.iter().map(|e| e.id.clone()).collect()
+    } else {
+        Vec::new()
+    };
     let outcomes = state.db.append_batch_async(events).await?;
-    state
-        .metrics
-        .count_outcomes(ids.iter().map(|(_, s)| s.as_str()), &outcomes);
+    state.metrics.count_outcomes(&sources, &outcomes);
     let mut stored = 0;
-    for ((outcome, index), (id, _)) in outcomes.iter().zip(indexes).zip(&ids) {
+    for (i, (outcome, index)) in outcomes.iter().zip(indexes).enumerate() {
         match outcome {
             AppendOutcome::Stored(_) => stored += 1,
             AppendOutcome::Duplicate(_) => tally.duplicates += 1,
-            AppendOutcome::Invalid(why) => tally.fail(index, Some(id), why),
+            AppendOutcome::Invalid(why) => tally.fail(index, ids.get(i).map(String::as_str), why),
         }
     }
     tally.collected += stored;
@@ -269,7 +273,7 @@ async fn json_batch(state: AppState, body: Body) -> Result<Response, ApiError> {
             }
         }
     }
-    store(&state, valid, &mut tally).await?;
+    store(&state, valid, &mut tally, false).await?;
     Ok(tally.answer())
 }
 
@@ -352,7 +356,7 @@ async fn ndjson(state: AppState, body: Body) -> Result<Response, ApiError> {
             if pending.len() >= NDJSON_CHUNK_EVENTS.min(limits.batch_events_max)
                 || pending_bytes >= NDJSON_CHUNK_BYTES
             {
-                store(&state, std::mem::take(&mut pending), &mut tally).await?;
+                store(&state, std::mem::take(&mut pending), &mut tally, false).await?;
                 pending_bytes = 0;
             }
             let consumed = part.len() + usize::from(rest.len() > part.len());
@@ -362,7 +366,7 @@ async fn ndjson(state: AppState, body: Body) -> Result<Response, ApiError> {
             }
         }
     }
-    store(&state, pending, &mut tally).await?;
+    store(&state, pending, &mut tally, false).await?;
     Ok(tally.answer())
 }
 
@@ -388,7 +392,7 @@ async fn protobuf_batch(state: AppState, body: Body) -> Result<Response, ApiErro
             }
         }
     }
-    store(&state, valid, &mut tally).await?;
+    store(&state, valid, &mut tally, true).await?;
     let accepted = tally.collected + tally.duplicates;
     Ok(protobuf(
         StatusCode::CREATED,
