@@ -197,7 +197,10 @@ impl Metrics {
                 1 => &self.duplicates,
                 _ => &self.rejected,
             };
-            let name = sources.distinct.get(source as usize).map_or("", String::as_str);
+            let name = sources
+                .distinct
+                .get(source as usize)
+                .map_or("", String::as_str);
             family.get_or_create(&self.label(name)).inc_by(n);
         }
     }

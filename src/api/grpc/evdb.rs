@@ -220,7 +220,8 @@ impl pb::evdb_server::Evdb for EvdbService {
         request: Request<pb::IngestRequest>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
         let mut totals = Totals::default();
-        self.ingest_one(request.into_inner(), &mut totals, true).await?;
+        self.ingest_one(request.into_inner(), &mut totals, true)
+            .await?;
         Ok(Response::new(totals.response))
     }
 
