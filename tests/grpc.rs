@@ -495,6 +495,60 @@ async fn evdb_service_every_rpc() {
         cursor = r.next_cursor;
     }
     assert_eq!(seen, ["g0", "g2", "g3"]);
+    // Each filter of `Filter` (events g0, g1 (deleted later), g2, g3, g4).
+    let cases: Vec<(ev::Filter, Vec<&str>)> = vec![
+        (
+            ev::Filter {
+                event_types: vec!["t".into()],
+                severity: ev::Severity::Info as i32,
+                ..Default::default()
+            },
+            vec!["g3", "g1"],
+        ),
+        (
+            ev::Filter {
+                correlation_id: "c0".into(),
+                ..Default::default()
+            },
+            vec!["g4", "g2", "g0"],
+        ),
+        (
+            ev::Filter {
+                tags: vec!["x".into()],
+                start_time: ts(1_738_756_801),
+                end_time: ts(1_738_756_802),
+                ..Default::default()
+            },
+            vec!["g2", "g1"],
+        ),
+        (
+            ev::Filter {
+                text: r#""n":3"#.into(),
+                ..Default::default()
+            },
+            vec!["g3"],
+        ),
+        (
+            ev::Filter {
+                source_systems: vec!["b".into()],
+                min_severity: ev::Severity::Warning as i32,
+                ..Default::default()
+            },
+            vec!["g4"],
+        ),
+    ];
+    for (filter, want) in cases {
+        let r = c
+            .query(ev::QueryRequest {
+                filter: Some(filter.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let got: Vec<String> = r.events.into_iter().map(|e| e.event_id).collect();
+        assert_eq!(got, want, "{filter:?}");
+    }
     let err = c
         .query(ev::QueryRequest {
             limit: 5000,

@@ -2,8 +2,6 @@
 //!
 //! Parsing reports the first bad field by name. `data` is kept verbatim.
 
-use std::collections::BTreeMap;
-
 use serde_json::value::RawValue;
 
 use crate::event::{Event, JsonObject, Severity, Timestamp, new_event_id};
@@ -19,28 +17,58 @@ fn string_field(field: &'static str, raw: Option<&&RawValue>) -> Result<Option<S
     }
 }
 
+/// The fields of the JSON event, each kept as raw text until it is read
+/// (no map, no key copies); unknown fields are ignored.
+#[derive(serde::Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(borrow)]
+    source_system: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    severity: Option<&'a RawValue>,
+    #[serde(borrow)]
+    correlation_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tags: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
 /// Parses one event from JSON text. Missing `event_id` and `timestamp` are
 /// filled with a fresh UUIDv7 and `now`. The event is also validated.
 pub fn parse_event(text: &str, now: Timestamp) -> Result<Event, Invalid> {
-    let fields: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|e| {
-        if e.is_data() {
+    // A derived struct would also accept an array: only objects are events.
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => Invalid::new("event", "must be a JSON object"),
+            Err(e) => Invalid::new("event", format!("malformed JSON: {e}")),
+        });
+    }
+    let fields: Fields<'_> = serde_json::from_str(text).map_err(|e| {
+        if e.to_string().starts_with("duplicate field") {
+            Invalid::new("event", format!("malformed JSON: {e}"))
+        } else if e.is_data() {
             Invalid::new("event", "must be a JSON object")
         } else {
             Invalid::new("event", format!("malformed JSON: {e}"))
         }
     })?;
-    let get = |name: &str| fields.get(name);
-    let id = string_field("event_id", get("event_id"))?.unwrap_or_else(new_event_id);
-    let timestamp = match string_field("timestamp", get("timestamp"))? {
+    let id = string_field("event_id", fields.event_id.as_ref())?.unwrap_or_else(new_event_id);
+    let timestamp = match string_field("timestamp", fields.timestamp.as_ref())? {
         None => now,
         Some(text) => Timestamp::parse_rfc3339(&text)
             .map_err(|e| Invalid::new("timestamp", format!("{e}: {text:?}")))?,
     };
-    let source = string_field("source_system", get("source_system"))?
+    let source = string_field("source_system", fields.source_system.as_ref())?
         .ok_or_else(|| Invalid::new("source_system", "is required"))?;
-    let event_type = string_field("event_type", get("event_type"))?
+    let event_type = string_field("event_type", fields.event_type.as_ref())?
         .ok_or_else(|| Invalid::new("event_type", "is required"))?;
-    let severity = match string_field("severity", get("severity"))? {
+    let severity = match string_field("severity", fields.severity.as_ref())? {
         None => Severity::Info,
         Some(text) => Severity::parse(&text).ok_or_else(|| {
             Invalid::new(
@@ -49,14 +77,14 @@ pub fn parse_event(text: &str, now: Timestamp) -> Result<Event, Invalid> {
             )
         })?,
     };
-    let correlation_id = string_field("correlation_id", get("correlation_id"))?;
-    let tags = match get("tags") {
+    let correlation_id = string_field("correlation_id", fields.correlation_id.as_ref())?;
+    let tags = match fields.tags {
         None => Vec::new(),
         Some(raw) if raw.get() == "null" => Vec::new(),
         Some(raw) => serde_json::from_str::<Vec<String>>(raw.get())
             .map_err(|_| Invalid::new("tags", "must be an array of strings"))?,
     };
-    let data = match get("data") {
+    let data = match fields.data {
         None => JsonObject::empty(),
         Some(raw) if raw.get() == "null" => JsonObject::empty(),
         Some(raw) => JsonObject::parse(raw.get())
