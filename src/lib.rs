@@ -34,6 +34,7 @@ pub mod api;
 pub mod bench;
 pub mod bench_grpc;
 pub mod bench_http;
+pub mod client;
 pub mod config;
 pub mod db;
 mod db_index;
@@ -43,6 +44,7 @@ pub mod index;
 pub mod limits;
 pub mod query;
 pub mod server;
+pub mod snapshot;
 pub mod storage;
 pub mod tail;
 

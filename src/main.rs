@@ -93,6 +93,29 @@ enum Command {
         #[arg(long)]
         distinct_correlation_ids: bool,
     },
+    /// Point-in-time snapshots: create, list, delete.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+    /// Build a new data directory from a snapshot directory or tar archive.
+    Restore {
+        /// A snapshot directory or a tar archive of one.
+        #[arg(long)]
+        from: PathBuf,
+        /// The new data directory (absent or empty).
+        #[arg(long, env = "EVDB_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every checksum and the catalog; exit 1 naming each damage.
+    Verify {
+        #[arg(long, env = "EVDB_DATA_DIR", default_value = "./evdb-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Reproduce the figures of docs/PERFORMANCE.md next to their baselines.
     Bench {
         /// ingest | recovery | compression | query | stats | query,stats | http | grpc | http,grpc | all
@@ -105,6 +128,39 @@ enum Command {
         /// Where the bench creates its temporary stores.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+}
+
+/// Where a snapshot command works: a data directory, or a running daemon.
+#[derive(clap::Args)]
+struct Target {
+    #[arg(long, env = "EVDB_DATA_DIR", default_value = "./evdb-data")]
+    data_dir: PathBuf,
+    /// A running daemon's HTTP address (http://HOST:PORT) instead.
+    #[arg(long)]
+    url: Option<String>,
+    /// One JSON object (per snapshot for `list`) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Make a consistent point-in-time snapshot; print its id and path.
+    Create {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List snapshots.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete a snapshot.
+    Delete {
+        id: String,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -242,6 +298,13 @@ fn main() -> ExitCode {
             json,
             data_dir,
         } => run_bench(&suite, events, json, data_dir),
+        Command::Snapshot { action } => run_snapshot(action),
+        Command::Restore {
+            from,
+            data_dir,
+            json,
+        } => run_restore(&from, &data_dir, json),
+        Command::Verify { data_dir, json } => run_verify(&data_dir, json),
     };
     match result {
         Ok(code) => code,
@@ -500,4 +563,194 @@ fn run_bench(
         bench::print_table(&figures);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn snapshot_line(v: &serde_json::Value) -> String {
+    format!(
+        "{}  {}  {} events  {} bytes  {}",
+        v["id"].as_str().unwrap_or(""),
+        v["created_at"].as_str().unwrap_or(""),
+        v["events"],
+        v["bytes"],
+        v["path"].as_str().unwrap_or("")
+    )
+}
+
+fn info_value(s: &evdb::snapshot::SnapshotInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.id,
+        "path": s.path.display().to_string(),
+        "created_at": s.created_at,
+        "events": s.events,
+        "bytes": s.bytes,
+    })
+}
+
+/// Calls the daemon at `url`; a non-2xx answer becomes an error with its
+/// message.
+fn remote(url: &str, method: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let (status, body) = evdb::client::call(url, method, path)?;
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if !(200..300).contains(&status) {
+        anyhow::bail!(
+            "{url}{path}: {status}: {}",
+            value["error"].as_str().unwrap_or("request failed")
+        );
+    }
+    Ok(value)
+}
+
+fn run_snapshot(action: SnapshotAction) -> anyhow::Result<ExitCode> {
+    let open = |t: &Target| {
+        Db::open(&t.data_dir, Config::default()).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open data directory {}: {e} (to snapshot a running daemon, pass --url)",
+                t.data_dir.display()
+            )
+        })
+    };
+    match action {
+        SnapshotAction::Create { target } => {
+            let v = match &target.url {
+                Some(url) => remote(url, "POST", "/admin/snapshots")?,
+                None => {
+                    let db = open(&target)?;
+                    if std::io::stderr().is_terminal() {
+                        eprintln!("evdb: snapshotting {} …", target.data_dir.display());
+                    }
+                    let info = db.snapshot()?;
+                    db.close()?;
+                    info_value(&info)
+                }
+            };
+            if target.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{} {}",
+                    v["id"].as_str().unwrap_or(""),
+                    v["path"].as_str().unwrap_or("")
+                );
+            }
+        }
+        SnapshotAction::List { target } => {
+            let all: Vec<serde_json::Value> = match &target.url {
+                Some(url) => remote(url, "GET", "/admin/snapshots")?["snapshots"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+                None => {
+                    let db = open(&target)?;
+                    let all = db.snapshots()?.iter().map(info_value).collect();
+                    db.close()?;
+                    all
+                }
+            };
+            for v in &all {
+                if target.json {
+                    println!("{v}");
+                } else {
+                    println!("{}", snapshot_line(v));
+                }
+            }
+        }
+        SnapshotAction::Delete { id, target } => {
+            let deleted = match &target.url {
+                Some(url) => {
+                    remote(url, "DELETE", &format!("/admin/snapshots/{id}"))?;
+                    true
+                }
+                None => {
+                    let db = open(&target)?;
+                    let d = db.delete_snapshot(&id)?;
+                    db.close()?;
+                    d
+                }
+            };
+            if !deleted {
+                anyhow::bail!("no snapshot {id}");
+            }
+            if target.json {
+                println!("{}", serde_json::json!({ "deleted": 1, "id": id }));
+            } else {
+                println!("deleted {id}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_restore(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    if std::io::stderr().is_terminal() {
+        eprintln!("evdb: restoring {} into {} …", from.display(), to.display());
+    }
+    let files = evdb::snapshot::restore(from, to)?;
+    // Open it once: recovery checks the catalog against the segments.
+    let db = Db::open(to, Config::default())
+        .map_err(|e| anyhow::anyhow!("restored {} but it does not open: {e}", to.display()))?;
+    let events = db.stats(&Query::default())?.total;
+    db.close()?;
+    if json_out {
+        println!(
+            "{}",
+            serde_json::json!({ "data_dir": to.display().to_string(), "files": files, "events": events })
+        );
+    } else {
+        println!(
+            "restored {events} events ({files} files) into {}",
+            to.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_verify(dir: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode> {
+    let db = match Db::open(dir, Config::default()) {
+        Ok(db) => db,
+        Err(e) => {
+            // It does not even open: that is the one damage to report.
+            let d = evdb::snapshot::damage_of_open_error(dir, &e);
+            if json_out {
+                println!(
+                    "{}",
+                    serde_json::json!({ "file": d.file.display().to_string(), "offset": d.offset, "error": d.reason })
+                );
+            } else {
+                println!("{d}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let terminal = std::io::stderr().is_terminal() && !json_out;
+    let damages = evdb::snapshot::verify(&db, |segment, i, total| {
+        if terminal {
+            eprint!("\revdb: verifying segment {segment} ({}/{total})   ", i + 1);
+        }
+    });
+    if terminal {
+        eprintln!();
+    }
+    db.close()?;
+    for d in &damages {
+        if json_out {
+            println!(
+                "{}",
+                serde_json::json!({ "file": d.file.display().to_string(), "offset": d.offset, "error": d.reason })
+            );
+        } else {
+            println!("{d}");
+        }
+    }
+    if damages.is_empty() {
+        if !json_out {
+            println!("ok: every checksum and the catalog agree");
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::FAILURE)
+    }
 }

@@ -69,7 +69,7 @@ impl OpenRows {
 pub struct OpenSegment {
     pub id: u64,
     pub first_seq: u64,
-    file: File,
+    pub(crate) file: File,
     pub(crate) rows: RwLock<OpenRows>,
     /// Rows that readers may see: acknowledged (durable under
     /// `--fsync always`) rows only.

@@ -14,6 +14,7 @@ pub mod ids;
 pub mod record;
 mod recovery;
 pub mod segment;
+pub mod snapshot;
 mod writer;
 
 use std::fs::File;

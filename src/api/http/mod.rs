@@ -3,6 +3,7 @@
 //! types live here and in `api::json`; errors become answers only in
 //! [`error`].
 
+mod admin;
 pub mod error;
 mod ingest;
 pub mod params;
@@ -65,7 +66,7 @@ impl AppState {
     }
 }
 
-/// Every route of contract §3 (snapshots come with the backup routes).
+/// Every route of contract §3.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route(
@@ -77,6 +78,12 @@ pub fn router(state: AppState) -> Router {
         .route("/events/stream", get(tail::stream))
         .route("/events/correlation/{id}", get(correlation))
         .route("/events/{event_id}", get(get_event).delete(delete_event))
+        .route("/admin/snapshots", post(admin::create).get(admin::list))
+        .route(
+            "/admin/snapshots/{id}",
+            axum::routing::delete(admin::remove),
+        )
+        .route("/admin/snapshots/{id}/archive", get(admin::archive))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
