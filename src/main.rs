@@ -711,6 +711,9 @@ fn run_restore(
 fn run_verify(dir: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode> {
     let db = match Db::open(dir, Config::default()) {
         Ok(db) => db,
+        Err(e @ evdb::DbError::Storage(evdb::storage::StorageError::Locked(_))) => {
+            anyhow::bail!("{e}: stop the daemon first, or verify a snapshot or a restored copy")
+        }
         Err(e) => {
             // It does not even open: that is the one damage to report.
             let d = evdb::snapshot::damage_of_open_error(dir, &e);
