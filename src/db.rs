@@ -520,6 +520,36 @@ impl Db {
         Ok(total)
     }
 
+    /// Deletes every event matching `query` (its paging fields are
+    /// ignored); returns how many. Durable when this returns. A query with
+    /// no filter at all is refused: use [`Db::delete_before`] to empty a
+    /// store on purpose.
+    pub fn delete_matching(&self, query: &Query) -> Result<u64, DbError> {
+        if !query.has_index_filter()
+            && query.start.is_none()
+            && query.end.is_none()
+            && query.text.is_none()
+        {
+            return Err(DbError::Query(QueryError::Invalid {
+                field: "filter",
+                reason: "a delete by query needs at least one filter".into(),
+            }));
+        }
+        let _one_at_a_time = self.delete_lock.lock();
+        let set = self.log.segments();
+        let held = self.indexes.hold_all(&set)?;
+        let inputs = inputs(&set, &held);
+        let mut reader = RowReader::with_cache(set.clone(), self.blocks.clone());
+        let needle = query.text.clone().unwrap_or_default();
+        let changes = query::matching_rows(query, &inputs, |segment, candidates| {
+            Ok(rows_with_text(&mut reader, segment, candidates, &needle)?)
+        })?;
+        drop(held);
+        let total = changes.iter().map(|(_, rows)| rows.len()).sum();
+        self.apply_deletes(changes)?;
+        Ok(total)
+    }
+
     fn apply_deletes(&self, changes: Vec<(u64, roaring::RoaringBitmap)>) -> Result<(), DbError> {
         if changes.is_empty() {
             return Ok(());

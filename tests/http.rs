@@ -199,6 +199,22 @@ async fn routes_filters_and_paging() {
     assert_eq!(ids(&body), ["e10"]);
     let r = client().delete(d.url("/events")).send().await.unwrap();
     assert_eq!(r.status(), 400);
+    // A delete by query: akosha among e10..e39 (i % 3 == 2): 10 events.
+    let r = client()
+        .delete(d.url("/events?source_system=akosha&min_severity=debug"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"deleted": 10}));
+    let (_, st) = get(&d, "/events/stats").await;
+    assert_eq!(st["total_events"], 20);
+    assert!(st["by_source_system"].get("akosha").is_none());
+    let r = client()
+        .delete(d.url("/events?source_system=akosha&limit=5"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
 
     // Health and metrics.
     let (s, h) = get(&d, "/health").await;

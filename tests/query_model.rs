@@ -103,6 +103,8 @@ enum Op {
     DeleteId(usize),
     /// Delete every event before this timestamp.
     DeleteBefore(i64),
+    /// Delete every event matching the query.
+    DeleteQuery(Query),
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -115,6 +117,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         1 => any::<usize>().prop_map(Op::DeleteId),
         1 => (0i64..120).prop_map(Op::DeleteBefore),
+        1 => query_strategy().prop_map(Op::DeleteQuery),
     ]
 }
 
@@ -228,6 +231,29 @@ fn run(ops: Vec<Op>) {
                     .partition(|e| e.timestamp.as_micros() < ts);
                 let n = db.delete_before(Timestamp(ts)).unwrap();
                 assert_eq!(n, gone.len() as u64, "delete before {ts}");
+                stored = kept;
+                deleted.extend(gone);
+            }
+            Op::DeleteQuery(q) => {
+                let unfiltered = q.sources.is_empty()
+                    && q.types.is_empty()
+                    && q.severity.is_none()
+                    && q.min_severity.is_none()
+                    && q.severities.is_empty()
+                    && q.correlation_id.is_none()
+                    && q.tags.is_empty()
+                    && q.any_tags.is_empty()
+                    && q.start.is_none()
+                    && q.end.is_none()
+                    && q.text.is_none();
+                let got = db.delete_matching(&q);
+                if unfiltered {
+                    assert!(got.is_err(), "an unfiltered delete must be refused");
+                    continue;
+                }
+                let (gone, kept): (Vec<Event>, Vec<Event>) =
+                    stored.into_iter().partition(|e| query::matches(&q, e));
+                assert_eq!(got.unwrap(), gone.len() as u64, "delete by {q:?}");
                 stored = kept;
                 deleted.extend(gone);
             }

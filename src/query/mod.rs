@@ -172,13 +172,16 @@ impl Query {
         Ok(())
     }
 
-    fn has_index_filter(&self) -> bool {
+    /// Whether any filter narrows the query through an index.
+    pub fn has_index_filter(&self) -> bool {
         !self.sources.is_empty()
             || !self.types.is_empty()
             || self.severity.is_some()
             || self.min_severity.is_some()
+            || !self.severities.is_empty()
             || self.correlation_id.is_some()
             || !self.tags.is_empty()
+            || !self.any_tags.is_empty()
     }
 }
 
@@ -521,6 +524,44 @@ pub fn select(
 
 /// Counts for `stats`. `rows_matching_text` narrows a segment's candidates
 /// by `text` (it decodes records); without text nothing is decoded.
+/// Every row of each segment that matches `query` (its paging fields are
+/// ignored): the rows a delete by query removes.
+pub fn matching_rows(
+    query: &Query,
+    segments: &[SegmentInput<'_>],
+    mut rows_matching_text: impl FnMut(u64, &RoaringBitmap) -> Result<RoaringBitmap, QueryError>,
+) -> Result<Vec<(u64, RoaringBitmap)>, QueryError> {
+    let start = query.start.map_or(i64::MIN, Timestamp::as_micros);
+    let end = query.end.map_or(i64::MAX, Timestamp::as_micros);
+    let mut out = Vec::new();
+    for seg in segments {
+        let SegmentPlan::Scan {
+            mut candidates,
+            time_check,
+        } = plan_segment(query, seg.index)?
+        else {
+            continue;
+        };
+        if time_check {
+            let mut in_range = RoaringBitmap::new();
+            for row in candidates.iter() {
+                let ts = seg.index.timestamp(row)?;
+                if ts >= start && ts <= end {
+                    in_range.insert(row);
+                }
+            }
+            candidates = in_range;
+        }
+        if query.text.is_some() {
+            candidates = rows_matching_text(seg.segment, &candidates)?;
+        }
+        if !candidates.is_empty() {
+            out.push((seg.segment, candidates));
+        }
+    }
+    Ok(out)
+}
+
 pub fn stats(
     query: &Query,
     segments: &[SegmentInput<'_>],

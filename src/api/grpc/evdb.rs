@@ -331,8 +331,17 @@ impl pb::evdb_server::Evdb for EvdbService {
                 })
                 .await?
             }
+            Some(pb::delete_request::Target::Filter(f)) => {
+                let query = filter_in(f).map_err(|e| invalid(&e))?;
+                blocking(self.db.clone(), move |db| {
+                    db.delete_matching(&query).map_err(status)
+                })
+                .await?
+            }
             None => {
-                return Err(Status::invalid_argument("target: give event_id or before"));
+                return Err(Status::invalid_argument(
+                    "target: give event_id, before or filter",
+                ));
             }
         };
         Ok(Response::new(pb::DeleteResponse { deleted }))

@@ -359,11 +359,14 @@ async fn delete_event(
     .await
 }
 
+/// `DELETE /events?before=RFC3339` (contract §3), and with any filters of
+/// `GET /events` (a delete by query; `before` then bounds it too).
 async fn delete_before(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let mut before: Option<Timestamp> = None;
+    let mut filters = Vec::new();
     for (k, v) in params::pairs(raw.as_deref()) {
         match k.as_str() {
             "before" => {
@@ -371,23 +374,33 @@ async fn delete_before(
                     ApiError::bad_request("before", format!("before: {e}: {v:?} (use RFC 3339)"))
                 })?);
             }
-            other => {
+            "limit" | "offset" | "sort_order" | "cursor" => {
                 return Err(ApiError::bad_request(
-                    other,
-                    format!("unknown query parameter {other:?}; known: before"),
+                    &k,
+                    format!("{k}: a delete takes filters only"),
                 ));
             }
+            _ => filters.push((k, v)),
         }
     }
-    let before = before.ok_or_else(|| {
-        ApiError::bad_request(
+    let mut query = params::query(&filters)?;
+    if before.is_none() && filters.is_empty() {
+        return Err(ApiError::bad_request(
             "before",
-            "before is required (RFC 3339): DELETE /events?before=…",
-        )
-    })?;
+            "give before (RFC 3339) or filters: DELETE /events?before=… or ?source_system=…",
+        ));
+    }
     let db = state.db.clone();
     blocking(move || {
-        let n = db.delete_before(before)?;
+        let n = if filters.is_empty() {
+            db.delete_before(before.unwrap_or(Timestamp(i64::MIN)))?
+        } else {
+            if let Some(b) = before {
+                let last = Timestamp(b.as_micros().saturating_sub(1));
+                query.end = Some(query.end.map_or(last, |e| e.min(last)));
+            }
+            db.delete_matching(&query)?
+        };
         Ok(json_text(StatusCode::OK, format!("{{\"deleted\":{n}}}")))
     })
     .await
