@@ -80,6 +80,7 @@ pub struct Metrics {
     events: Gauge,
     tail_subscribers: Gauge,
     index_memory: Gauge,
+    id_filter: Gauge,
     sources_seen: Mutex<HashSet<String>>,
 }
 
@@ -103,6 +104,7 @@ impl Metrics {
         let events = Gauge::default();
         let tail_subscribers = Gauge::default();
         let index_memory = Gauge::default();
+        let id_filter = Gauge::default();
         registry.register(
             "events_ingested",
             "Events stored, by source_system",
@@ -149,6 +151,11 @@ impl Metrics {
             "Memory held by in-memory indexes",
             index_memory.clone(),
         );
+        registry.register(
+            "id_filter_bytes",
+            "Memory held by the Bloom filter over sealed segments' event ids",
+            id_filter.clone(),
+        );
         Arc::new(Metrics {
             registry,
             ingested,
@@ -161,6 +168,7 @@ impl Metrics {
             events,
             tail_subscribers,
             index_memory,
+            id_filter,
             sources_seen: Mutex::new(HashSet::new()),
         })
     }
@@ -236,6 +244,8 @@ impl Metrics {
             .set(i64::try_from(db.tail_subscribers()).unwrap_or(i64::MAX));
         self.index_memory
             .set(i64::try_from(db.index_memory_bytes()).unwrap_or(i64::MAX));
+        self.id_filter
+            .set(i64::try_from(db.log().id_filter_bytes()).unwrap_or(i64::MAX));
         self.disk_bytes
             .set(i64::try_from(dir_bytes(db.log().dir())).unwrap_or(i64::MAX));
         let mut out = String::new();

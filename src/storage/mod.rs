@@ -527,6 +527,11 @@ impl Log {
         &self.shared.dir
     }
 
+    /// Bytes of memory the id filter of sealed segments holds.
+    pub fn id_filter_bytes(&self) -> usize {
+        self.shared.filter.lock().memory_bytes()
+    }
+
     /// The deleted rows of every segment that has any (from the catalog).
     pub fn tombstones(&self) -> Result<Vec<(u64, roaring::RoaringBitmap)>, StorageError> {
         self.shared.catalog.tombstones()
