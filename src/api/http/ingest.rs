@@ -305,6 +305,8 @@ async fn ndjson(state: AppState, body: Body) -> Result<Response, ApiError> {
                 Bytes::new()
             }
         };
+        // Events without a timestamp get this chunk's receive time.
+        let now = Timestamp::now();
         let mut rest: &[u8] = &chunk;
         loop {
             let (part, complete) = match memchr::memchr(b'\n', rest) {
@@ -337,7 +339,7 @@ async fn ndjson(state: AppState, body: Body) -> Result<Response, ApiError> {
                 index += 1;
             } else if !blank {
                 let parsed = match text {
-                    Ok(t) => parse_event(t, Timestamp::now()),
+                    Ok(t) => parse_event(t, now),
                     Err(e) => Err(Invalid::new("event", format!("not UTF-8: {e}"))),
                 };
                 match parsed {
