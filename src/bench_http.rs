@@ -85,6 +85,7 @@ impl Server {
             fsync,
             insecure_listen: false,
             limits: Limits::default(),
+            tokens: Vec::new(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

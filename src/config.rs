@@ -36,6 +36,109 @@ fn invalid(setting: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A token's role (contract §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Writes events only.
+    Ingest,
+    /// Query, stats, tail, metrics.
+    Read,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ingest => "ingest",
+            Role::Read => "read",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// One configured token, resolved: its SHA-256 digest, never the text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenConfig {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub role: Role,
+    /// An ingest token may only write these sources (None: any).
+    pub sources: Option<Vec<String>>,
+}
+
+/// `[[auth.tokens]]` as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenFile {
+    pub name: String,
+    pub sha256: Option<String>,
+    pub token: Option<String>,
+    pub role: String,
+    pub sources: Option<Vec<String>>,
+}
+
+/// The `[auth]` table.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    #[serde(default)]
+    pub tokens: Vec<TokenFile>,
+}
+
+fn resolve_tokens(file: &AuthFile) -> Result<Vec<TokenConfig>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, t) in file.tokens.iter().enumerate() {
+        let setting = format!("auth.tokens[{i}] ({:?})", t.name);
+        let role = match t.role.as_str() {
+            "ingest" => Role::Ingest,
+            "read" => Role::Read,
+            "admin" => Role::Admin,
+            other => {
+                return Err(invalid(
+                    &setting,
+                    format!("role {other:?}: use ingest, read or admin"),
+                ));
+            }
+        };
+        let sha256 = match (&t.sha256, &t.token) {
+            (Some(hex_digest), None) => {
+                let bytes = hex::decode(hex_digest.trim())
+                    .map_err(|e| invalid(&setting, format!("sha256 is not hex: {e}")))?;
+                <[u8; 32]>::try_from(bytes.as_slice())
+                    .map_err(|_| invalid(&setting, "sha256 must be 64 hex digits (32 bytes)"))?
+            }
+            (None, Some(plain)) => {
+                if plain.is_empty() {
+                    return Err(invalid(&setting, "token must not be empty"));
+                }
+                tracing::warn!(
+                    "{setting}: the token is stored in plain text in the config file; \
+                     prefer sha256 = \"{}\"",
+                    hex::encode(crate::api::auth::sha256(plain))
+                );
+                crate::api::auth::sha256(plain)
+            }
+            _ => {
+                return Err(invalid(
+                    &setting,
+                    "give exactly one of sha256 (hex of the token's SHA-256) or token",
+                ));
+            }
+        };
+        if t.sources.is_some() && role != Role::Ingest {
+            return Err(invalid(&setting, "sources only applies to ingest tokens"));
+        }
+        out.push(TokenConfig {
+            name: t.name.clone(),
+            sha256,
+            role,
+            sources: t.sources.clone(),
+        });
+    }
+    Ok(out)
+}
+
 /// The `[limits]` table.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,8 +160,8 @@ pub struct FileConfig {
     pub fsync: Option<String>,
     pub insecure_listen: Option<bool>,
     pub limits: Option<LimitsFile>,
+    pub auth: Option<AuthFile>,
     /// Not supported yet: refused at start rather than silently ignored.
-    pub auth: Option<toml::Value>,
     pub tls: Option<toml::Value>,
     pub rate_limit: Option<toml::Value>,
 }
@@ -101,6 +204,9 @@ pub struct ServeConfig {
     pub fsync: FsyncMode,
     pub insecure_listen: bool,
     pub limits: Limits,
+    /// Bearer tokens; empty: no authentication (loopback only, unless
+    /// `insecure_listen`).
+    pub tokens: Vec<TokenConfig>,
 }
 
 fn address(setting: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -120,7 +226,6 @@ impl ServeConfig {
             None => FileConfig::default(),
         };
         for (name, present) in [
-            ("[auth]", file.auth.is_some()),
             ("[tls]", file.tls.is_some()),
             ("[rate_limit]", file.rate_limit.is_some()),
         ] {
@@ -153,6 +258,7 @@ impl ServeConfig {
         {
             return Err(invalid("limits", "every limit must be at least 1"));
         }
+        let tokens = resolve_tokens(&file.auth.clone().unwrap_or_default())?;
         let config = ServeConfig {
             data_dir: args
                 .data_dir
@@ -165,21 +271,34 @@ impl ServeConfig {
             fsync: FsyncMode::parse(&fsync).map_err(|e| invalid("fsync", e))?,
             insecure_listen: args.insecure_listen || file.insecure_listen.unwrap_or(false),
             limits,
+            tokens,
         };
         config.check_listen()?;
         Ok(config)
     }
 
     /// Without authentication configured, only loopback may listen unless
-    /// `--insecure-listen` says otherwise (contract §7).
+    /// `--insecure-listen` says otherwise (contract §7); then a warning says
+    /// so at start.
     fn check_listen(&self) -> Result<(), ConfigError> {
         for (setting, addr) in [("http", self.http), ("grpc", self.grpc)] {
-            if !addr.ip().is_loopback() && !self.insecure_listen {
+            if addr.ip().is_loopback() || !self.tokens.is_empty() {
+                continue;
+            }
+            if self.insecure_listen {
+                tracing::warn!(
+                    "{setting} listens on {addr} without authentication (--insecure-listen): \
+                     anyone who can reach it may read, write and delete events"
+                );
+                eprintln!(
+                    "evdb: warning: {setting} listens on {addr} without authentication (--insecure-listen)"
+                );
+            } else {
                 return Err(invalid(
                     setting,
                     format!(
                         "{addr} is not a loopback address and no auth tokens are configured; \
-                         pass --insecure-listen to serve it anyway"
+                         configure [[auth.tokens]] or pass --insecure-listen to serve it anyway"
                     ),
                 ));
             }
@@ -212,6 +331,39 @@ mod tests {
         assert_eq!(c.fsync, FsyncMode::Never);
         assert_eq!(c.grpc.port(), 50051);
         assert_eq!(c.limits.batch_events_max, 5);
+    }
+
+    #[test]
+    fn tokens_allow_other_interfaces_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evdb.toml");
+        let digest = "ab".repeat(32);
+        std::fs::write(
+            &path,
+            format!("http = \"0.0.0.0:0\"\n[[auth.tokens]]\nname = \"a\"\nsha256 = \"{digest}\"\nrole = \"read\"\n"),
+        )
+        .unwrap();
+        let c = ServeConfig::resolve(ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(c.tokens.len(), 1);
+        assert_eq!(c.tokens[0].role, Role::Read);
+        for bad in [
+            "[[auth.tokens]]\nname = \"a\"\ntoken = \"t\"\nrole = \"root\"\n",
+            "[[auth.tokens]]\nname = \"a\"\nsha256 = \"zz\"\nrole = \"read\"\n",
+            "[[auth.tokens]]\nname = \"a\"\nrole = \"read\"\n",
+            "[[auth.tokens]]\nname = \"a\"\ntoken = \"t\"\nrole = \"read\"\nsources = [\"x\"]\n",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let err = ServeConfig::resolve(ServeArgs {
+                config: Some(path.clone()),
+                ..ServeArgs::default()
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("auth.tokens[0]"), "{err}");
+        }
     }
 
     #[test]

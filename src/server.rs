@@ -165,7 +165,9 @@ pub async fn serve(
     let http_addr = local(&http_listener, "HTTP", config.http)?;
     let grpc_addr = local(&grpc_listener, "gRPC", config.grpc)?;
 
-    let (state, shutdown_tx) = AppState::new(db.clone(), metrics.clone(), data_dir.clone());
+    let auth = Arc::new(crate::api::auth::Auth::new(config.tokens.clone()));
+    let (state, shutdown_tx) =
+        AppState::new(db.clone(), metrics.clone(), data_dir.clone(), auth.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -223,6 +225,7 @@ pub async fn serve(
                 move |inner| grpc::Observe {
                     inner,
                     metrics: metrics.clone(),
+                    auth: auth.clone(),
                 }
             }))
             .add_service(health_service)

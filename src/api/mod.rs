@@ -1,6 +1,7 @@
 //! `api/`: the only module that knows the wire: JSON, HTTP (axum), gRPC
 //! (tonic) and protobuf. It converts to and from domain types at its edge.
 
+pub mod auth;
 pub mod chaukas;
 pub mod grpc;
 pub mod http;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::{blocking, invalid, status};
+use super::{blocking, check_sources, invalid, principal, status};
 use crate::api::chaukas as map;
 use crate::api::metrics::{Metrics, Sources};
 use crate::api::proto::chaukas::common::v1 as pb;
@@ -173,6 +173,7 @@ impl wire::chaukas_server_service_server::ChaukasServerService for ChaukasServic
         &self,
         request: Request<wire::IngestEventRequest>,
     ) -> Result<Response<wire::IngestEventResponse>, Status> {
+        check_sources(principal(&request).as_ref(), [map::SOURCE])?;
         let bytes = request.into_inner().event;
         if bytes.is_empty() {
             return Err(Status::invalid_argument("event: is required"));
@@ -198,6 +199,7 @@ impl wire::chaukas_server_service_server::ChaukasServerService for ChaukasServic
         &self,
         request: Request<wire::IngestEventBatchRequest>,
     ) -> Result<Response<wire::IngestEventBatchResponse>, Status> {
+        check_sources(principal(&request).as_ref(), [map::SOURCE])?;
         let batch = request.into_inner().event_batch.unwrap_or_default();
         let max = self.db.config().limits.batch_events_max;
         if batch.events.len() > max {

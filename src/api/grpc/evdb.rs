@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures_util::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{blocking, invalid, status};
+use super::{blocking, check_sources, invalid, principal, status};
 use crate::api::metrics::{Metrics, Sources};
 use crate::api::proto::evdb::v1 as pb;
 use crate::db::{AppendOutcome, Db};
@@ -158,7 +158,9 @@ impl EvdbService {
         req: pb::IngestRequest,
         totals: &mut Totals,
         want_ids: bool,
+        caller: Option<&crate::api::auth::Principal>,
     ) -> Result<(), Status> {
+        check_sources(caller, req.events.iter().map(|e| e.source_system.as_str()))?;
         let max = self.db.config().limits.batch_events_max;
         if req.events.len() > max {
             return Err(Status::resource_exhausted(format!(
@@ -220,7 +222,8 @@ impl pb::evdb_server::Evdb for EvdbService {
         request: Request<pb::IngestRequest>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
         let mut totals = Totals::default();
-        self.ingest_one(request.into_inner(), &mut totals, true)
+        let caller = principal(&request);
+        self.ingest_one(request.into_inner(), &mut totals, true, caller.as_ref())
             .await?;
         Ok(Response::new(totals.response))
     }
@@ -229,12 +232,14 @@ impl pb::evdb_server::Evdb for EvdbService {
         &self,
         request: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
+        let caller = principal(&request);
         let mut stream = request.into_inner();
         let mut totals = Totals::default();
         while let Some(msg) = stream.message().await? {
             // Event ids of a long stream would grow without bound: the
             // answer of a stream carries counts and errors only.
-            self.ingest_one(msg, &mut totals, false).await?;
+            self.ingest_one(msg, &mut totals, false, caller.as_ref())
+                .await?;
             totals.response.event_ids.clear();
         }
         Ok(Response::new(totals.response))

@@ -120,11 +120,39 @@ const CHAUKAS_SERVER_SERVICE: &str = "/chaukas.spec.server.v1.ChaukasServerServi
 pub struct Observe<S> {
     pub inner: S,
     pub metrics: Arc<crate::api::metrics::Metrics>,
+    pub auth: Arc<crate::api::auth::Auth>,
 }
 
-impl<S, B, RB> tower::Service<axum::http::Request<B>> for Observe<S>
+/// The caller the edge layer authenticated (None: open access).
+pub fn principal<T>(req: &tonic::Request<T>) -> Option<crate::api::auth::Principal> {
+    req.extensions()
+        .get::<Option<crate::api::auth::Principal>>()
+        .cloned()
+        .flatten()
+}
+
+/// Refuses events of sources the caller's token may not write.
+pub fn check_sources<'a>(
+    principal: Option<&crate::api::auth::Principal>,
+    sources: impl IntoIterator<Item = &'a str>,
+) -> Result<(), Status> {
+    crate::api::auth::Auth::check_sources(principal, sources).map_err(|e| auth_status(&e))
+}
+
+/// `UNAUTHENTICATED` or `PERMISSION_DENIED` for an auth failure.
+pub fn auth_status(e: &crate::api::auth::AuthError) -> Status {
+    use crate::api::auth::AuthError;
+    match e {
+        AuthError::Missing | AuthError::Invalid => Status::unauthenticated(e.to_string()),
+        AuthError::Forbidden { .. } | AuthError::Source { .. } => {
+            Status::permission_denied(e.to_string())
+        }
+    }
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for Observe<S>
 where
-    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<RB>>,
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -153,6 +181,29 @@ where
             .map_or("unknown", |m| *m);
         let started = std::time::Instant::now();
         let metrics = self.metrics.clone();
+        let need = crate::api::auth::grpc_need(path);
+        let header = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match self.auth.check(header, need) {
+            Ok(principal) => {
+                req.extensions_mut().insert(principal);
+            }
+            Err(e) => {
+                let resp = auth_status(&e).into_http();
+                metrics.observe_request(
+                    crate::api::metrics::RouteLabels {
+                        protocol: "grpc",
+                        method: "POST".to_owned(),
+                        route: route.to_owned(),
+                        status: auth_status(&e).code() as u16,
+                    },
+                    started.elapsed(),
+                );
+                return Box::pin(async move { Ok(resp) });
+            }
+        }
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await;

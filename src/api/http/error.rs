@@ -5,6 +5,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::api::auth::AuthError;
 use crate::db::DbError;
 use crate::limits::Invalid;
 use crate::query::QueryError;
@@ -65,6 +66,22 @@ impl From<Invalid> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        match e {
+            AuthError::Missing | AuthError::Invalid => {
+                ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).with_field("authorization")
+            }
+            AuthError::Forbidden { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, e.to_string()).with_field("authorization")
+            }
+            AuthError::Source { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, e.to_string()).with_field("source_system")
+            }
+        }
+    }
+}
+
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> ApiError {
         match e {
@@ -106,6 +123,10 @@ impl IntoResponse for ApiError {
             None => serde_json::json!({ "error": self.message }),
         };
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(s) = self.retry_after_s
             && let Ok(v) = HeaderValue::from_str(&s.to_string())
         {

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::{AppState, json_text};
+use crate::api::auth::{Auth, Principal};
 use crate::api::chaukas;
 use crate::api::json::parse_event;
 use crate::api::metrics::Sources;
@@ -94,6 +95,7 @@ fn protobuf(status: StatusCode, msg: &impl Message) -> Response {
 /// `POST /events`: one event.
 pub async fn one(
     State(state): State<AppState>,
+    Extension(principal): Extension<Option<Principal>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -112,6 +114,7 @@ pub async fn one(
             parse_event(text.trim(), now)?
         }
     };
+    Auth::check_sources(principal.as_ref(), [event.source.as_str()])?;
     let id = event.id.clone();
     let events = vec![event];
     let sources = Sources::of(&events);
@@ -180,6 +183,7 @@ impl Tally {
 /// Stores `events` (each with its index in the request) and tallies them.
 async fn store(
     state: &AppState,
+    principal: Option<&Principal>,
     events: Vec<(usize, Event)>,
     tally: &mut Tally,
     want_ids: bool,
@@ -187,6 +191,7 @@ async fn store(
     if events.is_empty() {
         return Ok(());
     }
+    Auth::check_sources(principal, events.iter().map(|(_, e)| e.source.as_str()))?;
     let (indexes, events): (Vec<usize>, Vec<Event>) = events.into_iter().unzip();
     // Ids only when the answer lists rejected ids.
     let sources = Sources::of(&events);
@@ -213,13 +218,15 @@ async fn store(
 /// `POST /events/batch`.
 pub async fn batch(
     State(state): State<AppState>,
+    Extension(principal): Extension<Option<Principal>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let p = principal.as_ref();
     match kind(&headers)? {
-        Kind::Ndjson => ndjson(state, body).await,
-        Kind::Json => json_batch(state, body).await,
-        Kind::Protobuf => protobuf_batch(state, body).await,
+        Kind::Ndjson => ndjson(state, p, body).await,
+        Kind::Json => json_batch(state, p, body).await,
+        Kind::Protobuf => protobuf_batch(state, p, body).await,
     }
 }
 
@@ -230,7 +237,11 @@ fn too_many(n: usize, max: usize) -> ApiError {
     )
 }
 
-async fn json_batch(state: AppState, body: Body) -> Result<Response, ApiError> {
+async fn json_batch(
+    state: AppState,
+    principal: Option<&Principal>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let limits = state.db.config().limits.clone();
     let bytes = read_body(body, limits.batch_size_max).await?;
     let text = std::str::from_utf8(&bytes)
@@ -273,13 +284,17 @@ async fn json_batch(state: AppState, body: Body) -> Result<Response, ApiError> {
             }
         }
     }
-    store(&state, valid, &mut tally, false).await?;
+    store(&state, principal, valid, &mut tally, false).await?;
     Ok(tally.answer())
 }
 
 /// NDJSON: one event per line, stored in chunks as the body streams in.
 /// Memory is bounded by one chunk and one line, whatever the body's size.
-async fn ndjson(state: AppState, body: Body) -> Result<Response, ApiError> {
+async fn ndjson(
+    state: AppState,
+    principal: Option<&Principal>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let limits = state.db.config().limits.clone();
     let line_max = limits.event_size_max.saturating_mul(2);
     let mut stream = body.into_data_stream();
@@ -358,7 +373,14 @@ async fn ndjson(state: AppState, body: Body) -> Result<Response, ApiError> {
             if pending.len() >= NDJSON_CHUNK_EVENTS.min(limits.batch_events_max)
                 || pending_bytes >= NDJSON_CHUNK_BYTES
             {
-                store(&state, std::mem::take(&mut pending), &mut tally, false).await?;
+                store(
+                    &state,
+                    principal,
+                    std::mem::take(&mut pending),
+                    &mut tally,
+                    false,
+                )
+                .await?;
                 pending_bytes = 0;
             }
             let consumed = part.len() + usize::from(rest.len() > part.len());
@@ -368,11 +390,15 @@ async fn ndjson(state: AppState, body: Body) -> Result<Response, ApiError> {
             }
         }
     }
-    store(&state, pending, &mut tally, false).await?;
+    store(&state, principal, pending, &mut tally, false).await?;
     Ok(tally.answer())
 }
 
-async fn protobuf_batch(state: AppState, body: Body) -> Result<Response, ApiError> {
+async fn protobuf_batch(
+    state: AppState,
+    principal: Option<&Principal>,
+    body: Body,
+) -> Result<Response, ApiError> {
     let limits = state.db.config().limits.clone();
     let bytes = read_body(body, limits.batch_size_max).await?;
     let items = chaukas::events_of_batch_request(&bytes)?;
@@ -394,7 +420,7 @@ async fn protobuf_batch(state: AppState, body: Body) -> Result<Response, ApiErro
             }
         }
     }
-    store(&state, valid, &mut tally, true).await?;
+    store(&state, principal, valid, &mut tally, true).await?;
     let accepted = tally.collected + tally.duplicates;
     Ok(protobuf(
         StatusCode::CREATED,

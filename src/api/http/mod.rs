@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 
+use crate::api::auth::{Auth, http_need};
 use crate::api::json::{self, write_event};
 use crate::api::metrics::{Metrics, RouteLabels};
 use crate::db::Db;
@@ -43,6 +44,7 @@ pub struct AppState {
     pub processed: Arc<AtomicU64>,
     /// Turns true when the daemon begins shutting down (ends live tails).
     pub shutdown: watch::Receiver<bool>,
+    pub auth: Arc<Auth>,
 }
 
 impl AppState {
@@ -50,6 +52,7 @@ impl AppState {
         db: Arc<Db>,
         metrics: Arc<Metrics>,
         data_dir: PathBuf,
+        auth: Arc<Auth>,
     ) -> (AppState, watch::Sender<bool>) {
         let (tx, rx) = watch::channel(false);
         (
@@ -60,6 +63,7 @@ impl AppState {
                 started: Instant::now(),
                 processed: Arc::new(AtomicU64::new(0)),
                 shutdown: rx,
+                auth,
             },
             tx,
         )
@@ -88,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(CompressionLayer::new())
         .layer(RequestDecompressionLayer::new())
@@ -113,6 +118,24 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         started.elapsed(),
     );
     resp
+}
+
+/// Checks the bearer token against what the route needs; the caller's
+/// `Principal` goes into the request's extensions for the handlers (source
+/// restrictions are checked where the events are read).
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let need = http_need(req.method(), req.uri().path());
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match state.auth.check(header, need) {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 async fn not_found() -> ApiError {

@@ -1,0 +1,236 @@
+//! Bearer tokens and roles (contract §7) on both protocols, against the
+//! real daemon.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use evdb::api::proto::evdb::v1 as ev;
+use evdb::api::proto::evdb::v1::evdb_client::EvdbClient;
+use serde_json::{Value, json};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+fn sha256_hex(token: &str) -> String {
+    hex::encode(evdb::api::auth::sha256(token))
+}
+
+fn start() -> (common::Daemon, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("evdb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[auth.tokens]]
+name = "collector"
+sha256 = "{}"
+role = "ingest"
+sources = ["mahavishnu"]
+
+[[auth.tokens]]
+name = "dashboard"
+sha256 = "{}"
+role = "read"
+
+[[auth.tokens]]
+name = "ops"
+token = "admin-secret"
+role = "admin"
+"#,
+            sha256_hex("ingest-secret"),
+            sha256_hex("read-secret")
+        ),
+    )
+    .unwrap();
+    let d = common::Daemon::start_in(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    (d, dir)
+}
+
+async fn call(
+    d: &common::Daemon,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, d.url(path));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn http_roles_and_sources() {
+    use reqwest::Method;
+    let (d, _dir) = start();
+    let ev = |source: &str| json!({"source_system": source, "event_type": "t"});
+    // Health stays open; everything else needs a token.
+    assert_eq!(call(&d, Method::GET, "/health", None, None).await.0, 200);
+    let r = reqwest::get(d.url("/events")).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let (s, b) = call(&d, Method::GET, "/events", Some("guess"), None).await;
+    assert_eq!((s, b["field"].as_str()), (401, Some("authorization")));
+    assert_eq!(call(&d, Method::GET, "/metrics", None, None).await.0, 401);
+
+    // ingest: writes its own sources only, reads nothing.
+    let ing = Some("ingest-secret");
+    assert_eq!(
+        call(&d, Method::POST, "/events", ing, Some(ev("mahavishnu")))
+            .await
+            .0,
+        201
+    );
+    let (s, b) = call(&d, Method::POST, "/events", ing, Some(ev("akosha"))).await;
+    assert_eq!((s, b["field"].as_str()), (403, Some("source_system")));
+    let batch = json!([ev("mahavishnu"), ev("akosha")]);
+    assert_eq!(
+        call(&d, Method::POST, "/events/batch", ing, Some(batch))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(call(&d, Method::GET, "/events", ing, None).await.0, 403);
+
+    // read: queries, stats, metrics; no writes, no deletes, no snapshots.
+    let read = Some("read-secret");
+    let (s, b) = call(&d, Method::GET, "/events", read, None).await;
+    assert_eq!(
+        (s, b["count"].as_u64()),
+        (200, Some(1)),
+        "nothing half-stored"
+    );
+    assert_eq!(
+        call(&d, Method::GET, "/events/stats", read, None).await.0,
+        200
+    );
+    assert_eq!(call(&d, Method::GET, "/metrics", read, None).await.0, 200);
+    assert_eq!(
+        call(&d, Method::POST, "/events", read, Some(ev("x")))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        call(
+            &d,
+            Method::DELETE,
+            "/events?before=2030-01-01T00:00:00Z",
+            read,
+            None
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        call(&d, Method::POST, "/admin/snapshots", read, None)
+            .await
+            .0,
+        403
+    );
+
+    // admin: everything.
+    let admin = Some("admin-secret");
+    assert_eq!(
+        call(&d, Method::POST, "/events", admin, Some(ev("akosha")))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        call(&d, Method::POST, "/admin/snapshots", admin, None)
+            .await
+            .0,
+        201
+    );
+    let (s, b) = call(
+        &d,
+        Method::DELETE,
+        "/events?before=2100-01-01T00:00:00Z",
+        admin,
+        None,
+    )
+    .await;
+    assert_eq!((s, b["deleted"].as_u64()), (200, Some(2)));
+}
+
+#[tokio::test]
+async fn grpc_roles_and_sources() {
+    let (d, _dir) = start();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", d.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let with = |token: &'static str| {
+        let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", value.clone());
+            Ok(req)
+        }
+    };
+    // Health checks need no token.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    let event = |source: &str| ev::IngestRequest {
+        events: vec![ev::Event {
+            source_system: source.into(),
+            event_type: "t".into(),
+            ..Default::default()
+        }],
+    };
+    let mut open = EvdbClient::new(channel.clone());
+    let err = open.query(ev::QueryRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let mut ingest = EvdbClient::with_interceptor(channel.clone(), with("ingest-secret"));
+    ingest.ingest(event("mahavishnu")).await.unwrap();
+    let err = ingest.ingest(event("akosha")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = ingest.query(ev::QueryRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let mut read = EvdbClient::with_interceptor(channel.clone(), with("read-secret"));
+    let r = read
+        .query(ev::QueryRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.events.len(), 1);
+    let err = read.ingest(event("mahavishnu")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = read
+        .delete(ev::DeleteRequest {
+            target: Some(ev::delete_request::Target::EventId("x".into())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let mut admin = EvdbClient::with_interceptor(channel, with("admin-secret"));
+    admin.ingest(event("akosha")).await.unwrap();
+    let r = admin
+        .delete(ev::DeleteRequest {
+            target: Some(ev::delete_request::Target::Filter(ev::Filter {
+                source_systems: vec!["akosha".into()],
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deleted, 1);
+}
