@@ -86,6 +86,7 @@ impl Server {
             insecure_listen: false,
             limits: Limits::default(),
             tokens: Vec::new(),
+            rate_limit: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -139,6 +139,58 @@ fn resolve_tokens(file: &AuthFile) -> Result<Vec<TokenConfig>, ConfigError> {
     Ok(out)
 }
 
+/// `[rate_limit.sources.NAME]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceRateFile {
+    pub events_per_s: f64,
+    /// Default: twice `events_per_s`.
+    pub burst: Option<f64>,
+}
+
+/// The `[rate_limit]` table.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    /// Default 1,000 (seed 002).
+    pub events_per_s: Option<f64>,
+    /// Default 2,000 (seed 002).
+    pub burst: Option<f64>,
+    #[serde(default)]
+    pub sources: std::collections::HashMap<String, SourceRateFile>,
+}
+
+fn resolve_rate_limit(
+    file: &RateLimitFile,
+) -> Result<crate::api::ratelimit::RateLimitConfig, ConfigError> {
+    use crate::api::ratelimit::{Rate, RateLimitConfig};
+    let check = |setting: String, per_s: f64, burst: f64| {
+        if per_s.is_finite() && per_s > 0.0 && burst.is_finite() && burst >= 1.0 {
+            Ok(Rate { per_s, burst })
+        } else {
+            Err(invalid(&setting, "events_per_s must be > 0 and burst >= 1"))
+        }
+    };
+    let default = check(
+        "rate_limit".into(),
+        file.events_per_s.unwrap_or(1000.0),
+        file.burst.unwrap_or(2000.0),
+    )?;
+    let mut sources = std::collections::HashMap::new();
+    for (name, r) in &file.sources {
+        let rate = check(
+            format!("rate_limit.sources.{name}"),
+            r.events_per_s,
+            r.burst.unwrap_or(2.0 * r.events_per_s),
+        )?;
+        sources.insert(name.clone(), rate);
+    }
+    Ok(RateLimitConfig {
+        default: Some(default),
+        sources,
+    })
+}
+
 /// The `[limits]` table.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,9 +213,9 @@ pub struct FileConfig {
     pub insecure_listen: Option<bool>,
     pub limits: Option<LimitsFile>,
     pub auth: Option<AuthFile>,
+    pub rate_limit: Option<RateLimitFile>,
     /// Not supported yet: refused at start rather than silently ignored.
     pub tls: Option<toml::Value>,
-    pub rate_limit: Option<toml::Value>,
 }
 
 impl FileConfig {
@@ -207,6 +259,8 @@ pub struct ServeConfig {
     /// Bearer tokens; empty: no authentication (loopback only, unless
     /// `insecure_listen`).
     pub tokens: Vec<TokenConfig>,
+    /// Per-source token buckets; None: no limit.
+    pub rate_limit: Option<crate::api::ratelimit::RateLimitConfig>,
 }
 
 fn address(setting: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -225,10 +279,7 @@ impl ServeConfig {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        for (name, present) in [
-            ("[tls]", file.tls.is_some()),
-            ("[rate_limit]", file.rate_limit.is_some()),
-        ] {
+        for (name, present) in [("[tls]", file.tls.is_some())] {
             if present {
                 return Err(invalid(
                     name,
@@ -259,6 +310,11 @@ impl ServeConfig {
             return Err(invalid("limits", "every limit must be at least 1"));
         }
         let tokens = resolve_tokens(&file.auth.clone().unwrap_or_default())?;
+        let rate_limit = file
+            .rate_limit
+            .as_ref()
+            .map(resolve_rate_limit)
+            .transpose()?;
         let config = ServeConfig {
             data_dir: args
                 .data_dir
@@ -272,6 +328,7 @@ impl ServeConfig {
             insecure_listen: args.insecure_listen || file.insecure_listen.unwrap_or(false),
             limits,
             tokens,
+            rate_limit,
         };
         config.check_listen()?;
         Ok(config)

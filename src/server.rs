@@ -166,8 +166,13 @@ pub async fn serve(
     let grpc_addr = local(&grpc_listener, "gRPC", config.grpc)?;
 
     let auth = Arc::new(crate::api::auth::Auth::new(config.tokens.clone()));
-    let (state, shutdown_tx) =
+    let limiter = config
+        .rate_limit
+        .clone()
+        .map(|c| Arc::new(crate::api::ratelimit::RateLimiter::new(c)));
+    let (mut state, shutdown_tx) =
         AppState::new(db.clone(), metrics.clone(), data_dir.clone(), auth.clone());
+    state.limiter = limiter.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -206,12 +211,14 @@ pub async fn serve(
     let chaukas = ChaukasServerServiceServer::new(grpc::chaukas::ChaukasService {
         db: db.clone(),
         metrics: metrics.clone(),
+        limiter: limiter.clone(),
     })
     .max_decoding_message_size(grpc::REQUEST_BYTES_MAX)
     .max_encoding_message_size(grpc::RESPONSE_BYTES_MAX);
     let evdb = EvdbServer::new(grpc::evdb::EvdbService {
         db: db.clone(),
         metrics: metrics.clone(),
+        limiter: limiter.clone(),
         shutdown: shutdown_tx.subscribe(),
     })
     .max_decoding_message_size(grpc::REQUEST_BYTES_MAX)

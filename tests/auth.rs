@@ -234,3 +234,93 @@ async fn grpc_roles_and_sources() {
         .into_inner();
     assert_eq!(r.deleted, 1);
 }
+
+#[tokio::test]
+async fn per_source_rate_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("evdb.toml");
+    std::fs::write(
+        &config,
+        "[rate_limit]\nevents_per_s = 0.01\nburst = 5\n[rate_limit.sources.fast]\nevents_per_s = 100000\n",
+    )
+    .unwrap();
+    let d = common::Daemon::start_in(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let client = reqwest::Client::new();
+    let batch = |source: &str, n: usize| -> Value {
+        (0..n)
+            .map(|_| json!({"source_system": source, "event_type": "t"}))
+            .collect::<Vec<_>>()
+            .into()
+    };
+    let post = |body: Value| client.post(d.url("/events/batch")).json(&body).send();
+    assert_eq!(post(batch("slow", 5)).await.unwrap().status(), 201);
+    let r = post(batch("slow", 1)).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(
+        r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["field"], "source_system");
+    assert!(b["error"].as_str().unwrap().contains("slow"));
+    // A request is refused whole: the fast events of a mixed batch are not stored.
+    let mut mixed = batch("fast", 3);
+    mixed
+        .as_array_mut()
+        .unwrap()
+        .extend(batch("slow", 1).as_array().unwrap().clone());
+    assert_eq!(post(mixed).await.unwrap().status(), 429);
+    assert_eq!(post(batch("fast", 1000)).await.unwrap().status(), 201);
+    // More than the burst in one request can never pass.
+    let r = post(batch("other", 6)).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.text().await.unwrap().contains("burst"));
+    let stats: Value = client
+        .get(d.url("/events/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["total_events"], 1005);
+    let metrics = client
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("evdb_events_rate_limited_total{source=\"slow\"}"),
+        "{metrics}"
+    );
+    // gRPC answers RESOURCE_EXHAUSTED with retry-after.
+    let mut c = EvdbClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", d.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let err = c
+        .ingest(ev::IngestRequest {
+            events: vec![ev::Event {
+                source_system: "slow".into(),
+                event_type: "t".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.metadata().get("retry-after").is_some());
+}

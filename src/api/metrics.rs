@@ -50,6 +50,37 @@ pub struct Sources {
 }
 
 impl Sources {
+    /// Events per distinct source.
+    pub fn counts(&self) -> Vec<(&str, u64)> {
+        let mut n = vec![0u64; self.distinct.len()];
+        for &i in &self.of {
+            if let Some(c) = n.get_mut(i as usize) {
+                *c += 1;
+            }
+        }
+        self.distinct.iter().map(String::as_str).zip(n).collect()
+    }
+
+    /// Admits the batch through `limiter` (if any), counting refusals.
+    pub fn admit(
+        &self,
+        limiter: Option<&crate::api::ratelimit::RateLimiter>,
+        metrics: &Metrics,
+    ) -> Result<(), crate::api::ratelimit::Limited> {
+        let Some(limiter) = limiter else {
+            return Ok(());
+        };
+        let counts = self.counts();
+        limiter.admit(counts.iter().copied()).inspect_err(|_| {
+            for (source, n) in &counts {
+                metrics
+                    .rate_limited
+                    .get_or_create(&metrics.label(source))
+                    .inc_by(*n);
+            }
+        })
+    }
+
     pub fn of(events: &[crate::event::Event]) -> Sources {
         let mut out = Sources {
             distinct: Vec::new(),
@@ -73,6 +104,7 @@ pub struct Metrics {
     ingested: Family<SourceLabel, Counter>,
     duplicates: Family<SourceLabel, Counter>,
     rejected: Family<SourceLabel, Counter>,
+    rate_limited: Family<SourceLabel, Counter>,
     requests: HistogramFamily<RouteLabels>,
     fsync: Histogram,
     segments: Gauge,
@@ -96,6 +128,7 @@ impl Metrics {
         let ingested = Family::<SourceLabel, Counter>::default();
         let duplicates = Family::<SourceLabel, Counter>::default();
         let rejected = Family::<SourceLabel, Counter>::default();
+        let rate_limited = Family::<SourceLabel, Counter>::default();
         let requests: HistogramFamily<RouteLabels> =
             Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let fsync = latency_histogram();
@@ -119,6 +152,11 @@ impl Metrics {
             "events_rejected",
             "Events refused as invalid, by source_system (`_unknown` when unreadable)",
             rejected.clone(),
+        );
+        registry.register(
+            "events_rate_limited",
+            "Events refused by the per-source rate limit (requests are refused whole)",
+            rate_limited.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -161,6 +199,7 @@ impl Metrics {
             ingested,
             duplicates,
             rejected,
+            rate_limited,
             requests,
             fsync,
             segments,

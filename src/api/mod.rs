@@ -8,3 +8,4 @@ pub mod http;
 pub mod json;
 pub mod metrics;
 pub mod proto;
+pub mod ratelimit;

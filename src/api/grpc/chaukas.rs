@@ -27,6 +27,7 @@ pub const SESSION_EVENTS_MAX: usize = 100_000;
 pub struct ChaukasService {
     pub db: Arc<Db>,
     pub metrics: Arc<Metrics>,
+    pub limiter: Option<Arc<crate::api::ratelimit::RateLimiter>>,
 }
 
 fn micros(t: &prost_types::Timestamp) -> Result<Timestamp, Invalid> {
@@ -119,6 +120,9 @@ pub fn chaukas_bytes(e: &Event) -> Vec<u8> {
 impl ChaukasService {
     async fn store(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, Status> {
         let sources = Sources::of(&events);
+        sources
+            .admit(self.limiter.as_deref(), &self.metrics)
+            .map_err(|e| super::limited_status(&e))?;
         let outcomes = self.db.append_batch_async(events).await.map_err(status)?;
         self.metrics.count_outcomes(&sources, &outcomes);
         Ok(outcomes)

@@ -23,6 +23,7 @@ const ERRORS_REPORTED_MAX: usize = 10_000;
 pub struct EvdbService {
     pub db: Arc<Db>,
     pub metrics: Arc<Metrics>,
+    pub limiter: Option<Arc<crate::api::ratelimit::RateLimiter>>,
     /// Turns true when the daemon shuts down (ends tails).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -187,6 +188,9 @@ impl EvdbService {
             }
         }
         let sources = Sources::of(&valid);
+        sources
+            .admit(self.limiter.as_deref(), &self.metrics)
+            .map_err(|e| super::limited_status(&e))?;
         // A stream's answer carries no ids: do not copy them.
         let event_ids: Vec<String> = if want_ids {
             valid.iter().map(|e| e.id.clone()).collect()

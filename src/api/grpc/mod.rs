@@ -139,6 +139,15 @@ pub fn check_sources<'a>(
     crate::api::auth::Auth::check_sources(principal, sources).map_err(|e| auth_status(&e))
 }
 
+/// `RESOURCE_EXHAUSTED` with a `retry-after` (seconds) for a rate limit.
+pub fn limited_status(e: &crate::api::ratelimit::Limited) -> Status {
+    let mut s = Status::resource_exhausted(e.to_string());
+    if let Ok(v) = e.retry_after_s().to_string().parse() {
+        s.metadata_mut().insert("retry-after", v);
+    }
+    s
+}
+
 /// `UNAUTHENTICATED` or `PERMISSION_DENIED` for an auth failure.
 pub fn auth_status(e: &crate::api::auth::AuthError) -> Status {
     use crate::api::auth::AuthError;

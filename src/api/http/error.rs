@@ -82,6 +82,15 @@ impl From<AuthError> for ApiError {
     }
 }
 
+impl From<crate::api::ratelimit::Limited> for ApiError {
+    fn from(e: crate::api::ratelimit::Limited) -> ApiError {
+        let mut out =
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()).with_field("source_system");
+        out.retry_after_s = Some(e.retry_after_s());
+        out
+    }
+}
+
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> ApiError {
         match e {

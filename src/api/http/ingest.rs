@@ -118,6 +118,7 @@ pub async fn one(
     let id = event.id.clone();
     let events = vec![event];
     let sources = Sources::of(&events);
+    sources.admit(state.limiter.as_deref(), &state.metrics)?;
     let outcome = state.db.append_batch_async(events).await?;
     state.metrics.count_outcomes(&sources, &outcome);
     let (status, word) = match outcome.first() {
@@ -195,6 +196,7 @@ async fn store(
     let (indexes, events): (Vec<usize>, Vec<Event>) = events.into_iter().unzip();
     // Ids only when the answer lists rejected ids.
     let sources = Sources::of(&events);
+    sources.admit(state.limiter.as_deref(), &state.metrics)?;
     let ids: Vec<String> = if want_ids {
         events.iter().map(|e| e.id.clone()).collect()
     } else {

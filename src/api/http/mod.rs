@@ -45,6 +45,8 @@ pub struct AppState {
     /// Turns true when the daemon begins shutting down (ends live tails).
     pub shutdown: watch::Receiver<bool>,
     pub auth: Arc<Auth>,
+    /// Per-source rate limits (None: none).
+    pub limiter: Option<Arc<crate::api::ratelimit::RateLimiter>>,
 }
 
 impl AppState {
@@ -64,6 +66,7 @@ impl AppState {
                 processed: Arc::new(AtomicU64::new(0)),
                 shutdown: rx,
                 auth,
+                limiter: None,
             },
             tx,
         )
