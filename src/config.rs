@@ -424,6 +424,19 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/evdb.toml");
+        let c = ServeConfig::resolve(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(c.tokens.len(), 3);
+        assert!(c.rate_limit.is_some());
+        assert!(!c.http.ip().is_loopback());
+    }
+
+    #[test]
     fn refuses_what_it_cannot_honour() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("evdb.toml");
