@@ -87,6 +87,7 @@ impl Server {
             limits: Limits::default(),
             tokens: Vec::new(),
             rate_limit: None,
+            tls: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

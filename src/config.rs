@@ -139,6 +139,15 @@ fn resolve_tokens(file: &AuthFile) -> Result<Vec<TokenConfig>, ConfigError> {
     Ok(out)
 }
 
+/// The `[tls]` table (paths relative to the config file's directory).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
 /// `[rate_limit.sources.NAME]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,8 +223,7 @@ pub struct FileConfig {
     pub limits: Option<LimitsFile>,
     pub auth: Option<AuthFile>,
     pub rate_limit: Option<RateLimitFile>,
-    /// Not supported yet: refused at start rather than silently ignored.
-    pub tls: Option<toml::Value>,
+    pub tls: Option<TlsFile>,
 }
 
 impl FileConfig {
@@ -261,6 +269,8 @@ pub struct ServeConfig {
     pub tokens: Vec<TokenConfig>,
     /// Per-source token buckets; None: no limit.
     pub rate_limit: Option<crate::api::ratelimit::RateLimitConfig>,
+    /// TLS for both listeners; None: plaintext.
+    pub tls: Option<crate::api::tls::TlsConfig>,
 }
 
 fn address(setting: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -279,14 +289,17 @@ impl ServeConfig {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        for (name, present) in [("[tls]", file.tls.is_some())] {
-            if present {
-                return Err(invalid(
-                    name,
-                    "this build does not support the section yet; remove it rather than run without it",
-                ));
-            }
-        }
+        let base = args
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let tls = file.tls.as_ref().map(|t| crate::api::tls::TlsConfig {
+            cert: base.join(&t.cert),
+            key: base.join(&t.key),
+            client_ca: t.client_ca.as_ref().map(|c| base.join(c)),
+        });
         let http = args
             .http
             .or(file.http)
@@ -329,6 +342,7 @@ impl ServeConfig {
             limits,
             tokens,
             rate_limit,
+            tls,
         };
         config.check_listen()?;
         Ok(config)
@@ -339,7 +353,8 @@ impl ServeConfig {
     /// so at start.
     fn check_listen(&self) -> Result<(), ConfigError> {
         for (setting, addr) in [("http", self.http), ("grpc", self.grpc)] {
-            if addr.ip().is_loopback() || !self.tokens.is_empty() {
+            let mtls = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+            if addr.ip().is_loopback() || !self.tokens.is_empty() || mtls {
                 continue;
             }
             if self.insecure_listen {
@@ -446,7 +461,7 @@ mod tests {
             ..ServeArgs::default()
         })
         .unwrap_err();
-        assert!(err.to_string().contains("[tls]"), "{err}");
+        assert!(err.to_string().contains("key"), "{err}");
         std::fs::write(&path, "htp = \"x\"\n").unwrap();
         let err = ServeConfig::resolve(ServeArgs {
             config: Some(path),

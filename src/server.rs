@@ -42,6 +42,8 @@ pub enum ServeError {
     Ephemeral(std::io::Error),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{what} listener failed: {message}")]
     Listener { what: &'static str, message: String },
     #[error("closing the store failed: {0}")]
@@ -179,17 +181,35 @@ pub async fn serve(
     };
 
     let app = router(state);
-    let http = tokio::spawn(
-        axum::serve(
-            http_listener.tap_io(|tcp| {
-                // Small answers go out at once (no Nagle delay).
-                let _ = tcp.set_nodelay(true);
-            }),
-            app,
-        )
-        .with_graceful_shutdown(stopped(stop_rx.clone()))
-        .into_future(),
-    );
+    let http = match &config.tls {
+        Some(tls) => {
+            let rustls = tls.server_config().map_err(ServeError::Tls)?;
+            let listener =
+                crate::api::tls::TlsListener::new(http_listener, rustls).map_err(|cause| {
+                    ServeError::Bind {
+                        what: "HTTP",
+                        addr: config.http,
+                        cause,
+                    }
+                })?;
+            tokio::spawn(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+            )
+        }
+        None => tokio::spawn(
+            axum::serve(
+                http_listener.tap_io(|tcp| {
+                    // Small answers go out at once (no Nagle delay).
+                    let _ = tcp.set_nodelay(true);
+                }),
+                app,
+            )
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+        ),
+    };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for name in [
         "",
@@ -225,8 +245,20 @@ pub async fn serve(
     .max_encoding_message_size(grpc::RESPONSE_BYTES_MAX);
     let incoming =
         tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        let pem = tls.pem().map_err(ServeError::Tls)?;
+        let mut tonic_tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(pem.cert, pem.key));
+        if let Some(ca) = pem.client_ca {
+            tonic_tls = tonic_tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder
+            .tls_config(tonic_tls)
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
     let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .layer(tower::layer::layer_fn({
                 let metrics = metrics.clone();
                 move |inner| grpc::Observe {

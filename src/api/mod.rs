@@ -9,3 +9,4 @@ pub mod json;
 pub mod metrics;
 pub mod proto;
 pub mod ratelimit;
+pub mod tls;
