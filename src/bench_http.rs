@@ -88,6 +88,7 @@ impl Server {
             tokens: Vec::new(),
             rate_limit: None,
             tls: None,
+            retention: None,
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -148,6 +148,55 @@ pub struct TlsFile {
     pub client_ca: Option<PathBuf>,
 }
 
+/// The `[retention]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionFile {
+    /// Events older than this go: `30d`, `12h`, `90m`, `3600s`.
+    pub max_age: String,
+    /// How often the daemon applies it (default `60s`).
+    pub check_interval: Option<String>,
+}
+
+/// Resolved `[retention]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: std::time::Duration,
+    pub check_interval: std::time::Duration,
+}
+
+/// `30d`, `12h`, `90m`, `3600s`, `250ms`.
+pub fn parse_duration(setting: &str, text: &str) -> Result<std::time::Duration, ConfigError> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| {
+        invalid(
+            setting,
+            format!("{text:?}: use a number and d, h, m, s or ms"),
+        )
+    })?;
+    let d = match unit {
+        "d" => std::time::Duration::from_secs(n.saturating_mul(86_400)),
+        "h" => std::time::Duration::from_secs(n.saturating_mul(3_600)),
+        "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "s" => std::time::Duration::from_secs(n),
+        "ms" => std::time::Duration::from_millis(n),
+        _ => {
+            return Err(invalid(
+                setting,
+                format!("{text:?}: use a number and d, h, m, s or ms"),
+            ));
+        }
+    };
+    if d.is_zero() {
+        return Err(invalid(setting, "must be more than 0"));
+    }
+    Ok(d)
+}
+
 /// `[rate_limit.sources.NAME]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,6 +273,7 @@ pub struct FileConfig {
     pub auth: Option<AuthFile>,
     pub rate_limit: Option<RateLimitFile>,
     pub tls: Option<TlsFile>,
+    pub retention: Option<RetentionFile>,
 }
 
 impl FileConfig {
@@ -271,6 +321,8 @@ pub struct ServeConfig {
     pub rate_limit: Option<crate::api::ratelimit::RateLimitConfig>,
     /// TLS for both listeners; None: plaintext.
     pub tls: Option<crate::api::tls::TlsConfig>,
+    /// Events older than this are removed; None: kept forever.
+    pub retention: Option<Retention>,
 }
 
 fn address(setting: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -328,6 +380,16 @@ impl ServeConfig {
             .as_ref()
             .map(resolve_rate_limit)
             .transpose()?;
+        let retention = match &file.retention {
+            Some(r) => Some(Retention {
+                max_age: parse_duration("retention.max_age", &r.max_age)?,
+                check_interval: match &r.check_interval {
+                    Some(t) => parse_duration("retention.check_interval", t)?,
+                    None => std::time::Duration::from_secs(60),
+                },
+            }),
+            None => None,
+        };
         let config = ServeConfig {
             data_dir: args
                 .data_dir
@@ -343,6 +405,7 @@ impl ServeConfig {
             tokens,
             rate_limit,
             tls,
+            retention,
         };
         config.check_listen()?;
         Ok(config)
@@ -435,6 +498,26 @@ mod tests {
             })
             .unwrap_err();
             assert!(err.to_string().contains("auth.tokens[0]"), "{err}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(
+            parse_duration("x", "30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("x", "12h").unwrap(),
+            Duration::from_secs(12 * 3_600)
+        );
+        assert_eq!(
+            parse_duration("x", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        for bad in ["", "d", "10", "10y", "0s", "-1d"] {
+            assert!(parse_duration("x", bad).is_err(), "{bad}");
         }
     }
 

@@ -520,6 +520,21 @@ impl Db {
         Ok(total)
     }
 
+    /// Retention: every event older than `cutoff` goes. Whole sealed
+    /// segments past it are dropped (their space is freed at once); older
+    /// events in the other segments are deleted (tombstoned). Returns
+    /// (segments dropped, events deleted).
+    pub fn apply_retention(&self, cutoff: Timestamp) -> Result<(usize, u64), DbError> {
+        let dropped = {
+            let _one_at_a_time = self.delete_lock.lock();
+            let dropped = self.log.drop_sealed_before(cutoff.as_micros())?;
+            self.indexes.forget(&dropped);
+            dropped
+        };
+        let deleted = self.delete_before(cutoff)?;
+        Ok((dropped.len(), deleted))
+    }
+
     /// Deletes every event matching `query` (its paging fields are
     /// ignored); returns how many. Durable when this returns. A query with
     /// no filter at all is refused: use [`Db::delete_before`] to empty a

@@ -206,6 +206,18 @@ impl Indexes {
         }
     }
 
+    /// Forgets dropped segments: their in-memory entries, deleted rows and
+    /// index files.
+    pub fn forget(&self, segments: &[u64]) {
+        let mut map = self.map.write();
+        let mut deleted = self.deleted.write();
+        for id in segments {
+            map.remove(id);
+            deleted.remove(id);
+            let _ = std::fs::remove_file(index_path(&self.dir, *id));
+        }
+    }
+
     /// Replaces a segment's set of deleted rows.
     pub fn set_deleted(&self, segment: u64, rows: RoaringBitmap) {
         self.deleted.write().insert(segment, Arc::new(rows));

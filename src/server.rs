@@ -108,6 +108,30 @@ fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Applies `[retention]` at start and every `check_interval`.
+async fn enforce_retention(db: Arc<Db>, retention: crate::config::Retention) {
+    loop {
+        let cutoff = crate::event::Timestamp(
+            crate::event::Timestamp::now()
+                .as_micros()
+                .saturating_sub(i64::try_from(retention.max_age.as_micros()).unwrap_or(i64::MAX)),
+        );
+        let db2 = db.clone();
+        match tokio::task::spawn_blocking(move || db2.apply_retention(cutoff)).await {
+            Ok(Ok((0, 0))) => {}
+            Ok(Ok((segments, events))) => tracing::info!(
+                segments,
+                events,
+                cutoff = %cutoff.to_rfc3339(),
+                "retention: dropped segments and deleted older events"
+            ),
+            Ok(Err(e)) => tracing::warn!("retention failed: {e}"),
+            Err(e) => tracing::warn!("retention task failed: {e}"),
+        }
+        tokio::time::sleep(retention.check_interval).await;
+    }
+}
+
 /// Serves until `stop` resolves; `on_ready` is told the addresses once both
 /// listeners accept connections (after the ready file is written).
 pub async fn serve(
@@ -221,6 +245,9 @@ pub async fn serve(
             .await;
     }
     let health_task = tokio::spawn(grpc::watch_health(db.clone(), health_reporter.clone()));
+    let retention_task = config
+        .retention
+        .map(|r| tokio::spawn(enforce_retention(db.clone(), r)));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::proto::DESCRIPTORS)
         .build_v1()
@@ -297,6 +324,9 @@ pub async fn serve(
     stop.await;
     tracing::info!("shutting down: draining in-flight requests");
     health_task.abort();
+    if let Some(t) = retention_task {
+        t.abort();
+    }
     for name in [
         "",
         "chaukas.spec.server.v1.ChaukasServerService",

@@ -134,6 +134,13 @@ impl Catalog {
                     }
                 }
             }
+            // A removed segment takes its tombstones with it.
+            let mut tombstones = txn.open_table(TOMBSTONES).map_err(catalog_err)?;
+            for (id, meta) in changes {
+                if meta.is_none() {
+                    tombstones.remove(*id).map_err(catalog_err)?;
+                }
+            }
         }
         txn.commit().map_err(catalog_err)
     }

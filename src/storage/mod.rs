@@ -527,6 +527,44 @@ impl Log {
         &self.shared.dir
     }
 
+    /// Drops every sealed segment whose newest event is older than
+    /// `cutoff_us` (retention): the catalog forgets them in one durable
+    /// transaction (with their tombstones), readers stop seeing them, then
+    /// their files are unlinked (a reader that still holds one keeps its
+    /// mapping). A crash between the commit and the unlink leaves files that
+    /// recovery removes. Returns the dropped segment ids.
+    pub fn drop_sealed_before(&self, cutoff_us: i64) -> Result<Vec<u64>, StorageError> {
+        self.shared.check_poisoned()?;
+        let set = self.segments();
+        let victims: Vec<u64> = set
+            .sealed
+            .iter()
+            .filter(|s| s.max_ts.as_micros() < cutoff_us)
+            .map(|s| s.id)
+            .collect();
+        if victims.is_empty() {
+            return Ok(victims);
+        }
+        let changes: Vec<(u64, Option<catalog::SegmentMeta>)> =
+            victims.iter().map(|id| (*id, None)).collect();
+        self.shared.catalog.apply(&changes)?;
+        {
+            let mut current = self.shared.set.write();
+            let mut next = SegmentSet::clone(&current);
+            next.sealed.retain(|s| !victims.contains(&s.id));
+            *current = Arc::new(next);
+        }
+        for id in &victims {
+            let path = self.shared.seg_path(*id);
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(StorageError::io(&path, e));
+            }
+        }
+        Ok(victims)
+    }
+
     /// Bytes of memory the id filter of sealed segments holds.
     pub fn id_filter_bytes(&self) -> usize {
         self.shared.filter.lock().memory_bytes()
