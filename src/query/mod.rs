@@ -522,8 +522,39 @@ pub fn select(
     Ok(Selection { hits, more })
 }
 
-/// Counts for `stats`. `rows_matching_text` narrows a segment's candidates
-/// by `text` (it decodes records); without text nothing is decoded.
+/// The rows of one segment that match `query` entirely (index filters,
+/// time range, then `text`), with whether the time range had to be checked
+/// row by row; None when nothing can match.
+fn segment_matches(
+    query: &Query,
+    seg: &SegmentInput<'_>,
+    rows_matching_text: &mut impl FnMut(u64, &RoaringBitmap) -> Result<RoaringBitmap, QueryError>,
+) -> Result<Option<(RoaringBitmap, bool)>, QueryError> {
+    let start = query.start.map_or(i64::MIN, Timestamp::as_micros);
+    let end = query.end.map_or(i64::MAX, Timestamp::as_micros);
+    let SegmentPlan::Scan {
+        mut candidates,
+        time_check,
+    } = plan_segment(query, seg.index)?
+    else {
+        return Ok(None);
+    };
+    if time_check {
+        let mut in_range = RoaringBitmap::new();
+        for row in candidates.iter() {
+            let ts = seg.index.timestamp(row)?;
+            if ts >= start && ts <= end {
+                in_range.insert(row);
+            }
+        }
+        candidates = in_range;
+    }
+    if query.text.is_some() {
+        candidates = rows_matching_text(seg.segment, &candidates)?;
+    }
+    Ok((!candidates.is_empty()).then_some((candidates, time_check)))
+}
+
 /// Every row of each segment that matches `query` (its paging fields are
 /// ignored): the rows a delete by query removes.
 pub fn matching_rows(
@@ -531,72 +562,31 @@ pub fn matching_rows(
     segments: &[SegmentInput<'_>],
     mut rows_matching_text: impl FnMut(u64, &RoaringBitmap) -> Result<RoaringBitmap, QueryError>,
 ) -> Result<Vec<(u64, RoaringBitmap)>, QueryError> {
-    let start = query.start.map_or(i64::MIN, Timestamp::as_micros);
-    let end = query.end.map_or(i64::MAX, Timestamp::as_micros);
     let mut out = Vec::new();
     for seg in segments {
-        let SegmentPlan::Scan {
-            mut candidates,
-            time_check,
-        } = plan_segment(query, seg.index)?
-        else {
-            continue;
-        };
-        if time_check {
-            let mut in_range = RoaringBitmap::new();
-            for row in candidates.iter() {
-                let ts = seg.index.timestamp(row)?;
-                if ts >= start && ts <= end {
-                    in_range.insert(row);
-                }
-            }
-            candidates = in_range;
-        }
-        if query.text.is_some() {
-            candidates = rows_matching_text(seg.segment, &candidates)?;
-        }
-        if !candidates.is_empty() {
-            out.push((seg.segment, candidates));
+        if let Some((rows, _)) = segment_matches(query, seg, &mut rows_matching_text)? {
+            out.push((seg.segment, rows));
         }
     }
     Ok(out)
 }
 
+/// Counts for `stats`. `rows_matching_text` narrows a segment's candidates
+/// by `text` (it decodes records); without text nothing is decoded.
 pub fn stats(
     query: &Query,
     segments: &[SegmentInput<'_>],
     distinct_correlation_ids: bool,
     mut rows_matching_text: impl FnMut(u64, &RoaringBitmap) -> Result<RoaringBitmap, QueryError>,
 ) -> Result<Stats, QueryError> {
-    let start = query.start.map_or(i64::MIN, Timestamp::as_micros);
-    let end = query.end.map_or(i64::MAX, Timestamp::as_micros);
     let mut out = Stats::default();
     let mut correlations: HashSet<String> = HashSet::new();
     let mut range: Option<(i64, i64)> = None;
     for seg in segments {
-        let SegmentPlan::Scan {
-            mut candidates,
-            time_check,
-        } = plan_segment(query, seg.index)?
+        let Some((candidates, time_check)) = segment_matches(query, seg, &mut rows_matching_text)?
         else {
             continue;
         };
-        if time_check {
-            let mut in_range = RoaringBitmap::new();
-            for row in candidates.iter() {
-                let ts = seg.index.timestamp(row)?;
-                if ts >= start && ts <= end {
-                    in_range.insert(row);
-                }
-            }
-            candidates = in_range;
-        }
-        if query.text.is_some() {
-            candidates = rows_matching_text(seg.segment, &candidates)?;
-        }
-        if candidates.is_empty() {
-            continue;
-        }
         let all_rows = !query.has_index_filter() && !time_check && query.text.is_none();
         out.total += candidates.len();
         for (dim, map) in [
