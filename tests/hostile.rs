@@ -100,16 +100,22 @@ async fn nasty_inputs_get_4xx_and_the_daemon_stays_healthy() {
     ];
     for (path, ctype, body) in bodies {
         let shown = String::from_utf8_lossy(&body[..body.len().min(60)]).into_owned();
-        let r = client
+        let oversize = body.len() > 2 * 1024 * 1024;
+        let sent = client
             .post(d.url(path))
             .header("content-type", ctype)
             .body(body)
             .send()
-            .await
-            .unwrap();
+            .await;
+        // An oversize body is answered (413) before it is read whole, and the
+        // connection closed: the client may see that as a failed write
+        // instead of the answer.
+        let r = match sent {
+            Ok(r) => r,
+            Err(e) if oversize && e.is_request() => continue,
+            Err(e) => panic!("{path} {shown}: {e}"),
+        };
         let status = r.status().as_u16();
-        // An oversize body is answered before it is read whole; the client
-        // may see the connection close while it still sends.
         let text = r.text().await.unwrap_or_default();
         // A batch answers 201 with the failures listed; everything else is 4xx.
         if status == 201 {
