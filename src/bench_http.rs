@@ -89,6 +89,7 @@ impl Server {
             rate_limit: None,
             tls: None,
             retention: None,
+            numeric_fields: Vec::new(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -274,6 +274,16 @@ pub struct FileConfig {
     pub rate_limit: Option<RateLimitFile>,
     pub tls: Option<TlsFile>,
     pub retention: Option<RetentionFile>,
+    pub analytics: Option<AnalyticsFile>,
+}
+
+/// The `[analytics]` table.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalyticsFile {
+    /// JSON pointers into `data` extracted at ingest as numeric columns.
+    #[serde(default)]
+    pub numeric_fields: Vec<String>,
 }
 
 impl FileConfig {
@@ -301,6 +311,7 @@ pub struct ServeArgs {
     pub ready_file: Option<PathBuf>,
     pub fsync: Option<String>,
     pub insecure_listen: bool,
+    pub numeric_fields: Vec<String>,
 }
 
 /// Resolved settings of `evdb serve`.
@@ -323,6 +334,8 @@ pub struct ServeConfig {
     pub tls: Option<crate::api::tls::TlsConfig>,
     /// Events older than this are removed; None: kept forever.
     pub retention: Option<Retention>,
+    /// Declared numeric fields (JSON pointers) for aggregations.
+    pub numeric_fields: Vec<String>,
 }
 
 fn address(setting: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -390,6 +403,22 @@ impl ServeConfig {
             }),
             None => None,
         };
+        let numeric_fields = if args.numeric_fields.is_empty() {
+            file.analytics.map(|a| a.numeric_fields).unwrap_or_default()
+        } else {
+            args.numeric_fields
+        };
+        let mut seen = std::collections::HashSet::new();
+        for pointer in &numeric_fields {
+            crate::index::numeric::check_pointer(pointer)
+                .map_err(|e| invalid("analytics.numeric_fields", e))?;
+            if !seen.insert(pointer) {
+                return Err(invalid(
+                    "analytics.numeric_fields",
+                    format!("{pointer:?} is declared twice"),
+                ));
+            }
+        }
         let config = ServeConfig {
             data_dir: args
                 .data_dir
@@ -406,6 +435,7 @@ impl ServeConfig {
             rate_limit,
             tls,
             retention,
+            numeric_fields,
         };
         config.check_listen()?;
         Ok(config)

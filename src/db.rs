@@ -11,6 +11,7 @@ use crate::db_index::{IndexSealer, Indexes};
 use crate::event::{Event, Timestamp};
 use crate::index::IndexError;
 use crate::limits::{self, Invalid, Limits};
+use crate::query::aggregate::{AggregateResult, Aggregation, GroupBy, Metric};
 use crate::query::{self, Cursor, Page, Query, QueryError, SegmentInput, Stats};
 use crate::storage::dir::{FileSystem, RealFs};
 use crate::storage::{
@@ -23,6 +24,9 @@ use crate::tail::{Subscription, TailFilter, TailHub};
 pub struct Config {
     pub storage: StorageConfig,
     pub limits: Limits,
+    /// JSON pointers into `data` whose numbers are extracted at ingest
+    /// into per-segment columns for aggregations (`/latency_ms`).
+    pub numeric_fields: Vec<String>,
 }
 
 /// Errors of the library API.
@@ -139,14 +143,20 @@ impl Db {
             ))
             .into());
         }
+        for pointer in &config.numeric_fields {
+            crate::index::numeric::check_pointer(pointer)
+                .map_err(|e| StorageError::Config(format!("numeric field: {e}")))?;
+        }
+        let fields: Arc<[String]> = config.numeric_fields.clone().into();
         let dir = path.as_ref();
         let index_dir = dir.join("index");
         std::fs::create_dir_all(&index_dir).map_err(|e| StorageError::io(&index_dir, e))?;
         let hook = Arc::new(IndexSealer {
             dir: index_dir.clone(),
+            fields: fields.clone(),
         });
         let log = Log::open_with(dir, config.storage.clone(), fs, Some(hook))?;
-        let indexes = Indexes::new(index_dir);
+        let indexes = Indexes::new(index_dir, fields);
         let set = log.segments();
         indexes
             .remove_stale_files(&set)
@@ -441,6 +451,49 @@ impl Db {
             |segment, candidates| Ok(rows_with_text(&mut reader, segment, candidates, &needle)?),
         )?;
         Ok(stats)
+    }
+
+    /// Groups the events matching `agg.filter` and computes its metrics
+    /// (see `query::aggregate`). Numbers of declared fields come from the
+    /// segments' numeric columns; other pointers decode the rows.
+    pub fn aggregate(&self, agg: &Aggregation) -> Result<AggregateResult, DbError> {
+        let set = self.log.segments();
+        let mut held = self.indexes.hold_all(&set)?;
+        let wants_numbers = agg.metrics.iter().any(|m| {
+            matches!(
+                m.metric,
+                Metric::Sum(_)
+                    | Metric::Avg(_)
+                    | Metric::Min(_)
+                    | Metric::Max(_)
+                    | Metric::Percentile(..)
+            )
+        }) || agg.group_by.iter().any(|g| matches!(g, GroupBy::Field(_)));
+        if wants_numbers {
+            self.indexes.attach_numbers(&set, &mut held);
+        }
+        let inputs = inputs(&set, &held);
+        let mut text_reader = RowReader::with_cache(set.clone(), self.blocks.clone());
+        let mut reader = RowReader::with_cache(set.clone(), self.blocks.clone());
+        let needle = agg.filter.text.clone().unwrap_or_default();
+        let result = query::aggregate::aggregate(
+            agg,
+            &inputs,
+            |segment, candidates| {
+                Ok(rows_with_text(
+                    &mut text_reader,
+                    segment,
+                    candidates,
+                    &needle,
+                )?)
+            },
+            |segment, row| {
+                Ok(reader
+                    .event(Position { segment, row })?
+                    .map(|e| e.data.into_string()))
+            },
+        )?;
+        Ok(result)
     }
 
     /// Bytes of memory the indexes hold (not counting mapped files).

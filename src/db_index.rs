@@ -13,16 +13,30 @@ use parking_lot::{RawRwLock, RwLock, lock_api::ArcRwLockReadGuard};
 use crate::event::Event;
 use roaring::RoaringBitmap;
 
-use crate::index::{Dim, IndexError, IndexView, MemIndex, SealedIndex, write_index_file};
+use crate::index::numeric::number_at;
+use crate::index::{
+    Column, Dim, IndexError, IndexView, MemIndex, NumericFile, SealedIndex, write_index_file,
+    write_numeric_file,
+};
 use crate::storage::{SealHook, SealedSegment, SegmentRef, SegmentSet, StorageError, record};
 
 pub(crate) fn index_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("{segment:020}.idx"))
 }
 
-/// Builds the index of a sealed segment from its records and writes it.
-pub(crate) fn build_index_file(dir: &Path, segment: &SealedSegment) -> Result<(), String> {
-    let mut mem = MemIndex::new();
+pub(crate) fn numeric_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("{segment:020}.num"))
+}
+
+/// Builds the index of a sealed segment from its records and writes it,
+/// with the numeric file when fields are declared (first, so an index
+/// file never exists without the columns it was sealed with).
+pub(crate) fn build_index_file(
+    dir: &Path,
+    segment: &SealedSegment,
+    fields: &[String],
+) -> Result<(), String> {
+    let mut mem = MemIndex::with_fields(fields);
     segment
         .for_each_payload(|row, payload| {
             let event = record::decode(payload)
@@ -39,6 +53,15 @@ pub(crate) fn build_index_file(dir: &Path, segment: &SealedSegment) -> Result<()
             segment.rows
         ));
     }
+    if !fields.is_empty() {
+        write_numeric_file(
+            &numeric_path(dir, segment.id),
+            segment.id,
+            segment.rows,
+            &mem.numeric_columns(),
+        )
+        .map_err(|e| e.to_string())?;
+    }
     write_index_file(
         &index_path(dir, segment.id),
         segment.id,
@@ -51,12 +74,48 @@ pub(crate) fn build_index_file(dir: &Path, segment: &SealedSegment) -> Result<()
 /// The seal hook: writes `index/N.idx` before the catalog seals N.
 pub(crate) struct IndexSealer {
     pub dir: PathBuf,
+    /// Declared numeric fields (JSON pointers).
+    pub fields: Arc<[String]>,
 }
 
 impl SealHook for IndexSealer {
     fn sealed(&self, segment: &SealedSegment) -> Result<(), String> {
-        build_index_file(&self.dir, segment)
+        build_index_file(&self.dir, segment, &self.fields)
     }
+}
+
+/// Builds only the numeric file of a sealed segment (declared fields
+/// changed since it was sealed, or the file was lost).
+fn build_numeric_file(
+    dir: &Path,
+    segment: &SealedSegment,
+    fields: &[String],
+) -> Result<(), String> {
+    let mut columns: Vec<Vec<f64>> = vec![vec![f64::NAN; segment.rows as usize]; fields.len()];
+    segment
+        .for_each_payload(|row, payload| {
+            let event = record::decode(payload)
+                .map_err(|e| StorageError::corrupted(segment.id, 0, e.to_string()))?;
+            for (values, pointer) in columns.iter_mut().zip(fields) {
+                if let Some(slot) = values.get_mut(row as usize) {
+                    *slot = number_at(event.data.as_str(), pointer).unwrap_or(f64::NAN);
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+    let named: Vec<(&str, &[f64])> = fields
+        .iter()
+        .zip(&columns)
+        .map(|(p, v)| (p.as_str(), v.as_slice()))
+        .collect();
+    write_numeric_file(
+        &numeric_path(dir, segment.id),
+        segment.id,
+        segment.rows,
+        &named,
+    )
+    .map_err(|e| e.to_string())
 }
 
 #[derive(Clone)]
@@ -75,6 +134,8 @@ enum HeldIndex {
 pub(crate) struct Held {
     index: HeldIndex,
     deleted: Option<Arc<RoaringBitmap>>,
+    /// A sealed segment's numeric columns, when the query asked for them.
+    numbers: Option<Arc<NumericFile>>,
 }
 
 impl Held {
@@ -116,6 +177,11 @@ impl IndexView for Held {
     fn memory_bytes(&self) -> usize {
         self.inner().memory_bytes()
     }
+    fn column(&self, pointer: &str) -> Option<Column<'_>> {
+        self.inner()
+            .column(pointer)
+            .or_else(|| self.numbers.as_ref()?.column(pointer))
+    }
 }
 
 pub(crate) struct Indexes {
@@ -127,15 +193,75 @@ pub(crate) struct Indexes {
     retired: parking_lot::Mutex<std::collections::HashSet<u64>>,
     /// Deleted rows per segment (the catalog's tombstones).
     deleted: RwLock<HashMap<u64, Arc<RoaringBitmap>>>,
+    /// Declared numeric fields (JSON pointers).
+    fields: Arc<[String]>,
+    /// Sealed segments' numeric files, opened on first use (None: could
+    /// not be opened or built; aggregations read JSON instead).
+    numeric: RwLock<HashMap<u64, Option<Arc<NumericFile>>>>,
+    /// One numeric-file rebuild at a time.
+    numeric_build: parking_lot::Mutex<()>,
 }
 
 impl Indexes {
-    pub fn new(dir: PathBuf) -> Indexes {
+    pub fn new(dir: PathBuf, fields: Arc<[String]>) -> Indexes {
         Indexes {
             dir,
             map: RwLock::new(HashMap::new()),
             retired: parking_lot::Mutex::new(std::collections::HashSet::new()),
             deleted: RwLock::new(HashMap::new()),
+            fields,
+            numeric: RwLock::new(HashMap::new()),
+            numeric_build: parking_lot::Mutex::new(()),
+        }
+    }
+
+    fn new_mem(&self) -> Entry {
+        Entry::Mem(Arc::new(RwLock::new(MemIndex::with_fields(&self.fields))))
+    }
+
+    /// Opens (or, when missing, damaged or short of a declared field,
+    /// rebuilds) a sealed segment's numeric file.
+    fn numeric_file(&self, seg: &Arc<SealedSegment>) -> Option<Arc<NumericFile>> {
+        if self.fields.is_empty() {
+            return None;
+        }
+        if let Some(cached) = self.numeric.read().get(&seg.id) {
+            return cached.clone();
+        }
+        let _one = self.numeric_build.lock();
+        if let Some(cached) = self.numeric.read().get(&seg.id) {
+            return cached.clone();
+        }
+        let path = numeric_path(&self.dir, seg.id);
+        let usable = |f: &NumericFile| {
+            f.rows() == seg.rows && self.fields.iter().all(|p| f.column(p).is_some())
+        };
+        let opened = match NumericFile::open(&path, seg.id) {
+            Ok(f) if usable(&f) => Some(f),
+            other => {
+                if let Err(e) = other {
+                    tracing::info!(segment = seg.id, reason = %e, "building the segment's numeric columns");
+                }
+                match build_numeric_file(&self.dir, seg, &self.fields) {
+                    Ok(()) => NumericFile::open(&path, seg.id).ok().filter(usable),
+                    Err(e) => {
+                        tracing::warn!(segment = seg.id, error = %e, "numeric columns unavailable; reading JSON");
+                        None
+                    }
+                }
+            }
+        };
+        let opened = opened.map(Arc::new);
+        self.numeric.write().insert(seg.id, opened.clone());
+        opened
+    }
+
+    /// Attaches each sealed segment's numeric columns to its held index.
+    pub fn attach_numbers(&self, set: &SegmentSet, held: &mut [(u64, Held)]) {
+        for (id, h) in held.iter_mut() {
+            if let Some(SegmentRef::Sealed(s)) = set.get(*id) {
+                h.numbers = self.numeric_file(s);
+            }
         }
     }
 
@@ -154,7 +280,7 @@ impl Indexes {
                 .and_then(|s| s.split('.').next())
                 .and_then(|s| s.parse::<u64>().ok());
             let sealed = id.is_some_and(|id| set.sealed.iter().any(|s| s.id == id));
-            let is_idx = path.extension().is_some_and(|e| e == "idx");
+            let is_idx = path.extension().is_some_and(|e| e == "idx" || e == "num");
             if !(sealed && is_idx) {
                 std::fs::remove_file(&path)?;
             }
@@ -191,10 +317,7 @@ impl Indexes {
                     keep
                 });
                 drop(retired);
-                match map
-                    .entry(segment)
-                    .or_insert_with(|| Entry::Mem(Arc::new(RwLock::new(MemIndex::new()))))
-                {
+                match map.entry(segment).or_insert_with(|| self.new_mem()) {
                     Entry::Mem(m) => m.clone(),
                     Entry::Sealed(_) => return,
                 }
@@ -211,10 +334,13 @@ impl Indexes {
     pub fn forget(&self, segments: &[u64]) {
         let mut map = self.map.write();
         let mut deleted = self.deleted.write();
+        let mut numeric = self.numeric.write();
         for id in segments {
             map.remove(id);
             deleted.remove(id);
+            numeric.remove(id);
             let _ = std::fs::remove_file(index_path(&self.dir, *id));
+            let _ = std::fs::remove_file(numeric_path(&self.dir, *id));
         }
     }
 
@@ -244,9 +370,7 @@ impl Indexes {
                 }
                 (SegmentRef::Open(o), _) => {
                     let mut map = self.map.write();
-                    let entry = map
-                        .entry(o.id)
-                        .or_insert_with(|| Entry::Mem(Arc::new(RwLock::new(MemIndex::new()))));
+                    let entry = map.entry(o.id).or_insert_with(|| self.new_mem());
                     match entry {
                         Entry::Mem(m) => HeldIndex::Mem(m.read_arc()),
                         Entry::Sealed(s) => HeldIndex::Sealed(s.clone()),
@@ -254,7 +378,14 @@ impl Indexes {
                 }
             };
             let deleted = self.deleted.read().get(&seg.id()).cloned();
-            out.push((seg.id(), Held { index, deleted }));
+            out.push((
+                seg.id(),
+                Held {
+                    index,
+                    deleted,
+                    numbers: None,
+                },
+            ));
         }
         Ok(out)
     }
@@ -278,10 +409,12 @@ impl Indexes {
             Ok(idx) => idx,
             Err(e) => {
                 tracing::warn!(segment = seg.id, error = %e, "rebuilding the segment's index");
-                build_index_file(&self.dir, seg).map_err(|reason| IndexError::Corrupted {
-                    segment: seg.id,
-                    offset: 0,
-                    reason,
+                build_index_file(&self.dir, seg, &self.fields).map_err(|reason| {
+                    IndexError::Corrupted {
+                        segment: seg.id,
+                        offset: 0,
+                        reason,
+                    }
                 })?;
                 SealedIndex::open(&path, seg.id)?
             }

@@ -48,6 +48,14 @@ enum Command {
         /// Allow listening beyond loopback without authentication.
         #[arg(long, env = "EVDB_INSECURE_LISTEN")]
         insecure_listen: bool,
+        /// A JSON pointer into `data` extracted at ingest as a numeric
+        /// column for aggregations (repeat, or comma-separate in the env).
+        #[arg(
+            long = "numeric-field",
+            env = "EVDB_NUMERIC_FIELDS",
+            value_delimiter = ','
+        )]
+        numeric_fields: Vec<String>,
     },
     /// Store NDJSON events read from a file or standard input.
     Ingest {
@@ -263,6 +271,7 @@ fn main() -> ExitCode {
             ready_file,
             fsync,
             insecure_listen,
+            numeric_fields,
         } => serve(ServeArgs {
             data_dir,
             http,
@@ -272,6 +281,7 @@ fn main() -> ExitCode {
             ready_file,
             fsync,
             insecure_listen,
+            numeric_fields,
         }),
         Command::Ingest {
             data_dir,

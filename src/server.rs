@@ -164,6 +164,7 @@ pub async fn serve(
             ..StorageConfig::default()
         },
         limits: config.limits.clone(),
+        numeric_fields: config.numeric_fields.clone(),
     };
     let open_dir = data_dir.clone();
     let db = tokio::task::spawn_blocking(move || Db::open(&open_dir, db_config))

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use roaring::RoaringBitmap;
 use rustc_hash::FxHashMap;
 
-use super::{Dim, IndexError, IndexView, terms_of};
+use super::{Column, Dim, IndexError, IndexView, terms_of};
 use crate::event::Event;
 
 #[derive(Debug, Default)]
@@ -20,11 +20,33 @@ pub struct MemIndex {
     zones: Vec<(i64, i64)>,
     min_ts: i64,
     max_ts: i64,
+    /// One column per declared numeric field: (JSON pointer, value of each
+    /// row, NaN for none).
+    numbers: Vec<(Box<str>, Vec<f64>)>,
 }
 
 impl MemIndex {
     pub fn new() -> MemIndex {
         MemIndex::default()
+    }
+
+    /// An index that also extracts a numeric column per JSON pointer.
+    pub fn with_fields(pointers: &[String]) -> MemIndex {
+        MemIndex {
+            numbers: pointers
+                .iter()
+                .map(|p| (p.as_str().into(), Vec::new()))
+                .collect(),
+            ..MemIndex::default()
+        }
+    }
+
+    /// The declared numeric columns, for the numeric file.
+    pub fn numeric_columns(&self) -> Vec<(&str, &[f64])> {
+        self.numbers
+            .iter()
+            .map(|(p, v)| (&**p, v.as_slice()))
+            .collect()
     }
 
     /// Indexes `event` at `row`. Re-indexing a row is harmless.
@@ -47,6 +69,12 @@ impl MemIndex {
             self.timestamps.resize(i + 1, 0);
         }
         self.timestamps[i] = ts;
+        for (pointer, values) in &mut self.numbers {
+            if values.len() <= i {
+                values.resize(i + 1, f64::NAN);
+            }
+            values[i] = super::numeric::number_at(event.data.as_str(), pointer).unwrap_or(f64::NAN);
+        }
         let z = (row / super::ZONE_ROWS) as usize;
         if self.zones.len() <= z {
             self.zones.resize(z + 1, (i64::MAX, i64::MIN));
@@ -116,6 +144,13 @@ impl IndexView for MemIndex {
         Ok(Cow::Borrowed(&self.zones))
     }
 
+    fn column(&self, pointer: &str) -> Option<Column<'_>> {
+        self.numbers
+            .iter()
+            .find(|(p, _)| &**p == pointer)
+            .map(|(_, v)| Column::Mem(v))
+    }
+
     fn memory_bytes(&self) -> usize {
         let bitmaps: usize = self
             .terms
@@ -123,6 +158,7 @@ impl IndexView for MemIndex {
             .flat_map(|m| m.iter())
             .map(|(t, b)| t.len() + 48 + b.serialized_size())
             .sum();
-        bitmaps + self.timestamps.len() * 8 + self.present.serialized_size()
+        let numbers: usize = self.numbers.iter().map(|(_, v)| v.len() * 8).sum();
+        bitmaps + self.timestamps.len() * 8 + self.present.serialized_size() + numbers
     }
 }

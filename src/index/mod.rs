@@ -10,6 +10,7 @@
 
 mod file;
 mod mem;
+pub mod numeric;
 
 use std::borrow::Cow;
 
@@ -17,6 +18,7 @@ use roaring::RoaringBitmap;
 
 pub use file::{SealedIndex, fuzz_index, write_index_file};
 pub use mem::MemIndex;
+pub use numeric::{Column, NumericFile, write_numeric_file};
 
 use crate::event::Event;
 
@@ -123,4 +125,9 @@ pub trait IndexView {
     fn zones(&self) -> Result<Cow<'_, [(i64, i64)]>, IndexError>;
     /// Bytes of memory the index holds (not counting mapped files).
     fn memory_bytes(&self) -> usize;
+    /// The numeric column extracted at ingest for a declared JSON pointer,
+    /// if this index has one.
+    fn column(&self, _pointer: &str) -> Option<Column<'_>> {
+        None
+    }
 }

@@ -7,6 +7,8 @@
 //! first page, so paging under concurrent ingest never repeats or skips an
 //! event of that snapshot.
 
+pub mod aggregate;
+
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashSet};

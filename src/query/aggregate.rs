@@ -1,0 +1,1289 @@
+//! Aggregations: group the events a filter matches by source, type,
+//! severity, correlation id, tag or a `data` field, and/or by time bucket,
+//! and compute metrics per group — counts, conditional counts, ratios,
+//! sum/avg/min/max and percentiles of a numeric field — ordered and cut to
+//! the top k.
+//!
+//! Count-only requests over at most one indexed dimension (no bucket) are
+//! answered from bitmap cardinalities alone. Everything else walks the
+//! matching rows once, reading group keys from per-row lookup tables built
+//! from the bitmaps, timestamps from the index, and numbers from the
+//! segment's numeric columns (declared fields) or, for other pointers, from
+//! the decoded record. The request grammar (shared by HTTP, gRPC and the
+//! CLI) is in `docs/api.md` ("Aggregations").
+
+use std::cmp::Ordering;
+
+use roaring::RoaringBitmap;
+use rustc_hash::FxHashMap;
+use sketches_ddsketch::{Config as SketchConfig, DDSketch};
+
+use super::{Query, QueryError, SegmentInput, SegmentPlan, invalid, plan_segment, segment_matches};
+use crate::event::{Severity, Timestamp};
+use crate::index::numeric::{check_pointer, format_number, key_at, number_at};
+use crate::index::{Dim, IndexView};
+
+/// Most group-by dimensions in one request.
+pub const GROUP_BY_MAX: usize = 3;
+/// Most metrics in one request (hidden helper metrics included).
+pub const METRICS_MAX: usize = 16;
+/// Most groups one request may build: past it the request is refused
+/// (narrow the filter) instead of growing memory without bound.
+pub const GROUPS_MAX: usize = 1_000_000;
+/// Most groups when a percentile is asked (each keeps values or a sketch).
+pub const QUANTILE_GROUPS_MAX: usize = 100_000;
+/// Groups with at most this many values get exact percentiles; larger ones
+/// switch to a DDSketch with relative error [`SKETCH_RELATIVE_ERROR`].
+pub const EXACT_VALUES_MAX: usize = 1024;
+/// Relative accuracy of percentile sketches: the value returned lies
+/// within ±1 % of the exact value at the same rank.
+pub const SKETCH_RELATIVE_ERROR: f64 = 0.01;
+pub const AGG_LIMIT_DEFAULT: usize = 100;
+pub const AGG_LIMIT_MAX: usize = 10_000;
+
+const NONE: u32 = u32::MAX;
+
+/// What a group is keyed by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    Source,
+    Type,
+    Severity,
+    Correlation,
+    /// Every tag, or (with a prefix `p`) the tags `p:VALUE`, keyed by VALUE.
+    /// An event is counted once per matching tag.
+    Tag(Option<String>),
+    /// The value at a JSON pointer of `data`.
+    Field(String),
+}
+
+impl GroupBy {
+    pub fn parse(text: &str) -> Result<GroupBy, QueryError> {
+        let t = text.trim();
+        Ok(match t {
+            "source" | "source_system" => GroupBy::Source,
+            "type" | "event_type" => GroupBy::Type,
+            "severity" => GroupBy::Severity,
+            "correlation_id" | "correlation" => GroupBy::Correlation,
+            "tag" | "tags" => GroupBy::Tag(None),
+            _ if t.starts_with("tag:") && t.len() > 4 => GroupBy::Tag(Some(t[4..].to_owned())),
+            _ if t.starts_with('/') => {
+                check_pointer(t).map_err(|e| invalid("group_by", e))?;
+                GroupBy::Field(t.to_owned())
+            }
+            _ => {
+                return Err(invalid(
+                    "group_by",
+                    format!(
+                        "{t:?}: use source, type, severity, correlation_id, tag, tag:PREFIX or a JSON pointer such as /model"
+                    ),
+                ));
+            }
+        })
+    }
+
+    /// The name used for this dimension in results.
+    pub fn name(&self) -> String {
+        match self {
+            GroupBy::Source => "source_system".into(),
+            GroupBy::Type => "event_type".into(),
+            GroupBy::Severity => "severity".into(),
+            GroupBy::Correlation => "correlation_id".into(),
+            GroupBy::Tag(None) => "tag".into(),
+            GroupBy::Tag(Some(p)) => format!("tag:{p}"),
+            GroupBy::Field(p) => p.clone(),
+        }
+    }
+
+    fn dim(&self) -> Option<Dim> {
+        match self {
+            GroupBy::Source => Some(Dim::Source),
+            GroupBy::Type => Some(Dim::Type),
+            GroupBy::Severity => Some(Dim::Severity),
+            GroupBy::Correlation => Some(Dim::Correlation),
+            GroupBy::Tag(_) => Some(Dim::Tag),
+            GroupBy::Field(_) => None,
+        }
+    }
+
+    /// The group value of an index term of this dimension, None if the
+    /// term does not belong (a tag without the prefix).
+    fn value_of<'t>(&self, term: &'t str) -> Option<&'t str> {
+        match self {
+            GroupBy::Tag(Some(p)) => term
+                .strip_prefix(p.as_str())
+                .and_then(|r| r.strip_prefix(':')),
+            _ => Some(term),
+        }
+    }
+}
+
+/// Time bucket width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BucketUnit {
+    Minute,
+    Hour,
+    Day,
+    /// Weeks start on Monday, 00:00 at the offset.
+    Week,
+}
+
+/// A time bucket: a width and a UTC offset its boundaries follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    pub unit: BucketUnit,
+    pub offset_minutes: i32,
+}
+
+const MINUTE_US: i64 = 60_000_000;
+
+impl Bucket {
+    pub fn parse(unit: &str, offset: Option<&str>) -> Result<Bucket, QueryError> {
+        let unit = match unit.trim() {
+            "minute" | "1m" => BucketUnit::Minute,
+            "hour" | "1h" => BucketUnit::Hour,
+            "day" | "1d" => BucketUnit::Day,
+            "week" | "1w" => BucketUnit::Week,
+            other => {
+                return Err(invalid(
+                    "bucket",
+                    format!("{other:?}: use minute, hour, day or week"),
+                ));
+            }
+        };
+        let offset_minutes = match offset.map(str::trim).filter(|o| !o.is_empty()) {
+            None | Some("Z") | Some("UTC") => 0,
+            Some(o) => parse_offset(o)?,
+        };
+        Ok(Bucket {
+            unit,
+            offset_minutes,
+        })
+    }
+
+    fn width_us(&self) -> i64 {
+        match self.unit {
+            BucketUnit::Minute => MINUTE_US,
+            BucketUnit::Hour => 60 * MINUTE_US,
+            BucketUnit::Day => 24 * 60 * MINUTE_US,
+            BucketUnit::Week => 7 * 24 * 60 * MINUTE_US,
+        }
+    }
+
+    /// The start (UTC µs) of the bucket holding `ts`.
+    pub fn start_of(&self, ts: i64) -> i64 {
+        let offset = i64::from(self.offset_minutes) * MINUTE_US;
+        // 1970-01-01 was a Thursday: Mondays fall 4 days after the epoch.
+        let phase = if self.unit == BucketUnit::Week {
+            4 * 24 * 60 * MINUTE_US
+        } else {
+            0
+        };
+        let local = ts.saturating_add(offset).saturating_sub(phase);
+        local.div_euclid(self.width_us()) * self.width_us() + phase - offset
+    }
+}
+
+/// `+02:00`, `-0530`, `+2`, or minutes as a number (`120`).
+fn parse_offset(text: &str) -> Result<i32, QueryError> {
+    let bad = || {
+        invalid(
+            "tz_offset",
+            format!("{text:?}: use +HH:MM or -HH:MM (or Z)"),
+        )
+    };
+    let (sign, rest) = match text.as_bytes().first() {
+        Some(b'+') => (1, &text[1..]),
+        Some(b'-') => (-1, &text[1..]),
+        _ => (1, text),
+    };
+    let (h, m) = if let Some((h, m)) = rest.split_once(':') {
+        (h, m)
+    } else if rest.len() == 4 {
+        rest.split_at(2)
+    } else {
+        (rest, "0")
+    };
+    let h: i32 = h.parse().map_err(|_| bad())?;
+    let m: i32 = m.parse().map_err(|_| bad())?;
+    if !(0..=14).contains(&h) || !(0..60).contains(&m) {
+        return Err(bad());
+    }
+    Ok(sign * (h * 60 + m))
+}
+
+/// One metric of a group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// Events in the group.
+    Count,
+    /// Events in the group that also match this filter (index filters only).
+    CountWhere(Box<Query>),
+    /// Metric `a` divided by metric `b` (indices into the request's
+    /// metrics, both earlier); null when `b` is 0.
+    Ratio(usize, usize),
+    Sum(String),
+    Avg(String),
+    Min(String),
+    Max(String),
+    /// The percentile (in tenths of a percent: 950 is p95) of a field.
+    Percentile(String, u16),
+}
+
+impl Metric {
+    fn pointer(&self) -> Option<&str> {
+        match self {
+            Metric::Sum(p)
+            | Metric::Avg(p)
+            | Metric::Min(p)
+            | Metric::Max(p)
+            | Metric::Percentile(p, _) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// A metric with its name in results; hidden metrics are helpers of a
+/// ratio written inline and are not returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricSpec {
+    pub name: String,
+    pub metric: Metric,
+    pub hidden: bool,
+}
+
+/// What the results are ordered by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrderKey {
+    /// Bucket, then the group key, ascending.
+    Key,
+    /// A metric (index into the metrics); nulls last either way.
+    Metric(usize),
+}
+
+/// An aggregation request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Aggregation {
+    /// The filters of contract §3; its paging fields are ignored.
+    pub filter: Query,
+    pub group_by: Vec<GroupBy>,
+    pub bucket: Option<Bucket>,
+    pub metrics: Vec<MetricSpec>,
+    pub order_by: OrderKey,
+    pub descending: bool,
+    pub limit: usize,
+}
+
+/// The text form shared by HTTP, gRPC and the CLI.
+#[derive(Clone, Debug, Default)]
+pub struct AggregationText<'a> {
+    pub group_by: Vec<&'a str>,
+    pub bucket: Option<&'a str>,
+    pub tz_offset: Option<&'a str>,
+    /// Comma-separated metric expressions (see `docs/api.md`).
+    pub metrics: Option<&'a str>,
+    /// `NAME`, `NAME:asc`, `NAME:desc`, or `key`.
+    pub order_by: Option<&'a str>,
+    pub limit: Option<usize>,
+}
+
+/// Splits on commas outside parentheses.
+fn split_top(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&text[start..]);
+    out.into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn call<'a>(expr: &'a str, name: &str) -> Option<&'a str> {
+    expr.strip_prefix(name)?
+        .trim_start()
+        .strip_prefix('(')?
+        .strip_suffix(')')
+        .map(str::trim)
+}
+
+/// `severity>=error;type=a|b;source=s;tag=t;correlation_id=c`.
+fn parse_condition(text: &str) -> Result<Query, QueryError> {
+    let mut q = Query::default();
+    let bad = |why: String| invalid("metrics", why);
+    for clause in text.split(';').map(str::trim).filter(|c| !c.is_empty()) {
+        let (key, op, value) = if let Some((k, v)) = clause.split_once(">=") {
+            (k.trim(), ">=", v.trim())
+        } else if let Some((k, v)) = clause.split_once('=') {
+            (k.trim(), "=", v.trim())
+        } else {
+            return Err(bad(format!(
+                "count_where: {clause:?} is not KEY=VALUE or severity>=LEVEL"
+            )));
+        };
+        let level = |v: &str| {
+            Severity::parse(v).ok_or_else(|| bad(format!("count_where: unknown severity {v:?}")))
+        };
+        let any: Vec<String> = value.split('|').map(|s| s.trim().to_owned()).collect();
+        match (key, op) {
+            ("severity", ">=") | ("min_severity", "=") => q.min_severity = Some(level(value)?),
+            ("severity", "=") => {
+                for v in &any {
+                    q.severities.push(level(v)?);
+                }
+            }
+            ("source" | "source_system", "=") => q.sources.extend(any),
+            ("type" | "event_type", "=") => q.types.extend(any),
+            ("tag" | "tags", "=") => q.any_tags.extend(any),
+            ("correlation_id", "=") => q.correlation_id = Some(value.to_owned()),
+            _ => {
+                return Err(bad(format!(
+                    "count_where: {clause:?}: use severity>=L, severity=L, source=S, type=T, tag=T or correlation_id=C"
+                )));
+            }
+        }
+    }
+    if !q.has_index_filter() {
+        return Err(bad(
+            "count_where needs a condition, as in count_where(severity>=error)".into(),
+        ));
+    }
+    Ok(q)
+}
+
+/// Parses one metric expression, pushing inline helpers (hidden) first;
+/// returns the index of the metric the expression denotes.
+fn parse_metric(
+    expr: &str,
+    name: Option<&str>,
+    hidden: bool,
+    out: &mut Vec<MetricSpec>,
+) -> Result<usize, QueryError> {
+    let expr = expr.trim();
+    // A bare name refers to a metric already defined.
+    if name.is_none()
+        && hidden
+        && let Some(i) = out.iter().position(|m| !m.hidden && m.name == expr)
+    {
+        return Ok(i);
+    }
+    let field = |arg: &str| -> Result<String, QueryError> {
+        check_pointer(arg).map_err(|e| invalid("metrics", format!("{expr}: {e}")))?;
+        Ok(arg.to_owned())
+    };
+    let metric = if expr == "count" {
+        Metric::Count
+    } else if expr == "error_rate" {
+        let a = parse_metric("count_where(severity>=error)", None, true, out)?;
+        let b = parse_metric("count", None, true, out)?;
+        Metric::Ratio(a, b)
+    } else if let Some(arg) = call(expr, "count_where") {
+        Metric::CountWhere(Box::new(parse_condition(arg)?))
+    } else if let Some(arg) = call(expr, "ratio") {
+        let parts = split_top(arg);
+        let [a, b] = parts.as_slice() else {
+            return Err(invalid(
+                "metrics",
+                format!("{expr}: ratio takes two metrics, as in ratio(errors,count)"),
+            ));
+        };
+        let a = parse_metric(a, None, true, out)?;
+        let b = parse_metric(b, None, true, out)?;
+        for i in [a, b] {
+            if matches!(out[i].metric, Metric::Ratio(..)) {
+                return Err(invalid(
+                    "metrics",
+                    format!("{expr}: a ratio of ratios is not supported"),
+                ));
+            }
+        }
+        Metric::Ratio(a, b)
+    } else if let Some(arg) = call(expr, "sum") {
+        Metric::Sum(field(arg)?)
+    } else if let Some(arg) = call(expr, "avg") {
+        Metric::Avg(field(arg)?)
+    } else if let Some(arg) = call(expr, "min") {
+        Metric::Min(field(arg)?)
+    } else if let Some(arg) = call(expr, "max") {
+        Metric::Max(field(arg)?)
+    } else if let Some((p, arg)) = expr
+        .strip_prefix('p')
+        .and_then(|r| r.split_once('('))
+        .and_then(|(p, a)| Some((p.trim(), a.trim().strip_suffix(')')?.trim())))
+    {
+        let permille = p
+            .parse::<f64>()
+            .ok()
+            .filter(|v| *v > 0.0 && *v < 100.0 && (v * 10.0).fract() == 0.0)
+            .ok_or_else(|| {
+                invalid(
+                    "metrics",
+                    format!("{expr}: a percentile is p1..p99 (one decimal allowed: p99.9)"),
+                )
+            })?;
+        Metric::Percentile(field(arg)?, (permille * 10.0) as u16)
+    } else {
+        return Err(invalid(
+            "metrics",
+            format!(
+                "{expr:?}: use count, count_where(COND), error_rate, ratio(A,B), sum/avg/min/max(/ptr) or p50/p90/p95/p99(/ptr)"
+            ),
+        ));
+    };
+    let name = name.map_or_else(|| expr.replace(' ', ""), str::to_owned);
+    // Hidden helpers that repeat an existing metric reuse it.
+    if hidden && let Some(i) = out.iter().position(|m| m.metric == metric) {
+        return Ok(i);
+    }
+    if out.iter().any(|m| !m.hidden && m.name == name) && !hidden {
+        return Err(invalid(
+            "metrics",
+            format!("two metrics are named {name:?}; rename one with `as NAME`"),
+        ));
+    }
+    out.push(MetricSpec {
+        name,
+        metric,
+        hidden,
+    });
+    if out.len() > METRICS_MAX {
+        return Err(invalid(
+            "metrics",
+            format!("at most {METRICS_MAX} metrics (helpers included)"),
+        ));
+    }
+    Ok(out.len() - 1)
+}
+
+/// Parses a comma-separated list of metric expressions, each optionally
+/// followed by `as NAME`.
+pub fn parse_metrics(text: &str) -> Result<Vec<MetricSpec>, QueryError> {
+    let mut out: Vec<MetricSpec> = Vec::new();
+    for item in split_top(text) {
+        let (expr, name) = match item.rsplit_once(" as ") {
+            Some((e, n)) => {
+                let n = n.trim();
+                if n.is_empty()
+                    || !n
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    return Err(invalid(
+                        "metrics",
+                        format!("{n:?}: a metric name uses letters, digits, '_' and '-'"),
+                    ));
+                }
+                (e, Some(n))
+            }
+            None => (item, None),
+        };
+        let i = parse_metric(expr, name, false, &mut out)?;
+        // An expression equal to a hidden helper promotes it.
+        if out[i].hidden {
+            out[i].hidden = false;
+            if let Some(n) = name {
+                out[i].name = n.to_owned();
+            }
+        }
+    }
+    if out.iter().all(|m| m.hidden) {
+        return Err(invalid("metrics", "name at least one metric, as in count"));
+    }
+    Ok(out)
+}
+
+impl Aggregation {
+    /// Builds a request from its text form; `filter` carries contract §3's
+    /// filters.
+    pub fn from_text(filter: Query, text: &AggregationText<'_>) -> Result<Aggregation, QueryError> {
+        let mut group_by = Vec::new();
+        for g in &text.group_by {
+            for part in g.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let g = GroupBy::parse(part)?;
+                if group_by.contains(&g) {
+                    return Err(invalid("group_by", format!("{part:?} is given twice")));
+                }
+                group_by.push(g);
+            }
+        }
+        let bucket = match text.bucket.map(str::trim).filter(|b| !b.is_empty()) {
+            Some(b) => Some(Bucket::parse(b, text.tz_offset)?),
+            None if text.tz_offset.is_some_and(|t| !t.trim().is_empty()) => {
+                return Err(invalid("tz_offset", "only applies with a bucket"));
+            }
+            None => None,
+        };
+        let metrics = parse_metrics(text.metrics.unwrap_or("count"))?;
+        let (order_by, descending) = match text.order_by.map(str::trim).filter(|o| !o.is_empty()) {
+            None | Some("key") | Some("key:asc") => (OrderKey::Key, false),
+            Some("key:desc") => (OrderKey::Key, true),
+            Some(o) => {
+                let (name, dir) = match o.rsplit_once(':') {
+                    Some((n, "asc")) => (n, false),
+                    Some((n, "desc")) => (n, true),
+                    _ => (o, true),
+                };
+                let i = metrics
+                    .iter()
+                    .position(|m| !m.hidden && m.name == name)
+                    .ok_or_else(|| {
+                        invalid(
+                            "order_by",
+                            format!(
+                                "{name:?} is not one of the metrics ({}) nor `key`",
+                                metrics
+                                    .iter()
+                                    .filter(|m| !m.hidden)
+                                    .map(|m| m.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        )
+                    })?;
+                (OrderKey::Metric(i), dir)
+            }
+        };
+        let agg = Aggregation {
+            filter,
+            group_by,
+            bucket,
+            metrics,
+            order_by,
+            descending,
+            limit: text.limit.unwrap_or(AGG_LIMIT_DEFAULT),
+        };
+        agg.validate()?;
+        Ok(agg)
+    }
+
+    pub fn validate(&self) -> Result<(), QueryError> {
+        if !(1..=AGG_LIMIT_MAX).contains(&self.limit) {
+            return Err(invalid("limit", format!("must lie in 1..={AGG_LIMIT_MAX}")));
+        }
+        if self.group_by.len() > GROUP_BY_MAX {
+            return Err(invalid(
+                "group_by",
+                format!("at most {GROUP_BY_MAX} dimensions (plus a bucket)"),
+            ));
+        }
+        if self.metrics.is_empty() || self.metrics.len() > METRICS_MAX {
+            return Err(invalid(
+                "metrics",
+                format!("between 1 and {METRICS_MAX} metrics"),
+            ));
+        }
+        for (i, m) in self.metrics.iter().enumerate() {
+            if let Metric::Ratio(a, b) = m.metric
+                && (a >= i || b >= i)
+            {
+                return Err(invalid(
+                    "metrics",
+                    "a ratio names metrics defined before it",
+                ));
+            }
+        }
+        if let OrderKey::Metric(i) = self.order_by
+            && i >= self.metrics.len()
+        {
+            return Err(invalid("order_by", "names no metric"));
+        }
+        if let (Some(s), Some(e)) = (self.filter.start, self.filter.end)
+            && s > e
+        {
+            return Err(invalid("start_time", "is after end_time"));
+        }
+        if self.filter.text.as_deref() == Some("") {
+            return Err(invalid("text", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn count_only(&self) -> bool {
+        self.metrics.iter().all(|m| {
+            matches!(
+                m.metric,
+                Metric::Count | Metric::CountWhere(_) | Metric::Ratio(..)
+            )
+        })
+    }
+}
+
+/// One metric's value in a group.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MetricValue {
+    Count(u64),
+    Number(f64),
+    /// No value: no numbers in the group, or a ratio over zero.
+    Null,
+}
+
+impl MetricValue {
+    pub fn as_f64(self) -> Option<f64> {
+        match self {
+            MetricValue::Count(c) => Some(c as f64),
+            MetricValue::Number(v) => Some(v),
+            MetricValue::Null => None,
+        }
+    }
+}
+
+/// One result row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupRow {
+    /// One value per group-by dimension; None where the event has none.
+    pub key: Vec<Option<String>>,
+    /// The bucket's start, when bucketed.
+    pub bucket: Option<Timestamp>,
+    /// One per visible metric, in request order.
+    pub values: Vec<MetricValue>,
+}
+
+/// Where numeric values came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValuePath {
+    /// No numeric field was read.
+    None,
+    /// Every value came from numeric columns (declared fields).
+    Columns,
+    /// Some segments had columns, others were read from JSON.
+    Mixed,
+    /// Every value was read by decoding records.
+    Json,
+}
+
+impl ValuePath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ValuePath::None => "none",
+            ValuePath::Columns => "columns",
+            ValuePath::Mixed => "mixed",
+            ValuePath::Json => "json",
+        }
+    }
+}
+
+/// The answer to an aggregation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AggregateResult {
+    /// Names of the group-by dimensions, in key order.
+    pub dimensions: Vec<String>,
+    /// Names of the visible metrics, in value order.
+    pub metrics: Vec<String>,
+    pub groups: Vec<GroupRow>,
+    /// Groups before `limit`.
+    pub group_count: u64,
+    /// Events the filter matched.
+    pub matched: u64,
+    pub value_path: ValuePath,
+    /// False when a percentile came from a sketch.
+    pub exact: bool,
+    /// `bitmap` when counts came from bitmap cardinalities alone, `rows`
+    /// when matching rows were walked.
+    pub strategy: &'static str,
+}
+
+enum Quant {
+    Exact(Vec<f64>),
+    Sketch(Box<DDSketch>),
+}
+
+struct NumAcc {
+    n: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    quant: Option<Quant>,
+}
+
+impl NumAcc {
+    fn new(quantiles: bool) -> NumAcc {
+        NumAcc {
+            n: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            quant: quantiles.then(|| Quant::Exact(Vec::new())),
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, v: f64) {
+        self.n += 1;
+        self.sum += v;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        match &mut self.quant {
+            None => {}
+            Some(Quant::Sketch(s)) => s.add(v),
+            Some(Quant::Exact(values)) if values.len() < EXACT_VALUES_MAX => values.push(v),
+            Some(q @ Quant::Exact(_)) => {
+                let mut sketch =
+                    DDSketch::new(SketchConfig::new(SKETCH_RELATIVE_ERROR, 2048, 1.0e-9));
+                if let Quant::Exact(values) = q {
+                    for x in values.iter() {
+                        sketch.add(*x);
+                    }
+                }
+                sketch.add(v);
+                *q = Quant::Sketch(Box::new(sketch));
+            }
+        }
+    }
+
+    /// The value at rank floor(q·(n−1)) of the sorted values.
+    fn percentile(&mut self, permille: u16, exact: &mut bool) -> Option<f64> {
+        let q = f64::from(permille) / 1000.0;
+        match self.quant.as_mut()? {
+            Quant::Exact(values) => {
+                if values.is_empty() {
+                    return None;
+                }
+                values.sort_unstable_by(f64::total_cmp);
+                let rank = (q * (values.len() as f64 - 1.0)) as usize;
+                values.get(rank).copied()
+            }
+            Quant::Sketch(s) => {
+                *exact = false;
+                s.quantile(q).ok().flatten()
+            }
+        }
+    }
+}
+
+/// Interned group values of one dimension.
+#[derive(Default)]
+struct Interner {
+    ids: FxHashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl Interner {
+    fn id(&mut self, value: &str) -> u32 {
+        if let Some(id) = self.ids.get(value) {
+            return *id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(value.to_owned());
+        self.ids.insert(value.to_owned(), id);
+        id
+    }
+}
+
+type GroupKey = ([u32; GROUP_BY_MAX], i64);
+
+/// Every group's accumulators, in flat arrays indexed by group.
+struct Table {
+    ids: FxHashMap<GroupKey, u32>,
+    keys: Vec<GroupKey>,
+    /// `count_slots` per group: slot 0 counts events, slot 1+i the i-th
+    /// conditional count.
+    counts: Vec<u64>,
+    count_slots: usize,
+    /// `fields.len()` per group.
+    nums: Vec<NumAcc>,
+    fields: Vec<(String, bool)>,
+    max_groups: usize,
+}
+
+impl Table {
+    fn group(&mut self, key: GroupKey) -> Result<usize, QueryError> {
+        if let Some(g) = self.ids.get(&key) {
+            return Ok(*g as usize);
+        }
+        let g = self.keys.len();
+        if g >= self.max_groups {
+            return Err(invalid(
+                "group_by",
+                format!(
+                    "more than {} groups: narrow the filters or the time range, or group by fewer dimensions",
+                    self.max_groups
+                ),
+            ));
+        }
+        self.ids.insert(key, g as u32);
+        self.keys.push(key);
+        self.counts.extend(std::iter::repeat_n(0, self.count_slots));
+        for (_, q) in &self.fields {
+            self.nums.push(NumAcc::new(*q));
+        }
+        Ok(g)
+    }
+}
+
+/// How one group-by dimension gives each row its value(s) in a segment.
+enum RowKeys {
+    /// One value per row (`NONE` for none), indexed by row.
+    Single(Vec<u32>),
+    /// (row, value) pairs sorted by row; a row may have several.
+    Multi(Vec<(u32, u32)>),
+    /// Read per row from a column or the record.
+    Field,
+}
+
+/// Answers an aggregation over `segments`. `rows_matching_text` narrows
+/// candidates by `text`; `data_of` decodes one row's `data` JSON (for
+/// pointers without a numeric column, and field group keys).
+pub fn aggregate(
+    agg: &Aggregation,
+    segments: &[SegmentInput<'_>],
+    mut rows_matching_text: impl FnMut(u64, &RoaringBitmap) -> Result<RoaringBitmap, QueryError>,
+    mut data_of: impl FnMut(u64, u32) -> Result<Option<String>, QueryError>,
+) -> Result<AggregateResult, QueryError> {
+    agg.validate()?;
+    let conditions: Vec<&Query> = agg
+        .metrics
+        .iter()
+        .filter_map(|m| match &m.metric {
+            Metric::CountWhere(q) => Some(&**q),
+            _ => None,
+        })
+        .collect();
+    let mut fields: Vec<(String, bool)> = Vec::new();
+    for m in &agg.metrics {
+        if let Some(p) = m.metric.pointer() {
+            let q = matches!(m.metric, Metric::Percentile(..));
+            match fields.iter_mut().find(|(f, _)| f == p) {
+                Some(f) => f.1 |= q,
+                None => fields.push((p.to_owned(), q)),
+            }
+        }
+    }
+    let quantiles = fields.iter().any(|f| f.1);
+    let mut table = Table {
+        ids: FxHashMap::default(),
+        keys: Vec::new(),
+        counts: Vec::new(),
+        count_slots: 1 + conditions.len(),
+        nums: Vec::new(),
+        fields,
+        max_groups: if quantiles {
+            QUANTILE_GROUPS_MAX
+        } else {
+            GROUPS_MAX
+        },
+    };
+    let mut interners: Vec<Interner> = agg.group_by.iter().map(|_| Interner::default()).collect();
+    let bitmap_path = agg.count_only()
+        && agg.bucket.is_none()
+        && agg.group_by.len() <= 1
+        && agg.group_by.iter().all(|g| g.dim().is_some());
+    let mut matched = 0u64;
+    let (mut used_columns, mut used_json) = (false, false);
+    for seg in segments {
+        let Some((candidates, _)) = segment_matches(&agg.filter, seg, &mut rows_matching_text)?
+        else {
+            continue;
+        };
+        matched += candidates.len();
+        let mut conds: Vec<RoaringBitmap> = Vec::with_capacity(conditions.len());
+        for c in &conditions {
+            conds.push(match plan_segment(c, seg.index)? {
+                SegmentPlan::Skip(_) => RoaringBitmap::new(),
+                SegmentPlan::Scan { candidates: b, .. } => b & &candidates,
+            });
+        }
+        if bitmap_path {
+            count_from_bitmaps(
+                agg,
+                seg.index,
+                &candidates,
+                &conds,
+                &mut interners,
+                &mut table,
+            )?;
+            continue;
+        }
+        let (c, j) = walk_rows(
+            agg,
+            seg,
+            &candidates,
+            &conds,
+            &mut interners,
+            &mut table,
+            &mut data_of,
+        )?;
+        used_columns |= c;
+        used_json |= j;
+    }
+    let value_path = match (used_columns, used_json) {
+        (false, false) => ValuePath::None,
+        (true, false) => ValuePath::Columns,
+        (true, true) => ValuePath::Mixed,
+        (false, true) => ValuePath::Json,
+    };
+    Ok(finish(
+        agg,
+        table,
+        &interners,
+        matched,
+        value_path,
+        if bitmap_path { "bitmap" } else { "rows" },
+    ))
+}
+
+/// Count-only, no bucket, at most one indexed dimension: cardinalities of
+/// bitmap intersections, no row visited.
+fn count_from_bitmaps(
+    agg: &Aggregation,
+    index: &dyn IndexView,
+    candidates: &RoaringBitmap,
+    conds: &[RoaringBitmap],
+    interners: &mut [Interner],
+    table: &mut Table,
+) -> Result<(), QueryError> {
+    let slots = table.count_slots;
+    let Some(g) = agg.group_by.first() else {
+        let id = table.group(([NONE; GROUP_BY_MAX], 0))?;
+        table.counts[id * slots] += candidates.len();
+        for (i, c) in conds.iter().enumerate() {
+            table.counts[id * slots + 1 + i] += c.len();
+        }
+        return Ok(());
+    };
+    let Some(dim) = g.dim() else {
+        return Ok(());
+    };
+    let multi = dim == Dim::Tag;
+    let mut covered_sum = 0u64;
+    let mut covered = RoaringBitmap::new();
+    for (term, bitmap) in index.terms(dim)? {
+        let Some(value) = g.value_of(&term) else {
+            continue;
+        };
+        let n = bitmap.intersection_len(candidates);
+        if n == 0 {
+            continue;
+        }
+        let mut key = [NONE; GROUP_BY_MAX];
+        key[0] = interners[0].id(value);
+        let id = table.group((key, 0))?;
+        table.counts[id * slots] += n;
+        for (i, c) in conds.iter().enumerate() {
+            table.counts[id * slots + 1 + i] += bitmap.intersection_len(c);
+        }
+        if multi {
+            covered |= bitmap.as_ref() & candidates;
+        } else {
+            covered_sum += n;
+        }
+    }
+    // Rows without a value form the null group.
+    let none = if multi {
+        candidates - &covered
+    } else if covered_sum < candidates.len() {
+        // Single-valued: only correlation ids can be absent.
+        let mut with = RoaringBitmap::new();
+        for (_, b) in index.terms(dim)? {
+            with |= b.as_ref() & candidates;
+        }
+        candidates - &with
+    } else {
+        RoaringBitmap::new()
+    };
+    if !none.is_empty() {
+        let id = table.group(([NONE; GROUP_BY_MAX], 0))?;
+        table.counts[id * slots] += none.len();
+        for (i, c) in conds.iter().enumerate() {
+            table.counts[id * slots + 1 + i] += none.intersection_len(c);
+        }
+    }
+    Ok(())
+}
+
+/// Walks the matching rows of one segment once. Returns whether numeric
+/// columns and whether decoded JSON were read.
+#[allow(clippy::too_many_arguments)]
+fn walk_rows(
+    agg: &Aggregation,
+    seg: &SegmentInput<'_>,
+    candidates: &RoaringBitmap,
+    conds: &[RoaringBitmap],
+    interners: &mut [Interner],
+    table: &mut Table,
+    data_of: &mut impl FnMut(u64, u32) -> Result<Option<String>, QueryError>,
+) -> Result<(bool, bool), QueryError> {
+    let index = seg.index;
+    let Some(max_row) = candidates.max() else {
+        return Ok((false, false));
+    };
+    // Group keys per dimension.
+    let mut row_keys: Vec<RowKeys> = Vec::with_capacity(agg.group_by.len());
+    for (d, g) in agg.group_by.iter().enumerate() {
+        let Some(dim) = g.dim() else {
+            row_keys.push(RowKeys::Field);
+            continue;
+        };
+        let mut single = (dim != Dim::Tag).then(|| vec![NONE; max_row as usize + 1]);
+        let mut pairs = Vec::new();
+        for (term, bitmap) in index.terms(dim)? {
+            let Some(value) = g.value_of(&term) else {
+                continue;
+            };
+            if bitmap.is_disjoint(candidates) {
+                continue;
+            }
+            let id = interners[d].id(value);
+            let rows = bitmap.as_ref() & candidates;
+            match &mut single {
+                Some(s) => {
+                    for r in &rows {
+                        s[r as usize] = id;
+                    }
+                }
+                None => pairs.extend(rows.iter().map(|r| (r, id))),
+            }
+        }
+        row_keys.push(match single {
+            Some(s) => RowKeys::Single(s),
+            None => {
+                pairs.sort_unstable();
+                RowKeys::Multi(pairs)
+            }
+        });
+    }
+    // Numeric sources: a column, or the decoded record.
+    let columns: Vec<Option<crate::index::Column<'_>>> =
+        table.fields.iter().map(|(p, _)| index.column(p)).collect();
+    let field_dims: Vec<Option<crate::index::Column<'_>>> = agg
+        .group_by
+        .iter()
+        .map(|g| match g {
+            GroupBy::Field(p) => index.column(p),
+            _ => None,
+        })
+        .collect();
+    let needs_json = columns.iter().any(Option::is_none)
+        || agg
+            .group_by
+            .iter()
+            .zip(&field_dims)
+            .any(|(g, c)| matches!(g, GroupBy::Field(_)) && c.is_none());
+    let used_columns =
+        columns.iter().any(Option::is_some) || field_dims.iter().any(Option::is_some);
+    let slots = table.count_slots;
+    let nf = table.fields.len();
+    let mut cursors = vec![0usize; agg.group_by.len()];
+    let mut values: Vec<Option<f64>> = vec![None; nf];
+    let mut choices: Vec<Vec<u32>> = vec![Vec::new(); agg.group_by.len()];
+    let mut pick = vec![0usize; agg.group_by.len()];
+    for row in candidates {
+        let data = if needs_json {
+            data_of(seg.segment, row)?
+        } else {
+            None
+        };
+        for (f, col) in columns.iter().enumerate() {
+            values[f] = match col {
+                Some(c) => c.get(row),
+                None => data
+                    .as_deref()
+                    .and_then(|d| number_at(d, &table.fields[f].0)),
+            };
+        }
+        for (d, keys) in row_keys.iter().enumerate() {
+            let out = &mut choices[d];
+            out.clear();
+            match keys {
+                RowKeys::Single(s) => out.push(s[row as usize]),
+                RowKeys::Multi(pairs) => {
+                    let at = &mut cursors[d];
+                    while *at < pairs.len() && pairs[*at].0 < row {
+                        *at += 1;
+                    }
+                    while *at < pairs.len() && pairs[*at].0 == row {
+                        out.push(pairs[*at].1);
+                        *at += 1;
+                    }
+                    if out.is_empty() {
+                        out.push(NONE);
+                    }
+                }
+                RowKeys::Field => {
+                    let GroupBy::Field(p) = &agg.group_by[d] else {
+                        continue;
+                    };
+                    let value = match field_dims[d] {
+                        Some(c) => c.get(row).map(format_number),
+                        None => data.as_deref().and_then(|j| key_at(j, p)),
+                    };
+                    out.push(value.map_or(NONE, |v| interners[d].id(&v)));
+                }
+            }
+        }
+        let bucket = match agg.bucket {
+            Some(b) => b.start_of(index.timestamp(row)?),
+            None => 0,
+        };
+        // Every combination of the row's values (one, unless tags).
+        pick.iter_mut().for_each(|p| *p = 0);
+        'combos: loop {
+            let mut key = [NONE; GROUP_BY_MAX];
+            for (d, c) in choices.iter().enumerate() {
+                key[d] = c[pick[d]];
+            }
+            let g = table.group((key, bucket))?;
+            table.counts[g * slots] += 1;
+            for (i, c) in conds.iter().enumerate() {
+                if c.contains(row) {
+                    table.counts[g * slots + 1 + i] += 1;
+                }
+            }
+            for (f, v) in values.iter().enumerate() {
+                if let Some(v) = v {
+                    table.nums[g * nf + f].add(*v);
+                }
+            }
+            // The next combination, odometer style.
+            let mut d = choices.len();
+            loop {
+                if d == 0 {
+                    break 'combos;
+                }
+                d -= 1;
+                pick[d] += 1;
+                if pick[d] < choices[d].len() {
+                    continue 'combos;
+                }
+                pick[d] = 0;
+            }
+        }
+    }
+    Ok((used_columns, needs_json))
+}
+
+fn finish(
+    agg: &Aggregation,
+    mut table: Table,
+    interners: &[Interner],
+    matched: u64,
+    value_path: ValuePath,
+    strategy: &'static str,
+) -> AggregateResult {
+    let slots = table.count_slots;
+    let nf = table.fields.len();
+    let mut exact = true;
+    let n_groups = table.keys.len();
+    let mut all: Vec<(GroupKey, Vec<MetricValue>)> = Vec::with_capacity(n_groups);
+    for g in 0..n_groups {
+        let mut vals: Vec<MetricValue> = Vec::with_capacity(agg.metrics.len());
+        let mut cond = 0;
+        for m in &agg.metrics {
+            let field = |p: &str| table.fields.iter().position(|(f, _)| f == p).unwrap_or(0);
+            let v = match &m.metric {
+                Metric::Count => MetricValue::Count(table.counts[g * slots]),
+                Metric::CountWhere(_) => {
+                    cond += 1;
+                    MetricValue::Count(table.counts[g * slots + cond])
+                }
+                Metric::Ratio(a, b) => match (vals[*a].as_f64(), vals[*b].as_f64()) {
+                    (Some(x), Some(y)) if y != 0.0 => MetricValue::Number(x / y),
+                    _ => MetricValue::Null,
+                },
+                Metric::Sum(p) | Metric::Avg(p) | Metric::Min(p) | Metric::Max(p) => {
+                    let acc = &table.nums[g * nf + field(p)];
+                    if acc.n == 0 {
+                        MetricValue::Null
+                    } else {
+                        MetricValue::Number(match &m.metric {
+                            Metric::Sum(_) => acc.sum,
+                            Metric::Avg(_) => acc.sum / acc.n as f64,
+                            Metric::Min(_) => acc.min,
+                            _ => acc.max,
+                        })
+                    }
+                }
+                Metric::Percentile(p, permille) => {
+                    let f = field(p);
+                    match table.nums[g * nf + f].percentile(*permille, &mut exact) {
+                        Some(v) => MetricValue::Number(v),
+                        None => MetricValue::Null,
+                    }
+                }
+            };
+            vals.push(v);
+        }
+        all.push((table.keys[g], vals));
+    }
+    let name = |d: usize, id: u32| -> Option<&str> {
+        (id != NONE).then(|| interners[d].names[id as usize].as_str())
+    };
+    let key_cmp = |a: &GroupKey, b: &GroupKey| -> Ordering {
+        a.1.cmp(&b.1).then_with(|| {
+            for d in 0..agg.group_by.len() {
+                // None sorts last.
+                let o = match (name(d, a.0[d]), name(d, b.0[d])) {
+                    (Some(x), Some(y)) => x.cmp(y),
+                    (Some(_), None) => Ordering::Less,
+                    (None, Some(_)) => Ordering::Greater,
+                    (None, None) => Ordering::Equal,
+                };
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            Ordering::Equal
+        })
+    };
+    let cmp = |a: &(GroupKey, Vec<MetricValue>), b: &(GroupKey, Vec<MetricValue>)| -> Ordering {
+        match agg.order_by {
+            OrderKey::Key => {
+                let o = key_cmp(&a.0, &b.0);
+                if agg.descending { o.reverse() } else { o }
+            }
+            OrderKey::Metric(i) => {
+                let o = match (a.1[i].as_f64(), b.1[i].as_f64()) {
+                    (Some(x), Some(y)) => {
+                        let o = x.total_cmp(&y);
+                        if agg.descending { o.reverse() } else { o }
+                    }
+                    (Some(_), None) => Ordering::Less,
+                    (None, Some(_)) => Ordering::Greater,
+                    (None, None) => Ordering::Equal,
+                };
+                o.then_with(|| key_cmp(&a.0, &b.0))
+            }
+        }
+    };
+    if all.len() > agg.limit {
+        all.select_nth_unstable_by(agg.limit - 1, cmp);
+        all.truncate(agg.limit);
+    }
+    all.sort_unstable_by(cmp);
+    let visible: Vec<usize> = (0..agg.metrics.len())
+        .filter(|i| !agg.metrics[*i].hidden)
+        .collect();
+    let groups = all
+        .into_iter()
+        .map(|(key, vals)| GroupRow {
+            key: (0..agg.group_by.len())
+                .map(|d| name(d, key.0[d]).map(str::to_owned))
+                .collect(),
+            bucket: agg.bucket.map(|_| Timestamp(key.1)),
+            values: visible.iter().map(|i| vals[*i]).collect(),
+        })
+        .collect();
+    AggregateResult {
+        dimensions: agg.group_by.iter().map(GroupBy::name).collect(),
+        metrics: visible
+            .iter()
+            .map(|i| agg.metrics[*i].name.clone())
+            .collect(),
+        groups,
+        group_count: n_groups as u64,
+        matched,
+        value_path,
+        exact,
+        strategy,
+    }
+}

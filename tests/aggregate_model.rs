@@ -1,0 +1,518 @@
+//! Aggregations against a naive model: random events (a declared numeric
+//! field, an undeclared one, missing and non-numeric values, tags with
+//! prefixes, optional correlation ids) interleaved with aggregations,
+//! seals, reopens and deletes. Counts, sums, min/max and (small-group,
+//! exact) percentiles must equal the model's; a large group's sketched
+//! percentiles must lie within the documented relative error.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashSet};
+
+use evdb::query::Query;
+use evdb::query::aggregate::{
+    AggregateResult, Aggregation, AggregationText, MetricValue, SKETCH_RELATIVE_ERROR, ValuePath,
+};
+use evdb::{Config, Db, Event, JsonObject, Severity, Timestamp};
+use proptest::prelude::*;
+
+const SOURCES: [&str; 3] = ["alpha", "beta", "gamma"];
+const TYPES: [&str; 3] = ["start", "end", "tool_call"];
+const TAGS: [&str; 5] = ["agent:a1", "agent:a2", "tenant:t1", "prod", "agent:a3"];
+const MODELS: [&str; 2] = ["m1", "m2"];
+const HOUR: i64 = 3_600_000_000;
+const DAY: i64 = 24 * HOUR;
+
+/// The metrics every aggregation asks for: counts, a conditional count, two
+/// ratios, and every numeric metric over the declared and an undeclared
+/// field.
+const METRICS: &str = "count,count_where(severity>=error) as errors,error_rate,\
+ratio(count_where(type=end),count) as end_share,sum(/latency_ms),avg(/latency_ms),\
+min(/latency_ms),max(/latency_ms),p50(/latency_ms),p95(/latency_ms),sum(/tokens),\
+max(/tokens),p90(/tokens)";
+const VISIBLE: usize = 13;
+
+fn event_strategy() -> impl Strategy<Value = Event> {
+    (
+        0u32..300,
+        0i64..(9 * DAY),
+        (0usize..3, 0usize..3, 0usize..5),
+        proptest::option::of(0u32..5),
+        proptest::collection::btree_set(0usize..5, 0..=3),
+        // latency: none, a string, or a number in halves
+        (0u8..10, 0u32..2000),
+        proptest::option::of(0u32..50),
+        proptest::option::of(0usize..2),
+    )
+        .prop_map(
+            |(id, ts, (s, t, sev), corr, tags, (lkind, lat), tokens, model)| {
+                let mut data = serde_json::Map::new();
+                match lkind {
+                    0 => {}
+                    1 => {
+                        data.insert("latency_ms".into(), "n/a".into());
+                    }
+                    _ => {
+                        data.insert("latency_ms".into(), (f64::from(lat) / 2.0 - 100.0).into());
+                    }
+                }
+                if let Some(t) = tokens {
+                    data.insert("tokens".into(), t.into());
+                }
+                if let Some(m) = model {
+                    data.insert("model".into(), MODELS[m].into());
+                }
+                Event {
+                    id: format!("id-{id}"),
+                    timestamp: Timestamp(ts),
+                    source: SOURCES[s].into(),
+                    event_type: TYPES[t].into(),
+                    severity: Severity::ALL[sev],
+                    correlation_id: corr.map(|c| format!("session-{c}")),
+                    tags: tags.into_iter().map(|i| TAGS[i].to_owned()).collect(),
+                    data: JsonObject::from_map(&data),
+                    native: None,
+                }
+            },
+        )
+}
+
+const GROUPS: [&str; 7] = [
+    "source",
+    "type",
+    "severity",
+    "correlation_id",
+    "tag:agent",
+    "tag",
+    "/model",
+];
+const BUCKETS: [(&str, &str); 5] = [
+    ("hour", ""),
+    ("day", ""),
+    ("day", "+02:00"),
+    ("day", "-05:30"),
+    ("week", "+01:00"),
+];
+const ORDERS: [&str; 5] = [
+    "key",
+    "count",
+    "errors:desc",
+    "error_rate",
+    "p95(/latency_ms):asc",
+];
+
+#[derive(Debug, Clone)]
+struct Agg {
+    group_by: Vec<usize>,
+    bucket: Option<usize>,
+    order: usize,
+    limit: usize,
+    filter_type: Option<usize>,
+    min_severity: Option<usize>,
+    range: Option<(i64, i64)>,
+    count_only: bool,
+}
+
+fn agg_strategy() -> impl Strategy<Value = Agg> {
+    (
+        proptest::collection::btree_set(0usize..7, 0..=2),
+        proptest::option::of(0usize..5),
+        0usize..5,
+        1usize..40,
+        proptest::option::of(0usize..3),
+        proptest::option::of(0usize..5),
+        proptest::option::of((0i64..(9 * DAY), 0i64..(9 * DAY))),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(g, bucket, order, limit, filter_type, min_severity, range, count_only)| Agg {
+                group_by: g.into_iter().collect(),
+                bucket,
+                order,
+                limit,
+                filter_type,
+                min_severity,
+                range: range.map(|(a, b)| (a.min(b), a.max(b))),
+                count_only,
+            },
+        )
+}
+
+impl Agg {
+    fn build(&self) -> Aggregation {
+        let filter = Query {
+            types: self
+                .filter_type
+                .map(|t| vec![TYPES[t].to_owned()])
+                .unwrap_or_default(),
+            min_severity: self.min_severity.map(|s| Severity::ALL[s]),
+            start: self.range.map(|r| Timestamp(r.0)),
+            end: self.range.map(|r| Timestamp(r.1)),
+            ..Query::default()
+        };
+        let metrics = if self.count_only {
+            "count,count_where(severity>=error) as errors,error_rate"
+        } else {
+            METRICS
+        };
+        let order = match (self.count_only, ORDERS[self.order]) {
+            (true, "p95(/latency_ms):asc") => "count:asc",
+            (_, o) => o,
+        };
+        Aggregation::from_text(
+            filter,
+            &AggregationText {
+                group_by: self.group_by.iter().map(|g| GROUPS[*g]).collect(),
+                bucket: self.bucket.map(|b| BUCKETS[b].0),
+                tz_offset: self.bucket.map(|b| BUCKETS[b].1),
+                metrics: Some(metrics),
+                order_by: Some(order),
+                limit: Some(self.limit),
+            },
+        )
+        .unwrap()
+    }
+}
+
+/// The bucket start of `ts`, computed from calendar rules.
+fn model_bucket(ts: i64, b: usize) -> i64 {
+    let (unit, offset) = BUCKETS[b];
+    let off = match offset {
+        "" => 0,
+        "+02:00" => 2 * HOUR,
+        "-05:30" => -(5 * HOUR + 30 * 60_000_000),
+        "+01:00" => HOUR,
+        _ => unreachable!(),
+    };
+    let local = ts + off;
+    let start_local = match unit {
+        "hour" => local - local.rem_euclid(HOUR),
+        "day" => local - local.rem_euclid(DAY),
+        "week" => {
+            let day_start = local - local.rem_euclid(DAY);
+            let days = day_start.div_euclid(DAY);
+            // 1970-01-05 was a Monday.
+            day_start - (days - 4).rem_euclid(7) * DAY
+        }
+        _ => unreachable!(),
+    };
+    start_local - off
+}
+
+fn number(e: &Event, key: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(e.data.as_str()).unwrap();
+    v.get(key)?.as_f64()
+}
+
+fn keys_of(e: &Event, g: &str) -> Vec<Option<String>> {
+    match g {
+        "source" => vec![Some(e.source.clone())],
+        "type" => vec![Some(e.event_type.clone())],
+        "severity" => vec![Some(e.severity.as_str().to_owned())],
+        "correlation_id" => vec![e.correlation_id.clone()],
+        "tag" | "tag:agent" => {
+            let v: Vec<Option<String>> = e
+                .tags
+                .iter()
+                .filter_map(|t| {
+                    if g == "tag" {
+                        Some(t.clone())
+                    } else {
+                        t.strip_prefix("agent:").map(str::to_owned)
+                    }
+                })
+                .map(Some)
+                .collect();
+            if v.is_empty() { vec![None] } else { v }
+        }
+        "/model" => {
+            let v: serde_json::Value = serde_json::from_str(e.data.as_str()).unwrap();
+            vec![v.get("model").and_then(|m| m.as_str()).map(str::to_owned)]
+        }
+        _ => unreachable!(),
+    }
+}
+
+type ModelKey = (i64, Vec<Option<String>>);
+type ModelRow = (ModelKey, Vec<Option<f64>>);
+
+fn percentile(values: &mut [f64], q: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some(values[(q * (values.len() as f64 - 1.0)) as usize])
+}
+
+/// Every group with its visible metric values, in result order, cut to
+/// the limit.
+fn model(stored: &[Event], a: &Agg) -> (u64, u64, Vec<ModelRow>) {
+    let agg = a.build();
+    let mut groups: BTreeMap<ModelKey, Vec<&Event>> = BTreeMap::new();
+    let mut matched = 0;
+    for e in stored {
+        if !evdb::query::matches(&agg.filter, e) {
+            continue;
+        }
+        matched += 1;
+        let bucket = a
+            .bucket
+            .map_or(0, |b| model_bucket(e.timestamp.as_micros(), b));
+        let mut combos: Vec<Vec<Option<String>>> = vec![vec![]];
+        for g in &a.group_by {
+            let values = keys_of(e, GROUPS[*g]);
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.push(v.clone());
+                        c
+                    })
+                })
+                .collect();
+        }
+        for c in combos {
+            groups.entry((bucket, c)).or_default().push(e);
+        }
+    }
+    let mut rows: Vec<ModelRow> = groups
+        .into_iter()
+        .map(|(k, events)| {
+            let count = events.len() as f64;
+            let errors = events
+                .iter()
+                .filter(|e| e.severity >= Severity::Error)
+                .count() as f64;
+            let mut vals = vec![Some(count), Some(errors), Some(errors / count)];
+            if !a.count_only {
+                let ends = events.iter().filter(|e| e.event_type == "end").count() as f64;
+                vals.push(Some(ends / count));
+                let mut lat: Vec<f64> = events
+                    .iter()
+                    .filter_map(|e| number(e, "latency_ms"))
+                    .collect();
+                let mut tok: Vec<f64> = events.iter().filter_map(|e| number(e, "tokens")).collect();
+                let sum = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>());
+                vals.push(sum(&lat));
+                vals.push(sum(&lat).map(|s| s / lat.len() as f64));
+                vals.push(lat.iter().copied().reduce(f64::min));
+                vals.push(lat.iter().copied().reduce(f64::max));
+                vals.push(percentile(&mut lat, 0.5));
+                vals.push(percentile(&mut lat, 0.95));
+                vals.push(sum(&tok));
+                vals.push(tok.iter().copied().reduce(f64::max));
+                vals.push(percentile(&mut tok, 0.9));
+            }
+            (k, vals)
+        })
+        .collect();
+    // The engine's order: the metric (nulls last), then bucket, then keys
+    // with missing values last.
+    let key_cmp = |a: &ModelKey, b: &ModelKey| {
+        a.0.cmp(&b.0).then_with(|| {
+            for (x, y) in a.1.iter().zip(&b.1) {
+                let o = match (x, y) {
+                    (Some(x), Some(y)) => x.cmp(y),
+                    (Some(_), None) => Ordering::Less,
+                    (None, Some(_)) => Ordering::Greater,
+                    (None, None) => Ordering::Equal,
+                };
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            Ordering::Equal
+        })
+    };
+    let order = ORDERS[a.order];
+    let (metric, desc) = match (a.count_only, order) {
+        (_, "key") => (None, false),
+        (_, "count") => (Some(0), true),
+        (_, "errors:desc") => (Some(1), true),
+        (_, "error_rate") => (Some(2), true),
+        (true, _) => (Some(0), false),
+        (false, _) => (Some(9), false),
+    };
+    rows.sort_by(|x, y| match metric {
+        None => key_cmp(&x.0, &y.0),
+        Some(i) => {
+            let o = match (x.1[i], y.1[i]) {
+                (Some(p), Some(q)) => {
+                    let o = p.total_cmp(&q);
+                    if desc { o.reverse() } else { o }
+                }
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (None, None) => Ordering::Equal,
+            };
+            o.then_with(|| key_cmp(&x.0, &y.0))
+        }
+    });
+    let total = rows.len() as u64;
+    rows.truncate(a.limit);
+    (matched, total, rows)
+}
+
+fn check(got: &AggregateResult, stored: &[Event], a: &Agg) {
+    let (matched, total, want) = model(stored, a);
+    assert_eq!(got.matched, matched, "matched for {a:?}");
+    assert_eq!(got.group_count, total, "groups for {a:?}");
+    let got_rows: Vec<ModelRow> = got
+        .groups
+        .iter()
+        .map(|g| {
+            (
+                (g.bucket.map_or(0, |b| b.as_micros()), g.key.clone()),
+                g.values.iter().map(|v| v.as_f64()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(got_rows, want, "aggregation {a:?}");
+    if !a.count_only {
+        assert_eq!(got.metrics.len(), VISIBLE);
+        assert!(got.exact, "small groups are exact");
+        // /tokens is not declared: it always needs the records.
+        if matched > 0 {
+            assert!(
+                matches!(got.value_path, ValuePath::Mixed | ValuePath::Json),
+                "{:?}",
+                got.value_path
+            );
+        }
+    }
+    for g in &got.groups {
+        assert!(matches!(g.values[0], MetricValue::Count(_)));
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(Vec<Event>),
+    Aggregate(Agg),
+    Seal,
+    Reopen,
+    DeleteId(usize),
+    DeleteType(usize),
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => proptest::collection::vec(event_strategy(), 1..40).prop_map(Op::Append),
+        4 => agg_strategy().prop_map(Op::Aggregate),
+        1 => Just(Op::Seal),
+        1 => Just(Op::Reopen),
+        1 => any::<usize>().prop_map(Op::DeleteId),
+        1 => (0usize..3).prop_map(Op::DeleteType),
+    ]
+}
+
+fn config() -> Config {
+    let mut c = Config::default();
+    c.storage.segment_size_bytes = 64 * 1024;
+    c.storage.block_size_bytes = 2048;
+    c.numeric_fields = vec!["/latency_ms".into()];
+    c
+}
+
+fn run(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(dir.path(), config()).unwrap();
+    let mut stored: Vec<Event> = Vec::new();
+    let mut ids: HashSet<String> = HashSet::new();
+    for op in ops {
+        match op {
+            Op::Append(events) => {
+                db.append_batch(events.clone()).unwrap();
+                for e in events {
+                    if ids.insert(e.id.clone()) {
+                        stored.push(e);
+                    }
+                }
+            }
+            Op::Aggregate(a) => {
+                let got = db.aggregate(&a.build()).unwrap();
+                check(&got, &stored, &a);
+            }
+            Op::Seal => db.seal().unwrap(),
+            Op::Reopen => {
+                db.close().unwrap();
+                drop(db);
+                db = Db::open(dir.path(), config()).unwrap();
+            }
+            Op::DeleteId(i) => {
+                if !stored.is_empty() {
+                    let e = stored.remove(i % stored.len());
+                    assert!(db.delete(&e.id).unwrap());
+                }
+            }
+            Op::DeleteType(t) => {
+                let q = Query {
+                    types: vec![TYPES[t].to_owned()],
+                    ..Query::default()
+                };
+                db.delete_matching(&q).unwrap();
+                stored.retain(|e| e.event_type != TYPES[t]);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn aggregations_equal_the_model(ops in proptest::collection::vec(op_strategy(), 1..30)) {
+        run(ops);
+    }
+}
+
+/// A group larger than the exact threshold is sketched: every percentile
+/// lies within the documented relative error of the exact value at the
+/// same rank; sum, min, max and count stay exact.
+#[test]
+fn large_groups_use_a_sketch_within_its_documented_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), config()).unwrap();
+    let mut values = Vec::new();
+    let mut events = Vec::new();
+    for i in 0..5000u32 {
+        // A skewed, latency-like distribution.
+        let v = f64::from(1 + (i * 7919) % 997) * if i % 10 == 0 { 13.0 } else { 1.0 };
+        values.push(v);
+        let mut e = Event::new("alpha", "tool_call");
+        e.data = JsonObject::parse(&format!(r#"{{"latency_ms":{v}}}"#)).unwrap();
+        e.timestamp = Timestamp(i64::from(i));
+        events.push(e);
+        if events.len() == 1000 {
+            db.append_batch(std::mem::take(&mut events)).unwrap();
+        }
+    }
+    db.seal().unwrap();
+    let agg = Aggregation::from_text(
+        Query::default(),
+        &AggregationText {
+            metrics: Some("count,sum(/latency_ms),min(/latency_ms),max(/latency_ms),p50(/latency_ms),p90(/latency_ms),p95(/latency_ms),p99(/latency_ms)"),
+            ..AggregationText::default()
+        },
+    )
+    .unwrap();
+    let got = db.aggregate(&agg).unwrap();
+    assert!(!got.exact);
+    assert_eq!(got.value_path, ValuePath::Columns);
+    let row = &got.groups[0];
+    assert_eq!(row.values[0], MetricValue::Count(5000));
+    assert_eq!(row.values[1].as_f64(), Some(values.iter().sum()));
+    let mut sorted = values.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(row.values[2].as_f64(), Some(sorted[0]));
+    assert_eq!(row.values[3].as_f64(), Some(sorted[4999]));
+    for (i, q) in [0.5, 0.9, 0.95, 0.99].into_iter().enumerate() {
+        let exact = sorted[(q * 4999.0) as usize];
+        let est = row.values[4 + i].as_f64().unwrap();
+        assert!(
+            (est - exact).abs() <= SKETCH_RELATIVE_ERROR * exact.abs() + 1e-9,
+            "p{q}: {est} vs exact {exact}"
+        );
+    }
+}
