@@ -121,10 +121,12 @@ impl Db {
         fs::create_dir_all(&index_dir).map_err(io(&index_dir))?;
         let ours = self.log().dir().join("index");
         for &segment in &summary.segments {
-            let from = crate::db_index::index_path(&ours, segment);
-            if from.exists() {
-                let to = crate::db_index::index_path(&index_dir, segment);
-                link_or_copy(&from, &to).map_err(io(&to))?;
+            for path in [crate::db_index::index_path, crate::db_index::numeric_path] {
+                let from = path(&ours, segment);
+                if from.exists() {
+                    let to = path(&index_dir, segment);
+                    link_or_copy(&from, &to).map_err(io(&to))?;
+                }
             }
         }
         let mut info = SnapshotInfo {
@@ -385,6 +387,10 @@ pub fn verify(db: &Db, mut progress: impl FnMut(u64, usize, usize)) -> Vec<Damag
                 if let Some(d) = verify_index(&idx, s.id, s.rows) {
                     out.push(d);
                 }
+                let num = crate::db_index::numeric_path(&dir.join("index"), s.id);
+                if let Some(d) = verify_numeric(&num, s.id, s.rows) {
+                    out.push(d);
+                }
             }
             crate::storage::SegmentRef::Open(o) => {
                 for row in 0..o.visible_rows() {
@@ -397,6 +403,33 @@ pub fn verify(db: &Db, mut progress: impl FnMut(u64, usize, usize)) -> Vec<Damag
         }
     }
     out
+}
+
+/// A numeric column file: every checksum (checked whole when opened) and
+/// its row count. Missing is not damage (derived data).
+fn verify_numeric(path: &Path, segment: u64, rows: u32) -> Option<Damage> {
+    use crate::index::{IndexError, NumericFile};
+    if !path.exists() {
+        return None;
+    }
+    match NumericFile::open(path, segment) {
+        Ok(f) if f.rows() == rows => None,
+        Ok(f) => Some(Damage {
+            file: path.to_owned(),
+            offset: 0,
+            reason: format!("numeric columns cover {} rows, the segment {rows}", f.rows()),
+        }),
+        Err(IndexError::Corrupted { offset, reason, .. }) => Some(Damage {
+            file: path.to_owned(),
+            offset,
+            reason,
+        }),
+        Err(IndexError::Io { source, .. }) => Some(Damage {
+            file: path.to_owned(),
+            offset: 0,
+            reason: source.to_string(),
+        }),
+    }
 }
 
 fn verify_index(path: &Path, segment: u64, rows: u32) -> Option<Damage> {
