@@ -149,6 +149,59 @@ pub fn stats_to_json(stats: &crate::query::Stats) -> serde_json::Value {
     out
 }
 
+/// The JSON form of an aggregation (`GET /events/aggregate`): each group's
+/// `key` maps dimension names to values (null: the events have none), its
+/// `values` map metric names to numbers (null: no value); `bucket` is the
+/// bucket's start when bucketed.
+pub fn aggregate_to_json(
+    r: &crate::query::aggregate::AggregateResult,
+    took_ms: f64,
+) -> serde_json::Value {
+    use crate::query::aggregate::MetricValue;
+    let groups: Vec<serde_json::Value> = r
+        .groups
+        .iter()
+        .map(|g| {
+            let key: serde_json::Map<String, serde_json::Value> = r
+                .dimensions
+                .iter()
+                .zip(&g.key)
+                .map(|(d, v)| (d.clone(), v.clone().into()))
+                .collect();
+            let values: serde_json::Map<String, serde_json::Value> = r
+                .metrics
+                .iter()
+                .zip(&g.values)
+                .map(|(m, v)| {
+                    let v = match v {
+                        MetricValue::Count(c) => (*c).into(),
+                        MetricValue::Number(x) => serde_json::Number::from_f64(*x)
+                            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+                        MetricValue::Null => serde_json::Value::Null,
+                    };
+                    (m.clone(), v)
+                })
+                .collect();
+            let mut out = serde_json::json!({ "key": key, "values": values });
+            if let Some(b) = g.bucket {
+                out["bucket"] = b.to_rfc3339().into();
+            }
+            out
+        })
+        .collect();
+    serde_json::json!({
+        "dimensions": r.dimensions,
+        "metrics": r.metrics,
+        "groups": groups,
+        "group_count": r.group_count,
+        "matched_events": r.matched,
+        "value_path": r.value_path.as_str(),
+        "exact": r.exact,
+        "strategy": r.strategy,
+        "took_ms": (took_ms * 1000.0).round() / 1000.0,
+    })
+}
+
 pub fn event_to_json(event: &Event) -> String {
     let mut out = String::with_capacity(256 + event.data.as_str().len());
     write_event(event, &mut out);

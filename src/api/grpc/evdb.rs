@@ -2,6 +2,7 @@
 //! operations over gRPC, with client-streaming ingest and a server-streaming
 //! live tail under the same slow-consumer policy as the WebSocket tail.
 
+use crate::query::aggregate::{Aggregation, AggregationText};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -313,6 +314,51 @@ impl pb::evdb_server::Evdb for EvdbService {
             start: stats.time_range.map(|(a, _)| time_out(a)),
             end: stats.time_range.map(|(_, b)| time_out(b)),
             distinct_correlation_ids: stats.distinct_correlation_ids,
+        }))
+    }
+
+    async fn aggregate(
+        &self,
+        request: Request<pb::AggregateRequest>,
+    ) -> Result<Response<pb::AggregateResponse>, Status> {
+        let req = request.into_inner();
+        let filter = filter_in(req.filter.unwrap_or_default()).map_err(|e| invalid(&e))?;
+        let metrics = req.metrics.join(",");
+        let text = AggregationText {
+            group_by: req.group_by.iter().map(String::as_str).collect(),
+            bucket: Some(req.bucket.as_str()),
+            tz_offset: Some(req.tz_offset.as_str()).filter(|t| !t.is_empty()),
+            metrics: Some(metrics.as_str()).filter(|m| !m.is_empty()),
+            order_by: Some(req.order_by.as_str()),
+            limit: (req.limit > 0).then_some(req.limit as usize),
+        };
+        let agg = Aggregation::from_text(filter, &text).map_err(|e| status(e.into()))?;
+        let r = blocking(self.db.clone(), move |db| db.aggregate(&agg).map_err(status)).await?;
+        Ok(Response::new(pb::AggregateResponse {
+            groups: r
+                .groups
+                .into_iter()
+                .map(|g| pb::AggregateGroup {
+                    key: g
+                        .key
+                        .into_iter()
+                        .map(|value| pb::KeyPart { value })
+                        .collect(),
+                    bucket: g.bucket.map(time_out),
+                    values: g
+                        .values
+                        .into_iter()
+                        .map(|v| pb::MetricResult { value: v.as_f64() })
+                        .collect(),
+                })
+                .collect(),
+            dimensions: r.dimensions,
+            metrics: r.metrics,
+            group_count: r.group_count,
+            matched_events: r.matched,
+            value_path: r.value_path.as_str().to_owned(),
+            exact: r.exact,
+            strategy: r.strategy.to_owned(),
         }))
     }
 

@@ -122,6 +122,12 @@ impl From<DbError> for ApiError {
     }
 }
 
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> ApiError {
+        DbError::Query(e).into()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {

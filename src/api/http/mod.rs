@@ -82,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/events/batch", post(ingest::batch))
         .route("/events/stats", get(stats))
+        .route("/events/aggregate", get(aggregate))
         .route("/events/stream", get(tail::stream))
         .route("/events/correlation/{id}", get(correlation))
         .route("/events/{event_id}", get(get_event).delete(delete_event))
@@ -348,6 +349,24 @@ async fn stats(
         Ok(json_text(
             StatusCode::OK,
             json::stats_to_json(&stats).to_string(),
+        ))
+    })
+    .await
+}
+
+async fn aggregate(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let agg = params::aggregate(&params::pairs(raw.as_deref()))?;
+    let db = state.db.clone();
+    blocking(move || {
+        let started = std::time::Instant::now();
+        let result = db.aggregate(&agg)?;
+        let took = started.elapsed().as_secs_f64() * 1000.0;
+        Ok(json_text(
+            StatusCode::OK,
+            json::aggregate_to_json(&result, took).to_string(),
         ))
     })
     .await

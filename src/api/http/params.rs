@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 
 use crate::event::{Severity, Timestamp};
+use crate::query::aggregate::{Aggregation, AggregationText};
 use crate::query::{Cursor, Order, Query};
 use crate::tail::TailFilter;
 
@@ -120,6 +121,58 @@ pub fn query(pairs: &[(String, String)]) -> Result<Query, ApiError> {
         q.cursor = Some(c);
     }
     Ok(q)
+}
+
+/// Keys `GET /events/aggregate` accepts besides the filters.
+pub const AGGREGATE_KEYS: &[&str] = &[
+    "group_by",
+    "bucket",
+    "tz_offset",
+    "metrics",
+    "order_by",
+    "limit",
+];
+
+/// `GET /events/aggregate`: the filters of `GET /events` (no paging) plus
+/// the aggregation (`docs/api.md`, "Aggregations"). `group_by` and
+/// `metrics` may repeat.
+pub fn aggregate(pairs: &[(String, String)]) -> Result<Aggregation, ApiError> {
+    let mut filters = Vec::new();
+    let mut text = AggregationText::default();
+    let mut metrics: Vec<&str> = Vec::new();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "group_by" => text.group_by.push(v),
+            "bucket" => text.bucket = Some(v),
+            "tz_offset" => text.tz_offset = Some(v),
+            "metrics" | "metric" => metrics.push(v),
+            "order_by" => text.order_by = Some(v),
+            "limit" => text.limit = Some(number("limit", v)?),
+            "offset" | "sort_order" | "cursor" => {
+                return Err(ApiError::bad_request(
+                    k,
+                    format!("{k}: aggregations are not paged; use order_by and limit"),
+                ));
+            }
+            _ if QUERY_KEYS.contains(&k.as_str()) => filters.push((k.clone(), v.clone())),
+            other => {
+                return Err(ApiError::bad_request(
+                    other,
+                    format!(
+                        "unknown query parameter {other:?}; known: {}, {}",
+                        AGGREGATE_KEYS.join(", "),
+                        QUERY_KEYS[..9].join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let joined = metrics.join(",");
+    if !metrics.is_empty() {
+        text.metrics = Some(&joined);
+    }
+    let filter = query(&filters)?;
+    Ok(Aggregation::from_text(filter, &text)?)
 }
 
 /// The filters of `GET /events/stream`: `severity` is a minimum level.
