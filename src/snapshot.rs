@@ -417,7 +417,10 @@ fn verify_numeric(path: &Path, segment: u64, rows: u32) -> Option<Damage> {
         Ok(f) => Some(Damage {
             file: path.to_owned(),
             offset: 0,
-            reason: format!("numeric columns cover {} rows, the segment {rows}", f.rows()),
+            reason: format!(
+                "numeric columns cover {} rows, the segment {rows}",
+                f.rows()
+            ),
         }),
         Err(IndexError::Corrupted { offset, reason, .. }) => Some(Damage {
             file: path.to_owned(),

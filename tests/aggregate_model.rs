@@ -29,8 +29,8 @@ const DAY: i64 = 24 * HOUR;
 const METRICS: &str = "count,count_where(severity>=error) as errors,error_rate,\
 ratio(count_where(type=end),count) as end_share,sum(/latency_ms),avg(/latency_ms),\
 min(/latency_ms),max(/latency_ms),p50(/latency_ms),p95(/latency_ms),sum(/tokens),\
-max(/tokens),p90(/tokens)";
-const VISIBLE: usize = 13;
+max(/tokens),p90(/tokens),first_seen,last_seen";
+const VISIBLE: usize = 15;
 
 fn event_strategy() -> impl Strategy<Value = Event> {
     (
@@ -244,17 +244,53 @@ fn percentile(values: &mut [f64], q: f64) -> Option<f64> {
     Some(values[(q * (values.len() as f64 - 1.0)) as usize])
 }
 
+/// The visible metric values over `events`.
+fn model_values(events: &[&Event], count_only: bool) -> Vec<Option<f64>> {
+    let count = events.len() as f64;
+    let errors = events
+        .iter()
+        .filter(|e| e.severity >= Severity::Error)
+        .count() as f64;
+    let rate = (count > 0.0).then(|| errors / count);
+    let mut vals = vec![Some(count), Some(errors), rate];
+    if !count_only {
+        let ends = events.iter().filter(|e| e.event_type == "end").count() as f64;
+        vals.push((count > 0.0).then(|| ends / count));
+        let mut lat: Vec<f64> = events
+            .iter()
+            .filter_map(|e| number(e, "latency_ms"))
+            .collect();
+        let mut tok: Vec<f64> = events.iter().filter_map(|e| number(e, "tokens")).collect();
+        let sum = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>());
+        vals.push(sum(&lat));
+        vals.push(sum(&lat).map(|s| s / lat.len() as f64));
+        vals.push(lat.iter().copied().reduce(f64::min));
+        vals.push(lat.iter().copied().reduce(f64::max));
+        vals.push(percentile(&mut lat, 0.5));
+        vals.push(percentile(&mut lat, 0.95));
+        vals.push(sum(&tok));
+        vals.push(tok.iter().copied().reduce(f64::max));
+        vals.push(percentile(&mut tok, 0.9));
+        let times = events.iter().map(|e| e.timestamp.as_micros() as f64);
+        vals.push(times.clone().reduce(f64::min));
+        vals.push(times.reduce(f64::max));
+    }
+    vals
+}
+
 /// Every group with its visible metric values, in result order, cut to
 /// the limit.
-fn model(stored: &[Event], a: &Agg) -> (u64, u64, Vec<ModelRow>) {
+fn model(stored: &[Event], a: &Agg) -> (u64, u64, Vec<ModelRow>, Vec<Option<f64>>) {
     let agg = a.build();
     let mut groups: BTreeMap<ModelKey, Vec<&Event>> = BTreeMap::new();
     let mut matched = 0;
+    let mut all = Vec::new();
     for e in stored {
         if !evdb::query::matches(&agg.filter, e) {
             continue;
         }
         matched += 1;
+        all.push(e);
         let bucket = a
             .bucket
             .map_or(0, |b| model_bucket(e.timestamp.as_micros(), b));
@@ -278,34 +314,7 @@ fn model(stored: &[Event], a: &Agg) -> (u64, u64, Vec<ModelRow>) {
     }
     let mut rows: Vec<ModelRow> = groups
         .into_iter()
-        .map(|(k, events)| {
-            let count = events.len() as f64;
-            let errors = events
-                .iter()
-                .filter(|e| e.severity >= Severity::Error)
-                .count() as f64;
-            let mut vals = vec![Some(count), Some(errors), Some(errors / count)];
-            if !a.count_only {
-                let ends = events.iter().filter(|e| e.event_type == "end").count() as f64;
-                vals.push(Some(ends / count));
-                let mut lat: Vec<f64> = events
-                    .iter()
-                    .filter_map(|e| number(e, "latency_ms"))
-                    .collect();
-                let mut tok: Vec<f64> = events.iter().filter_map(|e| number(e, "tokens")).collect();
-                let sum = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>());
-                vals.push(sum(&lat));
-                vals.push(sum(&lat).map(|s| s / lat.len() as f64));
-                vals.push(lat.iter().copied().reduce(f64::min));
-                vals.push(lat.iter().copied().reduce(f64::max));
-                vals.push(percentile(&mut lat, 0.5));
-                vals.push(percentile(&mut lat, 0.95));
-                vals.push(sum(&tok));
-                vals.push(tok.iter().copied().reduce(f64::max));
-                vals.push(percentile(&mut tok, 0.9));
-            }
-            (k, vals)
-        })
+        .map(|(k, events)| (k, model_values(&events, a.count_only)))
         .collect();
     // The engine's order: the metric (nulls last), then bucket, then keys
     // with missing values last.
@@ -351,11 +360,13 @@ fn model(stored: &[Event], a: &Agg) -> (u64, u64, Vec<ModelRow>) {
     });
     let total = rows.len() as u64;
     rows.truncate(a.limit);
-    (matched, total, rows)
+    (matched, total, rows, model_values(&all, a.count_only))
 }
 
 fn check(got: &AggregateResult, stored: &[Event], a: &Agg) {
-    let (matched, total, want) = model(stored, a);
+    let (matched, total, want, totals) = model(stored, a);
+    let got_totals: Vec<Option<f64>> = got.totals.iter().map(|v| v.as_f64()).collect();
+    assert_eq!(got_totals, totals, "totals for {a:?}");
     assert_eq!(got.matched, matched, "matched for {a:?}");
     assert_eq!(got.group_count, total, "groups for {a:?}");
     let got_rows: Vec<ModelRow> = got

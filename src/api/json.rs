@@ -149,15 +149,38 @@ pub fn stats_to_json(stats: &crate::query::Stats) -> serde_json::Value {
     out
 }
 
+/// Metric names to values: counts as integers, times as RFC 3339, null
+/// for no value.
+fn metric_values_json(
+    names: &[String],
+    values: &[crate::query::aggregate::MetricValue],
+) -> serde_json::Map<String, serde_json::Value> {
+    use crate::query::aggregate::MetricValue;
+    names
+        .iter()
+        .zip(values)
+        .map(|(m, v)| {
+            let v = match v {
+                MetricValue::Count(c) => (*c).into(),
+                MetricValue::Number(x) => serde_json::Number::from_f64(*x)
+                    .map_or(serde_json::Value::Null, serde_json::Value::Number),
+                MetricValue::Time(t) => t.to_rfc3339().into(),
+                MetricValue::Null => serde_json::Value::Null,
+            };
+            (m.clone(), v)
+        })
+        .collect()
+}
+
 /// The JSON form of an aggregation (`GET /events/aggregate`): each group's
 /// `key` maps dimension names to values (null: the events have none), its
-/// `values` map metric names to numbers (null: no value); `bucket` is the
-/// bucket's start when bucketed.
+/// `values` map metric names to values (null: no value); `bucket` is the
+/// bucket's start when bucketed; `totals` holds the metrics over every
+/// matching event.
 pub fn aggregate_to_json(
     r: &crate::query::aggregate::AggregateResult,
     took_ms: f64,
 ) -> serde_json::Value {
-    use crate::query::aggregate::MetricValue;
     let groups: Vec<serde_json::Value> = r
         .groups
         .iter()
@@ -168,21 +191,10 @@ pub fn aggregate_to_json(
                 .zip(&g.key)
                 .map(|(d, v)| (d.clone(), v.clone().into()))
                 .collect();
-            let values: serde_json::Map<String, serde_json::Value> = r
-                .metrics
-                .iter()
-                .zip(&g.values)
-                .map(|(m, v)| {
-                    let v = match v {
-                        MetricValue::Count(c) => (*c).into(),
-                        MetricValue::Number(x) => serde_json::Number::from_f64(*x)
-                            .map_or(serde_json::Value::Null, serde_json::Value::Number),
-                        MetricValue::Null => serde_json::Value::Null,
-                    };
-                    (m.clone(), v)
-                })
-                .collect();
-            let mut out = serde_json::json!({ "key": key, "values": values });
+            let mut out = serde_json::json!({
+                "key": key,
+                "values": metric_values_json(&r.metrics, &g.values),
+            });
             if let Some(b) = g.bucket {
                 out["bucket"] = b.to_rfc3339().into();
             }
@@ -193,6 +205,7 @@ pub fn aggregate_to_json(
         "dimensions": r.dimensions,
         "metrics": r.metrics,
         "groups": groups,
+        "totals": metric_values_json(&r.metrics, &r.totals),
         "group_count": r.group_count,
         "matched_events": r.matched,
         "value_path": r.value_path.as_str(),

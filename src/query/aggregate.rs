@@ -228,6 +228,10 @@ pub enum Metric {
     Max(String),
     /// The percentile (in tenths of a percent: 950 is p95) of a field.
     Percentile(String, u16),
+    /// The earliest event timestamp of the group.
+    FirstSeen,
+    /// The latest event timestamp of the group.
+    LastSeen,
 }
 
 impl Metric {
@@ -384,6 +388,10 @@ fn parse_metric(
     };
     let metric = if expr == "count" {
         Metric::Count
+    } else if expr == "first_seen" {
+        Metric::FirstSeen
+    } else if expr == "last_seen" {
+        Metric::LastSeen
     } else if expr == "error_rate" {
         let a = parse_metric("count_where(severity>=error)", None, true, out)?;
         let b = parse_metric("count", None, true, out)?;
@@ -401,10 +409,13 @@ fn parse_metric(
         let a = parse_metric(a, None, true, out)?;
         let b = parse_metric(b, None, true, out)?;
         for i in [a, b] {
-            if matches!(out[i].metric, Metric::Ratio(..)) {
+            if matches!(
+                out[i].metric,
+                Metric::Ratio(..) | Metric::FirstSeen | Metric::LastSeen
+            ) {
                 return Err(invalid(
                     "metrics",
-                    format!("{expr}: a ratio of ratios is not supported"),
+                    format!("{expr}: a ratio takes counts or numbers, not ratios or times"),
                 ));
             }
         }
@@ -437,7 +448,7 @@ fn parse_metric(
         return Err(invalid(
             "metrics",
             format!(
-                "{expr:?}: use count, count_where(COND), error_rate, ratio(A,B), sum/avg/min/max(/ptr) or p50/p90/p95/p99(/ptr)"
+                "{expr:?}: use count, count_where(COND), error_rate, ratio(A,B), first_seen, last_seen, sum/avg/min/max(/ptr) or p50/p90/p95/p99(/ptr)"
             ),
         ));
     };
@@ -609,6 +620,12 @@ impl Aggregation {
         Ok(())
     }
 
+    fn tracks_time(&self) -> bool {
+        self.metrics
+            .iter()
+            .any(|m| matches!(m.metric, Metric::FirstSeen | Metric::LastSeen))
+    }
+
     fn count_only(&self) -> bool {
         self.metrics.iter().all(|m| {
             matches!(
@@ -624,15 +641,19 @@ impl Aggregation {
 pub enum MetricValue {
     Count(u64),
     Number(f64),
+    /// `first_seen`, `last_seen`.
+    Time(Timestamp),
     /// No value: no numbers in the group, or a ratio over zero.
     Null,
 }
 
 impl MetricValue {
+    /// The value as a number (a time in µs since the epoch).
     pub fn as_f64(self) -> Option<f64> {
         match self {
             MetricValue::Count(c) => Some(c as f64),
             MetricValue::Number(v) => Some(v),
+            MetricValue::Time(t) => Some(t.as_micros() as f64),
             MetricValue::Null => None,
         }
     }
@@ -681,6 +702,9 @@ pub struct AggregateResult {
     /// Names of the visible metrics, in value order.
     pub metrics: Vec<String>,
     pub groups: Vec<GroupRow>,
+    /// The visible metrics over every matching event, ungrouped (an event
+    /// with several tags counts once here).
+    pub totals: Vec<MetricValue>,
     /// Groups before `limit`.
     pub group_count: u64,
     /// Events the filter matched.
@@ -793,6 +817,8 @@ struct Table {
     /// `fields.len()` per group.
     nums: Vec<NumAcc>,
     fields: Vec<(String, bool)>,
+    /// (first, last) timestamp per group, when a time metric is asked.
+    times: Option<Vec<(i64, i64)>>,
     max_groups: usize,
 }
 
@@ -817,7 +843,110 @@ impl Table {
         for (_, q) in &self.fields {
             self.nums.push(NumAcc::new(*q));
         }
+        if let Some(t) = &mut self.times {
+            t.push((i64::MAX, i64::MIN));
+        }
         Ok(g)
+    }
+
+    fn empty_like(&self, max_groups: usize) -> Table {
+        Table {
+            ids: FxHashMap::default(),
+            keys: Vec::new(),
+            counts: Vec::new(),
+            count_slots: self.count_slots,
+            nums: Vec::new(),
+            fields: self.fields.clone(),
+            times: self.times.as_ref().map(|_| Vec::new()),
+            max_groups,
+        }
+    }
+
+    /// Adds one row to group `g`.
+    #[inline]
+    fn add_row(
+        &mut self,
+        g: usize,
+        row: u32,
+        conds: &[RoaringBitmap],
+        values: &[Option<f64>],
+        ts: i64,
+    ) {
+        let slots = self.count_slots;
+        let nf = self.fields.len();
+        self.counts[g * slots] += 1;
+        for (i, c) in conds.iter().enumerate() {
+            if c.contains(row) {
+                self.counts[g * slots + 1 + i] += 1;
+            }
+        }
+        for (f, v) in values.iter().enumerate() {
+            if let Some(v) = v {
+                self.nums[g * nf + f].add(*v);
+            }
+        }
+        if let Some(t) = &mut self.times {
+            let (lo, hi) = &mut t[g];
+            *lo = (*lo).min(ts);
+            *hi = (*hi).max(ts);
+        }
+    }
+
+    /// Every metric's value for group `g`.
+    fn values(&mut self, agg: &Aggregation, g: usize, exact: &mut bool) -> Vec<MetricValue> {
+        let slots = self.count_slots;
+        let nf = self.fields.len();
+        let mut vals: Vec<MetricValue> = Vec::with_capacity(agg.metrics.len());
+        let mut cond = 0;
+        for m in &agg.metrics {
+            let field = self
+                .fields
+                .iter()
+                .position(|(f, _)| Some(f.as_str()) == m.metric.pointer())
+                .unwrap_or(0);
+            let v = match &m.metric {
+                Metric::Count => MetricValue::Count(self.counts[g * slots]),
+                Metric::CountWhere(_) => {
+                    cond += 1;
+                    MetricValue::Count(self.counts[g * slots + cond])
+                }
+                Metric::Ratio(a, b) => match (vals[*a].as_f64(), vals[*b].as_f64()) {
+                    (Some(x), Some(y)) if y != 0.0 => MetricValue::Number(x / y),
+                    _ => MetricValue::Null,
+                },
+                Metric::Sum(_) | Metric::Avg(_) | Metric::Min(_) | Metric::Max(_) => {
+                    let acc = &self.nums[g * nf + field];
+                    if acc.n == 0 {
+                        MetricValue::Null
+                    } else {
+                        MetricValue::Number(match &m.metric {
+                            Metric::Sum(_) => acc.sum,
+                            Metric::Avg(_) => acc.sum / acc.n as f64,
+                            Metric::Min(_) => acc.min,
+                            _ => acc.max,
+                        })
+                    }
+                }
+                Metric::Percentile(_, permille) => {
+                    match self.nums[g * nf + field].percentile(*permille, exact) {
+                        Some(v) => MetricValue::Number(v),
+                        None => MetricValue::Null,
+                    }
+                }
+                Metric::FirstSeen | Metric::LastSeen => match self.times.as_ref().map(|t| t[g]) {
+                    Some((lo, hi)) if lo <= hi => {
+                        MetricValue::Time(Timestamp(if m.metric == Metric::FirstSeen {
+                            lo
+                        } else {
+                            hi
+                        }))
+                    }
+                    _ => MetricValue::Null,
+                },
+            };
+            vals.push(v);
+        }
+        vals
     }
 }
 
@@ -867,12 +996,15 @@ pub fn aggregate(
         count_slots: 1 + conditions.len(),
         nums: Vec::new(),
         fields,
+        times: agg.tracks_time().then(Vec::new),
         max_groups: if quantiles {
             QUANTILE_GROUPS_MAX
         } else {
             GROUPS_MAX
         },
     };
+    let mut totals = table.empty_like(1);
+    totals.group(([NONE; GROUP_BY_MAX], 0))?;
     let mut interners: Vec<Interner> = agg.group_by.iter().map(|_| Interner::default()).collect();
     let bitmap_path = agg.count_only()
         && agg.bucket.is_none()
@@ -894,6 +1026,10 @@ pub fn aggregate(
             });
         }
         if bitmap_path {
+            totals.counts[0] += candidates.len();
+            for (i, c) in conds.iter().enumerate() {
+                totals.counts[1 + i] += c.len();
+            }
             count_from_bitmaps(
                 agg,
                 seg.index,
@@ -910,7 +1046,7 @@ pub fn aggregate(
             &candidates,
             &conds,
             &mut interners,
-            &mut table,
+            (&mut table, &mut totals),
             &mut data_of,
         )?;
         used_columns |= c;
@@ -925,6 +1061,7 @@ pub fn aggregate(
     Ok(finish(
         agg,
         table,
+        totals,
         &interners,
         matched,
         value_path,
@@ -1010,7 +1147,7 @@ fn walk_rows(
     candidates: &RoaringBitmap,
     conds: &[RoaringBitmap],
     interners: &mut [Interner],
-    table: &mut Table,
+    (table, totals): (&mut Table, &mut Table),
     data_of: &mut impl FnMut(u64, u32) -> Result<Option<String>, QueryError>,
 ) -> Result<(bool, bool), QueryError> {
     let index = seg.index;
@@ -1071,7 +1208,6 @@ fn walk_rows(
             .any(|(g, c)| matches!(g, GroupBy::Field(_)) && c.is_none());
     let used_columns =
         columns.iter().any(Option::is_some) || field_dims.iter().any(Option::is_some);
-    let slots = table.count_slots;
     let nf = table.fields.len();
     let mut cursors = vec![0usize; agg.group_by.len()];
     let mut values: Vec<Option<f64>> = vec![None; nf];
@@ -1121,10 +1257,13 @@ fn walk_rows(
                 }
             }
         }
-        let bucket = match agg.bucket {
-            Some(b) => b.start_of(index.timestamp(row)?),
-            None => 0,
+        let ts = if agg.bucket.is_some() || table.times.is_some() {
+            index.timestamp(row)?
+        } else {
+            0
         };
+        let bucket = agg.bucket.map_or(0, |b| b.start_of(ts));
+        totals.add_row(0, row, conds, &values, ts);
         // Every combination of the row's values (one, unless tags).
         pick.iter_mut().for_each(|p| *p = 0);
         'combos: loop {
@@ -1133,17 +1272,7 @@ fn walk_rows(
                 key[d] = c[pick[d]];
             }
             let g = table.group((key, bucket))?;
-            table.counts[g * slots] += 1;
-            for (i, c) in conds.iter().enumerate() {
-                if c.contains(row) {
-                    table.counts[g * slots + 1 + i] += 1;
-                }
-            }
-            for (f, v) in values.iter().enumerate() {
-                if let Some(v) = v {
-                    table.nums[g * nf + f].add(*v);
-                }
-            }
+            table.add_row(g, row, conds, &values, ts);
             // The next combination, odometer style.
             let mut d = choices.len();
             loop {
@@ -1165,56 +1294,20 @@ fn walk_rows(
 fn finish(
     agg: &Aggregation,
     mut table: Table,
+    mut totals: Table,
     interners: &[Interner],
     matched: u64,
     value_path: ValuePath,
     strategy: &'static str,
 ) -> AggregateResult {
-    let slots = table.count_slots;
-    let nf = table.fields.len();
     let mut exact = true;
     let n_groups = table.keys.len();
     let mut all: Vec<(GroupKey, Vec<MetricValue>)> = Vec::with_capacity(n_groups);
     for g in 0..n_groups {
-        let mut vals: Vec<MetricValue> = Vec::with_capacity(agg.metrics.len());
-        let mut cond = 0;
-        for m in &agg.metrics {
-            let field = |p: &str| table.fields.iter().position(|(f, _)| f == p).unwrap_or(0);
-            let v = match &m.metric {
-                Metric::Count => MetricValue::Count(table.counts[g * slots]),
-                Metric::CountWhere(_) => {
-                    cond += 1;
-                    MetricValue::Count(table.counts[g * slots + cond])
-                }
-                Metric::Ratio(a, b) => match (vals[*a].as_f64(), vals[*b].as_f64()) {
-                    (Some(x), Some(y)) if y != 0.0 => MetricValue::Number(x / y),
-                    _ => MetricValue::Null,
-                },
-                Metric::Sum(p) | Metric::Avg(p) | Metric::Min(p) | Metric::Max(p) => {
-                    let acc = &table.nums[g * nf + field(p)];
-                    if acc.n == 0 {
-                        MetricValue::Null
-                    } else {
-                        MetricValue::Number(match &m.metric {
-                            Metric::Sum(_) => acc.sum,
-                            Metric::Avg(_) => acc.sum / acc.n as f64,
-                            Metric::Min(_) => acc.min,
-                            _ => acc.max,
-                        })
-                    }
-                }
-                Metric::Percentile(p, permille) => {
-                    let f = field(p);
-                    match table.nums[g * nf + f].percentile(*permille, &mut exact) {
-                        Some(v) => MetricValue::Number(v),
-                        None => MetricValue::Null,
-                    }
-                }
-            };
-            vals.push(v);
-        }
+        let vals = table.values(agg, g, &mut exact);
         all.push((table.keys[g], vals));
     }
+    let total_values = totals.values(agg, 0, &mut exact);
     let name = |d: usize, id: u32| -> Option<&str> {
         (id != NONE).then(|| interners[d].names[id as usize].as_str())
     };
@@ -1280,6 +1373,7 @@ fn finish(
             .map(|i| agg.metrics[*i].name.clone())
             .collect(),
         groups,
+        totals: visible.iter().map(|i| total_values[*i]).collect(),
         group_count: n_groups as u64,
         matched,
         value_path,

@@ -2,7 +2,7 @@
 //! operations over gRPC, with client-streaming ingest and a server-streaming
 //! live tail under the same slow-consumer policy as the WebSocket tail.
 
-use crate::query::aggregate::{Aggregation, AggregationText};
+use crate::query::aggregate::{Aggregation, AggregationText, MetricValue};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -64,6 +64,19 @@ fn time_out(t: Timestamp) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: us.div_euclid(1_000_000),
         nanos: i32::try_from(us.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
+fn metric_out(v: MetricValue) -> pb::MetricResult {
+    match v {
+        MetricValue::Time(t) => pb::MetricResult {
+            value: None,
+            time: Some(time_out(t)),
+        },
+        other => pb::MetricResult {
+            value: other.as_f64(),
+            time: None,
+        },
     }
 }
 
@@ -333,7 +346,10 @@ impl pb::evdb_server::Evdb for EvdbService {
             limit: (req.limit > 0).then_some(req.limit as usize),
         };
         let agg = Aggregation::from_text(filter, &text).map_err(|e| status(e.into()))?;
-        let r = blocking(self.db.clone(), move |db| db.aggregate(&agg).map_err(status)).await?;
+        let r = blocking(self.db.clone(), move |db| {
+            db.aggregate(&agg).map_err(status)
+        })
+        .await?;
         Ok(Response::new(pb::AggregateResponse {
             groups: r
                 .groups
@@ -345,13 +361,10 @@ impl pb::evdb_server::Evdb for EvdbService {
                         .map(|value| pb::KeyPart { value })
                         .collect(),
                     bucket: g.bucket.map(time_out),
-                    values: g
-                        .values
-                        .into_iter()
-                        .map(|v| pb::MetricResult { value: v.as_f64() })
-                        .collect(),
+                    values: g.values.into_iter().map(metric_out).collect(),
                 })
                 .collect(),
+            totals: r.totals.into_iter().map(metric_out).collect(),
             dimensions: r.dimensions,
             metrics: r.metrics,
             group_count: r.group_count,
