@@ -79,6 +79,9 @@ pub struct Ready {
 }
 
 /// Resolves on SIGINT or SIGTERM.
+/// How long shutdown waits for open connections to finish their requests.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -339,8 +342,26 @@ pub async fn serve(
     }
     let _ = shutdown_tx.send(true);
     let _ = stop_tx.send(true);
-    let http_result = http.await;
-    let grpc_result = grpc.await;
+    // Connections get DRAIN_TIMEOUT to finish; a client that never reads
+    // its GOAWAY or close must not hold the shutdown (and the sync) hostage.
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    let (http_abort, grpc_abort) = (http.abort_handle(), grpc.abort_handle());
+    let http_result = match tokio::time::timeout_at(deadline, http).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("HTTP connections still open after {DRAIN_TIMEOUT:?}: closing them");
+            http_abort.abort();
+            Ok(Ok(()))
+        }
+    };
+    let grpc_result = match tokio::time::timeout_at(deadline, grpc).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("gRPC connections still open after {DRAIN_TIMEOUT:?}: closing them");
+            grpc_abort.abort();
+            Ok(Ok(()))
+        }
+    };
     let closing = db.clone();
     let closed = tokio::task::spawn_blocking(move || closing.close()).await;
     if let Some(path) = &config.ready_file {
