@@ -31,6 +31,9 @@ ratio(count_where(type=end),count) as end_share,sum(/latency_ms),avg(/latency_ms
 min(/latency_ms),max(/latency_ms),p50(/latency_ms),p95(/latency_ms),sum(/tokens),\
 max(/tokens),p90(/tokens),first_seen,last_seen";
 const VISIBLE: usize = 15;
+/// Only the declared field: answered from numeric columns.
+const DECLARED: &str = "count,count_where(severity>=error) as errors,error_rate,\
+sum(/latency_ms),p95(/latency_ms),max(/latency_ms)";
 
 fn event_strategy() -> impl Strategy<Value = Event> {
     (
@@ -110,7 +113,8 @@ struct Agg {
     filter_type: Option<usize>,
     min_severity: Option<usize>,
     range: Option<(i64, i64)>,
-    count_only: bool,
+    /// 0: counts only; 1: every metric; 2: declared-field metrics only.
+    set: u8,
 }
 
 fn agg_strategy() -> impl Strategy<Value = Agg> {
@@ -122,10 +126,10 @@ fn agg_strategy() -> impl Strategy<Value = Agg> {
         proptest::option::of(0usize..3),
         proptest::option::of(0usize..5),
         proptest::option::of((0i64..(9 * DAY), 0i64..(9 * DAY))),
-        any::<bool>(),
+        0u8..3,
     )
         .prop_map(
-            |(g, bucket, order, limit, filter_type, min_severity, range, count_only)| Agg {
+            |(g, bucket, order, limit, filter_type, min_severity, range, set)| Agg {
                 group_by: g.into_iter().collect(),
                 bucket,
                 order,
@@ -133,7 +137,7 @@ fn agg_strategy() -> impl Strategy<Value = Agg> {
                 filter_type,
                 min_severity,
                 range: range.map(|(a, b)| (a.min(b), a.max(b))),
-                count_only,
+                set,
             },
         )
 }
@@ -150,13 +154,13 @@ impl Agg {
             end: self.range.map(|r| Timestamp(r.1)),
             ..Query::default()
         };
-        let metrics = if self.count_only {
-            "count,count_where(severity>=error) as errors,error_rate"
-        } else {
-            METRICS
+        let metrics = match self.set {
+            0 => "count,count_where(severity>=error) as errors,error_rate",
+            1 => METRICS,
+            _ => DECLARED,
         };
-        let order = match (self.count_only, ORDERS[self.order]) {
-            (true, "p95(/latency_ms):asc") => "count:asc",
+        let order = match (self.set, ORDERS[self.order]) {
+            (0, "p95(/latency_ms):asc") => "count:asc",
             (_, o) => o,
         };
         Aggregation::from_text(
@@ -245,7 +249,7 @@ fn percentile(values: &mut [f64], q: f64) -> Option<f64> {
 }
 
 /// The visible metric values over `events`.
-fn model_values(events: &[&Event], count_only: bool) -> Vec<Option<f64>> {
+fn model_values(events: &[&Event], set: u8) -> Vec<Option<f64>> {
     let count = events.len() as f64;
     let errors = events
         .iter()
@@ -253,7 +257,16 @@ fn model_values(events: &[&Event], count_only: bool) -> Vec<Option<f64>> {
         .count() as f64;
     let rate = (count > 0.0).then(|| errors / count);
     let mut vals = vec![Some(count), Some(errors), rate];
-    if !count_only {
+    if set == 2 {
+        let mut lat: Vec<f64> = events
+            .iter()
+            .filter_map(|e| number(e, "latency_ms"))
+            .collect();
+        vals.push((!lat.is_empty()).then(|| lat.iter().sum::<f64>()));
+        vals.push(percentile(&mut lat, 0.95));
+        vals.push(lat.iter().copied().reduce(f64::max));
+    }
+    if set == 1 {
         let ends = events.iter().filter(|e| e.event_type == "end").count() as f64;
         vals.push((count > 0.0).then(|| ends / count));
         let mut lat: Vec<f64> = events
@@ -314,7 +327,7 @@ fn model(stored: &[Event], a: &Agg) -> (u64, u64, Vec<ModelRow>, Vec<Option<f64>
     }
     let mut rows: Vec<ModelRow> = groups
         .into_iter()
-        .map(|(k, events)| (k, model_values(&events, a.count_only)))
+        .map(|(k, events)| (k, model_values(&events, a.set)))
         .collect();
     // The engine's order: the metric (nulls last), then bucket, then keys
     // with missing values last.
@@ -335,13 +348,14 @@ fn model(stored: &[Event], a: &Agg) -> (u64, u64, Vec<ModelRow>, Vec<Option<f64>
         })
     };
     let order = ORDERS[a.order];
-    let (metric, desc) = match (a.count_only, order) {
+    let (metric, desc) = match (a.set, order) {
         (_, "key") => (None, false),
         (_, "count") => (Some(0), true),
         (_, "errors:desc") => (Some(1), true),
         (_, "error_rate") => (Some(2), true),
-        (true, _) => (Some(0), false),
-        (false, _) => (Some(9), false),
+        (0, _) => (Some(0), false),
+        (1, _) => (Some(9), false),
+        _ => (Some(4), false),
     };
     rows.sort_by(|x, y| match metric {
         None => key_cmp(&x.0, &y.0),
@@ -360,7 +374,7 @@ fn model(stored: &[Event], a: &Agg) -> (u64, u64, Vec<ModelRow>, Vec<Option<f64>
     });
     let total = rows.len() as u64;
     rows.truncate(a.limit);
-    (matched, total, rows, model_values(&all, a.count_only))
+    (matched, total, rows, model_values(&all, a.set))
 }
 
 fn check(got: &AggregateResult, stored: &[Event], a: &Agg) {
@@ -380,7 +394,16 @@ fn check(got: &AggregateResult, stored: &[Event], a: &Agg) {
         })
         .collect();
     assert_eq!(got_rows, want, "aggregation {a:?}");
-    if !a.count_only {
+    let simple = a.bucket.is_none() && a.group_by.len() <= 1 && !a.group_by.contains(&6);
+    match a.set {
+        0 if simple => assert_eq!(got.strategy, "bitmap"),
+        2 if simple => assert_eq!(got.strategy, "columns"),
+        _ => assert_eq!(got.strategy, "rows"),
+    }
+    if a.set == 2 && matched > 0 && !a.group_by.contains(&6) {
+        assert_eq!(got.value_path, ValuePath::Columns);
+    }
+    if a.set == 1 {
         assert_eq!(got.metrics.len(), VISIBLE);
         assert!(got.exact, "small groups are exact");
         // /tokens is not declared: it always needs the records.

@@ -21,7 +21,7 @@ use sketches_ddsketch::{Config as SketchConfig, DDSketch};
 use super::{Query, QueryError, SegmentInput, SegmentPlan, invalid, plan_segment, segment_matches};
 use crate::event::{Severity, Timestamp};
 use crate::index::numeric::{check_pointer, format_number, key_at, number_at};
-use crate::index::{Dim, IndexView};
+use crate::index::{Column, Dim, IndexView};
 
 /// Most group-by dimensions in one request.
 pub const GROUP_BY_MAX: usize = 3;
@@ -892,6 +892,15 @@ impl Table {
         }
     }
 
+    /// The metrics of a group no event joined.
+    fn empty_values(mut self, agg: &Aggregation) -> Vec<MetricValue> {
+        let mut exact = true;
+        match self.group(([NONE; GROUP_BY_MAX], 0)) {
+            Ok(g) => self.values(agg, g, &mut exact),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Every metric's value for group `g`.
     fn values(&mut self, agg: &Aggregation, g: usize, exact: &mut bool) -> Vec<MetricValue> {
         let slots = self.count_slots;
@@ -1010,6 +1019,17 @@ pub fn aggregate(
         && agg.bucket.is_none()
         && agg.group_by.len() <= 1
         && agg.group_by.iter().all(|g| g.dim().is_some());
+    // Column path: no bucket, no time metric, at most one indexed
+    // dimension: each group's rows come from a bitmap intersection and its
+    // numbers straight from the segment's columns, with no per-row lookups.
+    let column_path = !bitmap_path
+        && agg.bucket.is_none()
+        && !agg.tracks_time()
+        && agg.group_by.len() <= 1
+        && agg.group_by.iter().all(|g| g.dim().is_some());
+    // Ungrouped, unbucketed: the one group is the totals.
+    let separate_totals = !(agg.group_by.is_empty() && agg.bucket.is_none());
+    let mut walked = false;
     let mut matched = 0u64;
     let (mut used_columns, mut used_json) = (false, false);
     for seg in segments {
@@ -1026,9 +1046,11 @@ pub fn aggregate(
             });
         }
         if bitmap_path {
-            totals.counts[0] += candidates.len();
-            for (i, c) in conds.iter().enumerate() {
-                totals.counts[1 + i] += c.len();
+            if separate_totals {
+                totals.counts[0] += candidates.len();
+                for (i, c) in conds.iter().enumerate() {
+                    totals.counts[1 + i] += c.len();
+                }
             }
             count_from_bitmaps(
                 agg,
@@ -1040,13 +1062,35 @@ pub fn aggregate(
             )?;
             continue;
         }
+        if column_path {
+            let columns: Option<Vec<Column<'_>>> = table
+                .fields
+                .iter()
+                .map(|(p, _)| seg.index.column(p))
+                .collect();
+            if let Some(columns) = columns {
+                used_columns |= !columns.is_empty();
+                let totals = separate_totals.then_some(&mut totals);
+                by_column(
+                    agg,
+                    seg.index,
+                    &candidates,
+                    &conds,
+                    &columns,
+                    &mut interners,
+                    (&mut table, totals),
+                )?;
+                continue;
+            }
+        }
+        walked = true;
         let (c, j) = walk_rows(
             agg,
             seg,
             &candidates,
             &conds,
             &mut interners,
-            (&mut table, &mut totals),
+            (&mut table, separate_totals.then_some(&mut totals)),
             &mut data_of,
         )?;
         used_columns |= c;
@@ -1058,15 +1102,85 @@ pub fn aggregate(
         (true, true) => ValuePath::Mixed,
         (false, true) => ValuePath::Json,
     };
+    let strategy = if bitmap_path {
+        "bitmap"
+    } else if column_path && !walked {
+        "columns"
+    } else {
+        "rows"
+    };
+    let totals = if separate_totals { Some(totals) } else { None };
     Ok(finish(
-        agg,
-        table,
-        totals,
-        &interners,
-        matched,
-        value_path,
-        if bitmap_path { "bitmap" } else { "rows" },
+        agg, table, totals, &interners, matched, value_path, strategy,
     ))
+}
+
+/// One segment on the column path: per group, the rows are a bitmap
+/// intersection, counts are cardinalities and numbers are read from the
+/// columns for those rows only.
+fn by_column(
+    agg: &Aggregation,
+    index: &dyn IndexView,
+    candidates: &RoaringBitmap,
+    conds: &[RoaringBitmap],
+    columns: &[Column<'_>],
+    interners: &mut [Interner],
+    (table, totals): (&mut Table, Option<&mut Table>),
+) -> Result<(), QueryError> {
+    fn add(
+        table: &mut Table,
+        g: usize,
+        rows: &RoaringBitmap,
+        conds: &[RoaringBitmap],
+        columns: &[Column<'_>],
+    ) {
+        let slots = table.count_slots;
+        let nf = table.fields.len();
+        table.counts[g * slots] += rows.len();
+        for (i, c) in conds.iter().enumerate() {
+            table.counts[g * slots + 1 + i] += rows.intersection_len(c);
+        }
+        for (f, col) in columns.iter().enumerate() {
+            let acc = &mut table.nums[g * nf + f];
+            for r in rows {
+                if let Some(v) = col.get(r) {
+                    acc.add(v);
+                }
+            }
+        }
+    }
+    if let Some(t) = totals {
+        add(t, 0, candidates, conds, columns);
+    }
+    let Some(g) = agg.group_by.first() else {
+        let id = table.group(([NONE; GROUP_BY_MAX], 0))?;
+        add(table, id, candidates, conds, columns);
+        return Ok(());
+    };
+    let Some(dim) = g.dim() else {
+        return Ok(());
+    };
+    let mut covered = RoaringBitmap::new();
+    for (term, bitmap) in index.terms(dim)? {
+        let Some(value) = g.value_of(&term) else {
+            continue;
+        };
+        if bitmap.is_disjoint(candidates) {
+            continue;
+        }
+        let rows = bitmap.as_ref() & candidates;
+        let mut key = [NONE; GROUP_BY_MAX];
+        key[0] = interners[0].id(value);
+        let id = table.group((key, 0))?;
+        add(table, id, &rows, conds, columns);
+        covered |= rows;
+    }
+    let none = candidates - &covered;
+    if !none.is_empty() {
+        let id = table.group(([NONE; GROUP_BY_MAX], 0))?;
+        add(table, id, &none, conds, columns);
+    }
+    Ok(())
 }
 
 /// Count-only, no bucket, at most one indexed dimension: cardinalities of
@@ -1147,7 +1261,7 @@ fn walk_rows(
     candidates: &RoaringBitmap,
     conds: &[RoaringBitmap],
     interners: &mut [Interner],
-    (table, totals): (&mut Table, &mut Table),
+    (table, mut totals): (&mut Table, Option<&mut Table>),
     data_of: &mut impl FnMut(u64, u32) -> Result<Option<String>, QueryError>,
 ) -> Result<(bool, bool), QueryError> {
     let index = seg.index;
@@ -1263,7 +1377,9 @@ fn walk_rows(
             0
         };
         let bucket = agg.bucket.map_or(0, |b| b.start_of(ts));
-        totals.add_row(0, row, conds, &values, ts);
+        if let Some(t) = totals.as_deref_mut() {
+            t.add_row(0, row, conds, &values, ts);
+        }
         // Every combination of the row's values (one, unless tags).
         pick.iter_mut().for_each(|p| *p = 0);
         'combos: loop {
@@ -1294,7 +1410,7 @@ fn walk_rows(
 fn finish(
     agg: &Aggregation,
     mut table: Table,
-    mut totals: Table,
+    totals: Option<Table>,
     interners: &[Interner],
     matched: u64,
     value_path: ValuePath,
@@ -1307,7 +1423,14 @@ fn finish(
         let vals = table.values(agg, g, &mut exact);
         all.push((table.keys[g], vals));
     }
-    let total_values = totals.values(agg, 0, &mut exact);
+    let total_values = match totals {
+        Some(mut t) => t.values(agg, 0, &mut exact),
+        // Ungrouped: the one group, if any event matched.
+        None => match all.first() {
+            Some((_, v)) => v.clone(),
+            None => table.empty_like(1).empty_values(agg),
+        },
+    };
     let name = |d: usize, id: u32| -> Option<&str> {
         (id != NONE).then(|| interners[d].names[id as usize].as_str())
     };
