@@ -74,7 +74,7 @@ pub struct BenchOptions {
 }
 
 pub(crate) const SEED: u64 = 0x00ED_B5EE_D000_0001;
-pub(crate) const START: Timestamp = Timestamp(1_700_000_000_000_000);
+pub const START: Timestamp = Timestamp(1_700_000_000_000_000);
 
 pub(crate) fn progress(opts: &BenchOptions, what: &str) {
     if opts.progress {
@@ -540,6 +540,16 @@ pub struct Dataset {
 /// `synchronous=OFF` for SQLite: durability of loading is not measured
 /// here), then both stores are closed and reopened.
 pub fn build_dataset(opts: &BenchOptions) -> anyhow::Result<Dataset> {
+    build_dataset_with(opts, 100, &[])
+}
+
+/// [`build_dataset`] with events `step_us` apart and numeric fields
+/// declared.
+pub fn build_dataset_with(
+    opts: &BenchOptions,
+    step_us: i64,
+    numeric_fields: &[&str],
+) -> anyhow::Result<Dataset> {
     let n = opts.events;
     let evdb_dir = tempfile::Builder::new()
         .prefix("evdb-bench-")
@@ -550,10 +560,11 @@ pub fn build_dataset(opts: &BenchOptions) -> anyhow::Result<Dataset> {
     let mut config = db_config(FsyncMode::Never, Compression::ZstdDict);
     // About 450 bytes of log per event: at least 40 segments.
     config.storage.segment_size_bytes = (n * 450 / 40).clamp(1 << 20, 128 << 20);
+    config.numeric_fields = numeric_fields.iter().map(|f| (*f).to_owned()).collect();
     let db = Db::open(evdb_dir.path(), config.clone())?;
     let sqlite_path = sqlite_dir.path().join("events.db");
     let mut sqlite = Sqlite::open(&sqlite_path, false)?;
-    let mut generator = Generator::new(SEED, START, 100);
+    let mut generator = Generator::new(SEED, START, step_us);
     let mut correlation_ids = Vec::new();
     let mut done = 0u64;
     while done < n {
@@ -601,7 +612,7 @@ pub fn build_dataset(opts: &BenchOptions) -> anyhow::Result<Dataset> {
     })
 }
 
-pub(crate) fn percentile(samples: &mut [f64], p: f64) -> f64 {
+pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
     let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
     samples.get(i).copied().unwrap_or(f64::NAN)
@@ -633,7 +644,7 @@ fn latency_figures(
 }
 
 /// Times `f` `runs` times; milliseconds.
-fn time_runs(
+pub(crate) fn time_runs(
     runs: usize,
     mut f: impl FnMut(usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<Vec<f64>> {

@@ -99,6 +99,34 @@ fn rows_with_text(
     Ok(out)
 }
 
+/// The records of one aggregation worker.
+struct Records<'n> {
+    reader: RowReader,
+    needle: &'n str,
+}
+
+impl query::aggregate::RowSource for Records<'_> {
+    fn rows_with_text(
+        &mut self,
+        segment: u64,
+        candidates: &roaring::RoaringBitmap,
+    ) -> Result<roaring::RoaringBitmap, QueryError> {
+        Ok(rows_with_text(
+            &mut self.reader,
+            segment,
+            candidates,
+            self.needle,
+        )?)
+    }
+
+    fn data(&mut self, segment: u64, row: u32) -> Result<Option<String>, QueryError> {
+        Ok(self
+            .reader
+            .event(Position { segment, row })?
+            .map(|e| e.data.into_string()))
+    }
+}
+
 fn inputs<'a>(
     set: &storage::SegmentSet,
     held: &'a [(u64, crate::db_index::Held)],
@@ -473,26 +501,11 @@ impl Db {
             self.indexes.attach_numbers(&set, &mut held);
         }
         let inputs = inputs(&set, &held);
-        let mut text_reader = RowReader::with_cache(set.clone(), self.blocks.clone());
-        let mut reader = RowReader::with_cache(set.clone(), self.blocks.clone());
         let needle = agg.filter.text.clone().unwrap_or_default();
-        let result = query::aggregate::aggregate(
-            agg,
-            &inputs,
-            |segment, candidates| {
-                Ok(rows_with_text(
-                    &mut text_reader,
-                    segment,
-                    candidates,
-                    &needle,
-                )?)
-            },
-            |segment, row| {
-                Ok(reader
-                    .event(Position { segment, row })?
-                    .map(|e| e.data.into_string()))
-            },
-        )?;
+        let result = query::aggregate::aggregate(agg, &inputs, || Records {
+            reader: RowReader::with_cache(set.clone(), self.blocks.clone()),
+            needle: &needle,
+        })?;
         Ok(result)
     }
 

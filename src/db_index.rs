@@ -165,6 +165,13 @@ impl IndexView for Held {
     fn terms(&self, dim: Dim) -> Result<Vec<(String, Cow<'_, RoaringBitmap>)>, IndexError> {
         self.inner().terms(dim)
     }
+    fn for_each_term(
+        &self,
+        dim: Dim,
+        f: &mut dyn FnMut(&str, &RoaringBitmap),
+    ) -> Result<(), IndexError> {
+        self.inner().for_each_term(dim, f)
+    }
     fn timestamp(&self, row: u32) -> Result<i64, IndexError> {
         self.inner().timestamp(row)
     }

@@ -32,6 +32,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_analytics;
 pub mod bench_grpc;
 pub mod bench_http;
 pub mod client;

@@ -545,6 +545,7 @@ fn run_bench(
             let ds = bench::build_dataset(&opts)?;
             bench::query_suites(&opts, ds, "all")?
         }
+        "analytics" => evdb::bench_analytics::analytics(&opts)?,
         "http" => evdb::bench_http::http(&opts)?,
         "grpc" => evdb::bench_grpc::grpc(&opts)?,
         "http,grpc" | "grpc,http" => {
@@ -559,10 +560,11 @@ fn run_bench(
             f.extend(bench::query_suites(&opts, ds, "all")?);
             f.extend(evdb::bench_http::http(&opts)?);
             f.extend(evdb::bench_grpc::grpc(&opts)?);
+            f.extend(evdb::bench_analytics::analytics(&opts)?);
             f
         }
         other => anyhow::bail!(
-            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats, http, grpc or all"
+            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats, analytics, http, grpc or all"
         ),
     };
     if json_out {

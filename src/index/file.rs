@@ -409,6 +409,30 @@ impl IndexView for SealedIndex {
             .collect()
     }
 
+    fn for_each_term(
+        &self,
+        dim: Dim,
+        f: &mut dyn FnMut(&str, &RoaringBitmap),
+    ) -> Result<(), IndexError> {
+        self.check()?;
+        if self.is_small(dim) {
+            for (d, t, b) in self.small()? {
+                if *d == dim {
+                    f(t, b);
+                }
+            }
+            return Ok(());
+        }
+        for i in self.dim_range(dim) {
+            let bitmap = self.read_bitmap(i)?;
+            match std::str::from_utf8(self.entry_key(i).1) {
+                Ok(term) => f(term, &bitmap),
+                Err(_) => f(&String::from_utf8_lossy(self.entry_key(i).1), &bitmap),
+            }
+        }
+        Ok(())
+    }
+
     fn timestamp(&self, row: u32) -> Result<i64, IndexError> {
         self.check()?;
         if row >= self.rows {

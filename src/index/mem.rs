@@ -132,6 +132,17 @@ impl IndexView for MemIndex {
             .collect())
     }
 
+    fn for_each_term(
+        &self,
+        dim: Dim,
+        f: &mut dyn FnMut(&str, &RoaringBitmap),
+    ) -> Result<(), IndexError> {
+        for (t, b) in &self.terms[dim as usize] {
+            f(t, b);
+        }
+        Ok(())
+    }
+
     fn timestamp(&self, row: u32) -> Result<i64, IndexError> {
         Ok(self.timestamps.get(row as usize).copied().unwrap_or(0))
     }

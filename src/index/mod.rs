@@ -107,14 +107,27 @@ pub fn terms_of(event: &Event, mut f: impl FnMut(Dim, &str)) {
     }
 }
 
-/// What the query engine reads of a segment's index.
-pub trait IndexView {
+/// What the query engine reads of a segment's index (shared by the
+/// threads of one aggregation).
+pub trait IndexView: Sync {
     /// Rows the index knows of (present and not deleted).
     fn live(&self) -> Cow<'_, RoaringBitmap>;
     /// The rows holding `term` in `dim`; `None` if the term is absent.
     fn bitmap(&self, dim: Dim, term: &str) -> Result<Option<Cow<'_, RoaringBitmap>>, IndexError>;
     /// Every term of `dim` with its rows.
     fn terms(&self, dim: Dim) -> Result<Vec<(String, Cow<'_, RoaringBitmap>)>, IndexError>;
+    /// Calls `f` with every term of `dim` and its rows, without collecting
+    /// them (a segment may hold many thousands of correlation ids).
+    fn for_each_term(
+        &self,
+        dim: Dim,
+        f: &mut dyn FnMut(&str, &RoaringBitmap),
+    ) -> Result<(), IndexError> {
+        for (term, bitmap) in self.terms(dim)? {
+            f(&term, &bitmap);
+        }
+        Ok(())
+    }
     /// The timestamp of `row` (µs); only called for rows in `live`.
     fn timestamp(&self, row: u32) -> Result<i64, IndexError>;
     /// The smallest and largest timestamp of any row.

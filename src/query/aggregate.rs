@@ -765,6 +765,55 @@ impl NumAcc {
         }
     }
 
+    fn new_sketch() -> DDSketch {
+        DDSketch::new(SketchConfig::new(SKETCH_RELATIVE_ERROR, 2048, 1.0e-9))
+    }
+
+    /// Folds another accumulator of the same field in.
+    fn merge(&mut self, other: &NumAcc) {
+        if other.n == 0 {
+            return;
+        }
+        self.n += other.n;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        let mine = self.quant.take();
+        self.quant = match (mine, &other.quant) {
+            (None, _) | (_, None) => None,
+            (Some(Quant::Exact(mut a)), Some(Quant::Exact(b)))
+                if a.len() + b.len() <= EXACT_VALUES_MAX =>
+            {
+                a.extend_from_slice(b);
+                Some(Quant::Exact(a))
+            }
+            (Some(mine), Some(theirs)) => {
+                let mut sketch = match mine {
+                    Quant::Sketch(s) => s,
+                    Quant::Exact(values) => {
+                        let mut s = Box::new(Self::new_sketch());
+                        for v in values {
+                            s.add(v);
+                        }
+                        s
+                    }
+                };
+                match theirs {
+                    Quant::Sketch(t) => {
+                        // Same configuration on both sides: cannot fail.
+                        let _ = sketch.merge(t);
+                    }
+                    Quant::Exact(values) => {
+                        for v in values {
+                            sketch.add(*v);
+                        }
+                    }
+                }
+                Some(Quant::Sketch(sketch))
+            }
+        };
+    }
+
     /// The value at rank floor(q·(n−1)) of the sorted values.
     fn percentile(&mut self, permille: u16, exact: &mut bool) -> Option<f64> {
         let q = f64::from(permille) / 1000.0;
@@ -788,8 +837,8 @@ impl NumAcc {
 /// Interned group values of one dimension.
 #[derive(Default)]
 struct Interner {
-    ids: FxHashMap<String, u32>,
-    names: Vec<String>,
+    ids: FxHashMap<std::sync::Arc<str>, u32>,
+    names: Vec<std::sync::Arc<str>>,
 }
 
 impl Interner {
@@ -798,8 +847,9 @@ impl Interner {
             return *id;
         }
         let id = self.names.len() as u32;
-        self.names.push(value.to_owned());
-        self.ids.insert(value.to_owned(), id);
+        let name: std::sync::Arc<str> = value.into();
+        self.names.push(name.clone());
+        self.ids.insert(name, id);
         id
     }
 }
@@ -859,6 +909,23 @@ impl Table {
             fields: self.fields.clone(),
             times: self.times.as_ref().map(|_| Vec::new()),
             max_groups,
+        }
+    }
+
+    /// Adds group `g` of `other` (same request) into group `mine`.
+    fn absorb(&mut self, mine: usize, other: &Table, g: usize) {
+        let slots = self.count_slots;
+        for i in 0..slots {
+            self.counts[mine * slots + i] += other.counts[g * slots + i];
+        }
+        let nf = self.fields.len();
+        for f in 0..nf {
+            self.nums[mine * nf + f].merge(&other.nums[g * nf + f]);
+        }
+        if let (Some(t), Some(o)) = (&mut self.times, &other.times) {
+            let (lo, hi) = o[g];
+            t[mine].0 = t[mine].0.min(lo);
+            t[mine].1 = t[mine].1.max(hi);
         }
     }
 
@@ -969,14 +1036,48 @@ enum RowKeys {
     Field,
 }
 
-/// Answers an aggregation over `segments`. `rows_matching_text` narrows
-/// candidates by `text`; `data_of` decodes one row's `data` JSON (for
-/// pointers without a numeric column, and field group keys).
-pub fn aggregate(
+/// What the executor needs of the records (one per worker thread).
+pub trait RowSource {
+    /// The candidates of `segment` whose `data` contains the filter's text.
+    fn rows_with_text(
+        &mut self,
+        segment: u64,
+        candidates: &RoaringBitmap,
+    ) -> Result<RoaringBitmap, QueryError>;
+    /// One row's `data` JSON (for pointers without a numeric column, and
+    /// field group keys).
+    fn data(&mut self, segment: u64, row: u32) -> Result<Option<String>, QueryError>;
+}
+
+/// Most threads one aggregation uses (each takes whole segments).
+pub const WORKERS_MAX: usize = 4;
+
+/// One worker's share of the answer.
+struct Partial {
+    table: Table,
+    totals: Table,
+    interners: Vec<Interner>,
+    matched: u64,
+    used_columns: bool,
+    used_json: bool,
+    walked: bool,
+}
+
+/// How the request is answered, decided once.
+struct Plan<'q> {
+    conditions: Vec<&'q Query>,
+    bitmap_path: bool,
+    column_path: bool,
+    separate_totals: bool,
+}
+
+/// Answers an aggregation over `segments`, spreading whole segments over
+/// up to [`WORKERS_MAX`] threads (each with its own `RowSource`) and
+/// merging their groups.
+pub fn aggregate<S: RowSource>(
     agg: &Aggregation,
     segments: &[SegmentInput<'_>],
-    mut rows_matching_text: impl FnMut(u64, &RoaringBitmap) -> Result<RoaringBitmap, QueryError>,
-    mut data_of: impl FnMut(u64, u32) -> Result<Option<String>, QueryError>,
+    source: impl Fn() -> S + Sync,
 ) -> Result<AggregateResult, QueryError> {
     agg.validate()?;
     let conditions: Vec<&Query> = agg
@@ -998,7 +1099,7 @@ pub fn aggregate(
         }
     }
     let quantiles = fields.iter().any(|f| f.1);
-    let mut table = Table {
+    let empty = Table {
         ids: FxHashMap::default(),
         keys: Vec::new(),
         counts: Vec::new(),
@@ -1012,9 +1113,6 @@ pub fn aggregate(
             GROUPS_MAX
         },
     };
-    let mut totals = table.empty_like(1);
-    totals.group(([NONE; GROUP_BY_MAX], 0))?;
-    let mut interners: Vec<Interner> = agg.group_by.iter().map(|_| Interner::default()).collect();
     let bitmap_path = agg.count_only()
         && agg.bucket.is_none()
         && agg.group_by.len() <= 1
@@ -1027,92 +1125,193 @@ pub fn aggregate(
         && !agg.tracks_time()
         && agg.group_by.len() <= 1
         && agg.group_by.iter().all(|g| g.dim().is_some());
-    // Ungrouped, unbucketed: the one group is the totals.
-    let separate_totals = !(agg.group_by.is_empty() && agg.bucket.is_none());
-    let mut walked = false;
-    let mut matched = 0u64;
-    let (mut used_columns, mut used_json) = (false, false);
-    for seg in segments {
-        let Some((candidates, _)) = segment_matches(&agg.filter, seg, &mut rows_matching_text)?
-        else {
-            continue;
-        };
-        matched += candidates.len();
-        let mut conds: Vec<RoaringBitmap> = Vec::with_capacity(conditions.len());
-        for c in &conditions {
-            conds.push(match plan_segment(c, seg.index)? {
-                SegmentPlan::Skip(_) => RoaringBitmap::new(),
-                SegmentPlan::Scan { candidates: b, .. } => b & &candidates,
-            });
+    let plan = Plan {
+        conditions,
+        bitmap_path,
+        column_path,
+        // Ungrouped, unbucketed: the one group is the totals.
+        separate_totals: !(agg.group_by.is_empty() && agg.bucket.is_none()),
+    };
+    let new_partial = || -> Result<Partial, QueryError> {
+        let mut totals = empty.empty_like(1);
+        totals.group(([NONE; GROUP_BY_MAX], 0))?;
+        Ok(Partial {
+            table: empty.empty_like(empty.max_groups),
+            totals,
+            interners: agg.group_by.iter().map(|_| Interner::default()).collect(),
+            matched: 0,
+            used_columns: false,
+            used_json: false,
+            walked: false,
+        })
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(WORKERS_MAX)
+        .min(segments.len())
+        .max(1);
+    let mut partials: Vec<Partial> = if workers == 1 {
+        let mut p = new_partial()?;
+        let mut src = source();
+        for seg in segments {
+            one_segment(agg, &plan, seg, &mut src, &mut p)?;
         }
-        if bitmap_path {
-            if separate_totals {
-                totals.counts[0] += candidates.len();
-                for (i, c) in conds.iter().enumerate() {
-                    totals.counts[1 + i] += c.len();
-                }
-            }
-            count_from_bitmaps(
-                agg,
-                seg.index,
-                &candidates,
-                &conds,
-                &mut interners,
-                &mut table,
-            )?;
-            continue;
-        }
-        if column_path {
-            let columns: Option<Vec<Column<'_>>> = table
-                .fields
-                .iter()
-                .map(|(p, _)| seg.index.column(p))
+        vec![p]
+    } else {
+        let results: Vec<Result<Partial, QueryError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let (plan, source, new_partial) = (&plan, &source, &new_partial);
+                    scope.spawn(move || -> Result<Partial, QueryError> {
+                        let mut p = new_partial()?;
+                        let mut src = source();
+                        for seg in segments.iter().skip(w).step_by(workers) {
+                            one_segment(agg, plan, seg, &mut src, &mut p)?;
+                        }
+                        Ok(p)
+                    })
+                })
                 .collect();
-            if let Some(columns) = columns {
-                used_columns |= !columns.is_empty();
-                let totals = separate_totals.then_some(&mut totals);
-                by_column(
-                    agg,
-                    seg.index,
-                    &candidates,
-                    &conds,
-                    &columns,
-                    &mut interners,
-                    (&mut table, totals),
-                )?;
-                continue;
-            }
-        }
-        walked = true;
-        let (c, j) = walk_rows(
-            agg,
-            seg,
-            &candidates,
-            &conds,
-            &mut interners,
-            (&mut table, separate_totals.then_some(&mut totals)),
-            &mut data_of,
-        )?;
-        used_columns |= c;
-        used_json |= j;
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(invalid("metrics", "an aggregation worker failed")))
+                })
+                .collect()
+        });
+        results.into_iter().collect::<Result<_, _>>()?
+    };
+    let mut whole = partials.remove(0);
+    for p in partials {
+        whole.merge(agg, p)?;
     }
-    let value_path = match (used_columns, used_json) {
+    let value_path = match (whole.used_columns, whole.used_json) {
         (false, false) => ValuePath::None,
         (true, false) => ValuePath::Columns,
         (true, true) => ValuePath::Mixed,
         (false, true) => ValuePath::Json,
     };
-    let strategy = if bitmap_path {
+    let strategy = if plan.bitmap_path {
         "bitmap"
-    } else if column_path && !walked {
+    } else if plan.column_path && !whole.walked {
         "columns"
     } else {
         "rows"
     };
-    let totals = if separate_totals { Some(totals) } else { None };
+    let totals = plan.separate_totals.then_some(whole.totals);
     Ok(finish(
-        agg, table, totals, &interners, matched, value_path, strategy,
+        agg,
+        whole.table,
+        totals,
+        &whole.interners,
+        whole.matched,
+        value_path,
+        strategy,
     ))
+}
+
+impl Partial {
+    /// Folds another worker's groups into these.
+    fn merge(&mut self, agg: &Aggregation, other: Partial) -> Result<(), QueryError> {
+        self.matched += other.matched;
+        self.used_columns |= other.used_columns;
+        self.used_json |= other.used_json;
+        self.walked |= other.walked;
+        self.totals.absorb(0, &other.totals, 0);
+        // Their interned ids, as ours.
+        let maps: Vec<Vec<u32>> = self
+            .interners
+            .iter_mut()
+            .zip(&other.interners)
+            .map(|(mine, theirs)| theirs.names.iter().map(|n| mine.id(n)).collect())
+            .collect();
+        for (g, (ords, bucket)) in other.table.keys.iter().enumerate() {
+            let mut key = [NONE; GROUP_BY_MAX];
+            for d in 0..agg.group_by.len() {
+                key[d] = match ords[d] {
+                    NONE => NONE,
+                    id => maps[d][id as usize],
+                };
+            }
+            let mine = self.table.group((key, *bucket))?;
+            self.table.absorb(mine, &other.table, g);
+        }
+        Ok(())
+    }
+}
+
+/// One segment into a worker's partial answer.
+fn one_segment<S: RowSource>(
+    agg: &Aggregation,
+    plan: &Plan<'_>,
+    seg: &SegmentInput<'_>,
+    src: &mut S,
+    p: &mut Partial,
+) -> Result<(), QueryError> {
+    let mut text = |segment: u64, c: &RoaringBitmap| src.rows_with_text(segment, c);
+    let Some((candidates, _)) = segment_matches(&agg.filter, seg, &mut text)? else {
+        return Ok(());
+    };
+    p.matched += candidates.len();
+    let mut conds: Vec<RoaringBitmap> = Vec::with_capacity(plan.conditions.len());
+    for c in &plan.conditions {
+        conds.push(match plan_segment(c, seg.index)? {
+            SegmentPlan::Skip(_) => RoaringBitmap::new(),
+            SegmentPlan::Scan { candidates: b, .. } => b & &candidates,
+        });
+    }
+    if plan.bitmap_path {
+        if plan.separate_totals {
+            p.totals.counts[0] += candidates.len();
+            for (i, c) in conds.iter().enumerate() {
+                p.totals.counts[1 + i] += c.len();
+            }
+        }
+        return count_from_bitmaps(
+            agg,
+            seg.index,
+            &candidates,
+            &conds,
+            &mut p.interners,
+            &mut p.table,
+        );
+    }
+    if plan.column_path {
+        let columns: Option<Vec<Column<'_>>> = p
+            .table
+            .fields
+            .iter()
+            .map(|(f, _)| seg.index.column(f))
+            .collect();
+        if let Some(columns) = columns {
+            p.used_columns |= !columns.is_empty();
+            let totals = plan.separate_totals.then_some(&mut p.totals);
+            return by_column(
+                agg,
+                seg.index,
+                &candidates,
+                &conds,
+                &columns,
+                &mut p.interners,
+                (&mut p.table, totals),
+            );
+        }
+    }
+    p.walked = true;
+    let mut data = |segment: u64, row: u32| src.data(segment, row);
+    let (c, j) = walk_rows(
+        agg,
+        seg,
+        &candidates,
+        &conds,
+        &mut p.interners,
+        (&mut p.table, plan.separate_totals.then_some(&mut p.totals)),
+        &mut data,
+    )?;
+    p.used_columns |= c;
+    p.used_json |= j;
+    Ok(())
 }
 
 /// One segment on the column path: per group, the rows are a bitmap
@@ -1161,19 +1360,25 @@ fn by_column(
         return Ok(());
     };
     let mut covered = RoaringBitmap::new();
-    for (term, bitmap) in index.terms(dim)? {
-        let Some(value) = g.value_of(&term) else {
-            continue;
+    let mut failed: Option<QueryError> = None;
+    index.for_each_term(dim, &mut |term, bitmap| {
+        let Some(value) = g.value_of(term).filter(|_| failed.is_none()) else {
+            return;
         };
         if bitmap.is_disjoint(candidates) {
-            continue;
+            return;
         }
-        let rows = bitmap.as_ref() & candidates;
+        let rows = bitmap & candidates;
         let mut key = [NONE; GROUP_BY_MAX];
         key[0] = interners[0].id(value);
-        let id = table.group((key, 0))?;
-        add(table, id, &rows, conds, columns);
+        match table.group((key, 0)) {
+            Ok(id) => add(table, id, &rows, conds, columns),
+            Err(e) => failed = Some(e),
+        }
         covered |= rows;
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
     }
     let none = candidates - &covered;
     if !none.is_empty() {
@@ -1207,46 +1412,63 @@ fn count_from_bitmaps(
     };
     let multi = dim == Dim::Tag;
     let mut covered_sum = 0u64;
+    let mut cond_sums = vec![0u64; conds.len()];
     let mut covered = RoaringBitmap::new();
-    for (term, bitmap) in index.terms(dim)? {
-        let Some(value) = g.value_of(&term) else {
-            continue;
+    let mut failed: Option<QueryError> = None;
+    index.for_each_term(dim, &mut |term, bitmap| {
+        if failed.is_some() {
+            return;
+        }
+        let Some(value) = g.value_of(term) else {
+            return;
         };
         let n = bitmap.intersection_len(candidates);
         if n == 0 {
-            continue;
+            return;
         }
         let mut key = [NONE; GROUP_BY_MAX];
         key[0] = interners[0].id(value);
-        let id = table.group((key, 0))?;
+        let id = match table.group((key, 0)) {
+            Ok(id) => id,
+            Err(e) => {
+                failed = Some(e);
+                return;
+            }
+        };
         table.counts[id * slots] += n;
         for (i, c) in conds.iter().enumerate() {
-            table.counts[id * slots + 1 + i] += bitmap.intersection_len(c);
+            let k = bitmap.intersection_len(c);
+            table.counts[id * slots + 1 + i] += k;
+            cond_sums[i] += k;
         }
         if multi {
-            covered |= bitmap.as_ref() & candidates;
+            covered |= bitmap & candidates;
         } else {
             covered_sum += n;
         }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
     }
-    // Rows without a value form the null group.
-    let none = if multi {
-        candidates - &covered
-    } else if covered_sum < candidates.len() {
-        // Single-valued: only correlation ids can be absent.
-        let mut with = RoaringBitmap::new();
-        for (_, b) in index.terms(dim)? {
-            with |= b.as_ref() & candidates;
-        }
-        candidates - &with
+    // Rows without a value form the null group. A single-valued dimension
+    // gives each row at most one term, so the rest is a subtraction.
+    let (none, none_conds): (u64, Vec<u64>) = if multi {
+        let none = candidates - &covered;
+        let counts = conds.iter().map(|c| none.intersection_len(c)).collect();
+        (none.len(), counts)
     } else {
-        RoaringBitmap::new()
+        let counts = conds
+            .iter()
+            .zip(&cond_sums)
+            .map(|(c, k)| c.len() - k)
+            .collect();
+        (candidates.len() - covered_sum, counts)
     };
-    if !none.is_empty() {
+    if none > 0 {
         let id = table.group(([NONE; GROUP_BY_MAX], 0))?;
-        table.counts[id * slots] += none.len();
-        for (i, c) in conds.iter().enumerate() {
-            table.counts[id * slots + 1 + i] += none.intersection_len(c);
+        table.counts[id * slots] += none;
+        for (i, k) in none_conds.into_iter().enumerate() {
+            table.counts[id * slots + 1 + i] += k;
         }
     }
     Ok(())
@@ -1277,15 +1499,16 @@ fn walk_rows(
         };
         let mut single = (dim != Dim::Tag).then(|| vec![NONE; max_row as usize + 1]);
         let mut pairs = Vec::new();
-        for (term, bitmap) in index.terms(dim)? {
-            let Some(value) = g.value_of(&term) else {
-                continue;
+        let interner = &mut interners[d];
+        index.for_each_term(dim, &mut |term, bitmap| {
+            let Some(value) = g.value_of(term) else {
+                return;
             };
             if bitmap.is_disjoint(candidates) {
-                continue;
+                return;
             }
-            let id = interners[d].id(value);
-            let rows = bitmap.as_ref() & candidates;
+            let id = interner.id(value);
+            let rows = bitmap & candidates;
             match &mut single {
                 Some(s) => {
                     for r in &rows {
@@ -1294,7 +1517,7 @@ fn walk_rows(
                 }
                 None => pairs.extend(rows.iter().map(|r| (r, id))),
             }
-        }
+        })?;
         row_keys.push(match single {
             Some(s) => RowKeys::Single(s),
             None => {
@@ -1432,7 +1655,7 @@ fn finish(
         },
     };
     let name = |d: usize, id: u32| -> Option<&str> {
-        (id != NONE).then(|| interners[d].names[id as usize].as_str())
+        (id != NONE).then(|| &*interners[d].names[id as usize])
     };
     let key_cmp = |a: &GroupKey, b: &GroupKey| -> Ordering {
         a.1.cmp(&b.1).then_with(|| {
