@@ -13,7 +13,8 @@ use parking_lot::{RawRwLock, RwLock, lock_api::ArcRwLockReadGuard};
 use crate::event::Event;
 use roaring::RoaringBitmap;
 
-use crate::index::numeric::number_at;
+use crate::index::file::SMALL_DIM_TERMS_MAX;
+use crate::index::numeric::{SUMMARY_ALL, Summary, SummaryRef, summarize};
 use crate::index::{
     Column, Dim, IndexError, IndexView, MemIndex, NumericFile, SealedIndex, write_index_file,
     write_numeric_file,
@@ -59,6 +60,7 @@ pub(crate) fn build_index_file(
             segment.id,
             segment.rows,
             &mem.numeric_columns(),
+            &summaries_of(&mem),
         )
         .map_err(|e| e.to_string())?;
     }
@@ -84,6 +86,33 @@ impl SealHook for IndexSealer {
     }
 }
 
+/// The sealed-time summaries of each declared field: over every row, and
+/// over each term of the small dimensions (source, type, severity, and
+/// tags when the segment has at most `SMALL_DIM_TERMS_MAX` of them).
+fn summaries_of(mem: &MemIndex) -> Vec<(u16, u8, &str, Summary)> {
+    let mut out = Vec::new();
+    let terms = mem.sorted_terms();
+    let rows = mem.timestamps().len() as u32;
+    for (f, (_, values)) in mem.numeric_columns().into_iter().enumerate() {
+        let f = f as u16;
+        if let Some(s) = summarize(values, 0..rows) {
+            out.push((f, SUMMARY_ALL, "", s));
+        }
+        for dim in [Dim::Source, Dim::Type, Dim::Severity, Dim::Tag] {
+            let of_dim: Vec<_> = terms.iter().filter(|(d, _, _)| *d == dim).collect();
+            if of_dim.len() > SMALL_DIM_TERMS_MAX {
+                continue;
+            }
+            for (_, term, bitmap) in of_dim {
+                if let Some(s) = summarize(values, bitmap.iter()) {
+                    out.push((f, dim as u8, *term, s));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Builds only the numeric file of a sealed segment (declared fields
 /// changed since it was sealed, or the file was lost).
 fn build_numeric_file(
@@ -91,29 +120,21 @@ fn build_numeric_file(
     segment: &SealedSegment,
     fields: &[String],
 ) -> Result<(), String> {
-    let mut columns: Vec<Vec<f64>> = vec![vec![f64::NAN; segment.rows as usize]; fields.len()];
+    let mut mem = MemIndex::with_fields(fields);
     segment
         .for_each_payload(|row, payload| {
             let event = record::decode(payload)
                 .map_err(|e| StorageError::corrupted(segment.id, 0, e.to_string()))?;
-            for (values, pointer) in columns.iter_mut().zip(fields) {
-                if let Some(slot) = values.get_mut(row as usize) {
-                    *slot = number_at(event.data.as_str(), pointer).unwrap_or(f64::NAN);
-                }
-            }
+            mem.insert(row, &event);
             Ok(())
         })
         .map_err(|e| e.to_string())?;
-    let named: Vec<(&str, &[f64])> = fields
-        .iter()
-        .zip(&columns)
-        .map(|(p, v)| (p.as_str(), v.as_slice()))
-        .collect();
     write_numeric_file(
         &numeric_path(dir, segment.id),
         segment.id,
         segment.rows,
-        &named,
+        &mem.numeric_columns(),
+        &summaries_of(&mem),
     )
     .map_err(|e| e.to_string())
 }
@@ -188,6 +209,12 @@ impl IndexView for Held {
         self.inner()
             .column(pointer)
             .or_else(|| self.numbers.as_ref()?.column(pointer))
+    }
+    fn summary(&self, pointer: &str, dim: u8, term: &str) -> Option<SummaryRef<'_>> {
+        self.numbers.as_ref()?.summary(pointer, dim, term)
+    }
+    fn rows_indexed(&self) -> u64 {
+        self.inner().rows_indexed()
     }
 }
 

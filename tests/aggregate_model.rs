@@ -550,3 +550,81 @@ fn large_groups_use_a_sketch_within_its_documented_error() {
         );
     }
 }
+
+/// Sealed segments keep per-term summaries of declared fields: a question
+/// over whole segments merges them (strategy `summaries`) and agrees with
+/// the rows (exact counts, sums, min and max; percentiles within the
+/// sketch's error); once a filter or a delete narrows a segment, its rows
+/// are read instead.
+#[test]
+fn sealed_summaries_agree_with_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config();
+    config.storage.segment_size_bytes = 16 << 20;
+    let db = Db::open(dir.path(), config).unwrap();
+    let mut events = Vec::new();
+    for i in 0..6000u32 {
+        let mut e = Event::new(SOURCES[(i % 2) as usize], TYPES[(i % 3) as usize]);
+        let v = f64::from((i * 7919) % 5000) / 2.0;
+        e.data = JsonObject::parse(&format!(r#"{{"latency_ms":{v}}}"#)).unwrap();
+        e.timestamp = Timestamp(i64::from(i));
+        events.push(e);
+    }
+    for chunk in events.chunks(1000) {
+        db.append_batch(chunk.to_vec()).unwrap();
+    }
+    db.seal().unwrap();
+    let ask = |filter: Query| {
+        let agg = Aggregation::from_text(
+            filter,
+            &AggregationText {
+                group_by: vec!["type"],
+                metrics: Some(
+                    "count,sum(/latency_ms),min(/latency_ms),max(/latency_ms),p95(/latency_ms)",
+                ),
+                ..AggregationText::default()
+            },
+        )
+        .unwrap();
+        db.aggregate(&agg).unwrap()
+    };
+    let check = |got: &AggregateResult, events: &[&Event]| {
+        assert_eq!(got.groups.len(), TYPES.len());
+        for g in &got.groups {
+            let t = g.key[0].clone().unwrap();
+            let mut v: Vec<f64> = events
+                .iter()
+                .filter(|e| e.event_type == t)
+                .filter_map(|e| number(e, "latency_ms"))
+                .collect();
+            assert_eq!(g.values[0].as_f64(), Some(v.len() as f64));
+            assert_eq!(g.values[1].as_f64(), Some(v.iter().sum::<f64>()));
+            assert_eq!(g.values[2].as_f64(), v.iter().copied().reduce(f64::min));
+            assert_eq!(g.values[3].as_f64(), v.iter().copied().reduce(f64::max));
+            let exact = percentile(&mut v, 0.95).unwrap();
+            let est = g.values[4].as_f64().unwrap();
+            assert!(
+                (est - exact).abs() <= SKETCH_RELATIVE_ERROR * exact,
+                "{est} vs {exact}"
+            );
+        }
+    };
+    let all: Vec<&Event> = events.iter().collect();
+    let got = ask(Query::default());
+    assert_eq!(got.strategy, "summaries");
+    check(&got, &all);
+    // A filter that narrows the segment: rows, same answers.
+    let alpha = Query {
+        sources: vec!["alpha".into()],
+        ..Query::default()
+    };
+    let got = ask(alpha.clone());
+    assert_eq!(got.strategy, "columns");
+    let some: Vec<&Event> = events.iter().filter(|e| e.source == "alpha").collect();
+    check(&got, &some);
+    // A delete: the segment is no longer whole.
+    db.delete(&events[0].id).unwrap();
+    let got = ask(Query::default());
+    assert_eq!(got.strategy, "columns");
+    check(&got, &all[1..]);
+}

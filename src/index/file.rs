@@ -433,6 +433,10 @@ impl IndexView for SealedIndex {
         Ok(())
     }
 
+    fn rows_indexed(&self) -> u64 {
+        u64::from(self.rows)
+    }
+
     fn timestamp(&self, row: u32) -> Result<i64, IndexError> {
         self.check()?;
         if row >= self.rows {

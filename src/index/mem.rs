@@ -155,6 +155,10 @@ impl IndexView for MemIndex {
         Ok(Cow::Borrowed(&self.zones))
     }
 
+    fn rows_indexed(&self) -> u64 {
+        self.present.len()
+    }
+
     fn column(&self, pointer: &str) -> Option<Column<'_>> {
         self.numbers
             .iter()

@@ -8,7 +8,7 @@
 //! map, term by term, so memory does not grow with the number of terms.
 //! Index knows nothing of HTTP, JSON or how records are encoded.
 
-mod file;
+pub mod file;
 mod mem;
 pub mod numeric;
 
@@ -143,4 +143,11 @@ pub trait IndexView: Sync {
     fn column(&self, _pointer: &str) -> Option<Column<'_>> {
         None
     }
+    /// The sealed-time summary of a declared field over the rows of
+    /// (`dim` byte, `term`), or every row with `numeric::SUMMARY_ALL`.
+    fn summary(&self, _pointer: &str, _dim: u8, _term: &str) -> Option<numeric::SummaryRef<'_>> {
+        None
+    }
+    /// Rows the index covers, deleted ones included.
+    fn rows_indexed(&self) -> u64;
 }

@@ -24,6 +24,64 @@ pub const NUM_VERSION: u16 = 1;
 pub const POINTER_MAX: usize = 256;
 
 const HEADER_SIZE: usize = 32;
+/// Summaries are kept only for (term, field) pairs with more values than
+/// this: smaller groups get exact percentiles from the rows instead.
+pub const EXACT_VALUES_MAX: usize = 1024;
+/// The `dim` byte of a summary over every row of the segment.
+pub const SUMMARY_ALL: u8 = 255;
+
+/// Count, sum, min, max and a DDSketch of one field's values over the rows
+/// of one term (or of the whole segment), computed when the segment is
+/// sealed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    /// The DDSketch in its Java-compatible encoding.
+    pub sketch: Vec<u8>,
+}
+
+/// A summary read from a numeric file.
+#[derive(Clone, Copy, Debug)]
+pub struct SummaryRef<'a> {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub sketch: &'a [u8],
+}
+
+/// The sketch configuration of every percentile sketch: 1 % relative
+/// accuracy, 2,048 bins.
+pub fn new_sketch() -> sketches_ddsketch::DDSketch {
+    sketches_ddsketch::DDSketch::new(sketches_ddsketch::Config::defaults())
+}
+
+/// The summary of `values` over `rows`, when they hold more than
+/// [`EXACT_VALUES_MAX`] values.
+pub fn summarize(values: &[f64], rows: impl Iterator<Item = u32>) -> Option<Summary> {
+    let mut sketch = new_sketch();
+    let (mut count, mut sum, mut min, mut max) = (0u64, 0.0, f64::INFINITY, f64::NEG_INFINITY);
+    for r in rows {
+        let Some(v) = values.get(r as usize).copied().filter(|v| !v.is_nan()) else {
+            continue;
+        };
+        count += 1;
+        sum += v;
+        min = min.min(v);
+        max = max.max(v);
+        sketch.add(v);
+    }
+    (count as usize > EXACT_VALUES_MAX).then(|| Summary {
+        count,
+        sum,
+        min,
+        max,
+        sketch: sketch.to_java_bytes(),
+    })
+}
 
 /// Checks a JSON pointer (RFC 6901): empty is refused (the whole object is
 /// never a number), otherwise it starts with `/`.
@@ -207,6 +265,7 @@ pub fn write_numeric_file(
     segment: u64,
     rows: u32,
     columns: &[(&str, &[f64])],
+    summaries: &[(u16, u8, &str, Summary)],
 ) -> Result<(), IndexError> {
     let io = |e| IndexError::Io {
         path: path.to_owned(),
@@ -240,6 +299,23 @@ pub fn write_numeric_file(
         let crc = crc32c::crc32c_append(crc32c::crc32c(name), &bytes);
         out.write_all(&crc.to_le_bytes()).map_err(io)?;
     }
+    let mut section = Vec::new();
+    section.extend_from_slice(&(summaries.len() as u32).to_le_bytes());
+    for (column, dim, term, sm) in summaries {
+        section.extend_from_slice(&column.to_le_bytes());
+        section.push(*dim);
+        section.extend_from_slice(&(term.len() as u16).to_le_bytes());
+        section.extend_from_slice(term.as_bytes());
+        section.extend_from_slice(&sm.count.to_le_bytes());
+        for x in [sm.sum, sm.min, sm.max] {
+            section.extend_from_slice(&x.to_le_bytes());
+        }
+        section.extend_from_slice(&(sm.sketch.len() as u32).to_le_bytes());
+        section.extend_from_slice(&sm.sketch);
+    }
+    let crc = crc32c::crc32c(&section);
+    out.write_all(&section).map_err(io)?;
+    out.write_all(&crc.to_le_bytes()).map_err(io)?;
     out.write_all(&NUM_FOOTER_MAGIC).map_err(io)?;
     let file = out.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
@@ -255,6 +331,8 @@ pub struct NumericFile {
     rows: u32,
     /// (pointer, byte range of its values).
     columns: Vec<(String, std::ops::Range<usize>)>,
+    /// (column, dim byte, term) → where its summary starts.
+    summaries: rustc_hash::FxHashMap<(u16, u8, String), usize>,
 }
 
 impl fmt::Debug for NumericFile {
@@ -276,8 +354,13 @@ impl NumericFile {
     }
 
     fn from_map(map: Mmap, segment: u64) -> Result<NumericFile, IndexError> {
-        let (rows, columns) = parse(&map, segment)?;
-        Ok(NumericFile { map, rows, columns })
+        let (rows, columns, summaries) = parse(&map, segment)?;
+        Ok(NumericFile {
+            map,
+            rows,
+            columns,
+            summaries,
+        })
     }
 
     pub fn rows(&self) -> u32 {
@@ -294,13 +377,58 @@ impl NumericFile {
             .find(|(p, _)| p == pointer)
             .map(|(_, r)| Column::File(&self.map[r.clone()]))
     }
+
+    /// The summary of `pointer` over the rows of (`dim`, `term`), or over
+    /// every row with [`SUMMARY_ALL`]; None when the segment has none
+    /// (too few values, or too many terms in that dimension).
+    pub fn summary(&self, pointer: &str, dim: u8, term: &str) -> Option<SummaryRef<'_>> {
+        let column = self.columns.iter().position(|(p, _)| p == pointer)? as u16;
+        let at = *self.summaries.get(&(column, dim, term.to_owned()))?;
+        read_summary(&self.map, at).map(|(_, _, _, r, _)| r)
+    }
 }
 
 type Columns = Vec<(String, std::ops::Range<usize>)>;
+type Summaries = rustc_hash::FxHashMap<(u16, u8, String), usize>;
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(b.get(at..at + 8)?);
+    Some(u64::from_le_bytes(x))
+}
+
+/// One summary entry at `at`: (column, dim, term, summary, next offset).
+fn read_summary(b: &[u8], at: usize) -> Option<(u16, u8, &str, SummaryRef<'_>, usize)> {
+    let column = u16::from_le_bytes([*b.get(at)?, *b.get(at + 1)?]);
+    let dim = *b.get(at + 2)?;
+    let term_len = usize::from(u16::from_le_bytes([*b.get(at + 3)?, *b.get(at + 4)?]));
+    let term = std::str::from_utf8(b.get(at + 5..at + 5 + term_len)?).ok()?;
+    let mut p = at + 5 + term_len;
+    let count = u64_at(b, p)?;
+    let sum = f64::from_bits(u64_at(b, p + 8)?);
+    let min = f64::from_bits(u64_at(b, p + 16)?);
+    let max = f64::from_bits(u64_at(b, p + 24)?);
+    p += 32;
+    let len = u32::from_le_bytes(b.get(p..p + 4)?.try_into().ok()?) as usize;
+    let sketch = b.get(p + 4..p + 4 + len)?;
+    Some((
+        column,
+        dim,
+        term,
+        SummaryRef {
+            count,
+            sum,
+            min,
+            max,
+            sketch,
+        },
+        p + 4 + len,
+    ))
+}
 
 /// Checks every byte of a numeric file: header, each column's checksum,
 /// the footer and that the sections tile the file.
-fn parse(b: &[u8], segment: u64) -> Result<(u32, Columns), IndexError> {
+fn parse(b: &[u8], segment: u64) -> Result<(u32, Columns, Summaries), IndexError> {
     let bad = |at: usize, why: &str| IndexError::corrupted(segment, at, why);
     if b.len() < HEADER_SIZE + NUM_FOOTER_MAGIC.len() {
         return Err(bad(0, "numeric file shorter than header and footer"));
@@ -350,16 +478,44 @@ fn parse(b: &[u8], segment: u64) -> Result<(u32, Columns), IndexError> {
         columns.push((name.to_owned(), values_at..crc_at));
         at = crc_at + 4;
     }
-    if at != end {
-        return Err(bad(at, "numeric file sections do not tile the file"));
+    // The summaries section: a count, the entries, a checksum.
+    if at + 8 > end {
+        return Err(bad(at, "summaries section runs past the end"));
     }
-    Ok((rows, columns))
+    let section_crc_at = end - 4;
+    let crc = u32::from_le_bytes([
+        b[section_crc_at],
+        b[section_crc_at + 1],
+        b[section_crc_at + 2],
+        b[section_crc_at + 3],
+    ]);
+    if crc != crc32c::crc32c(&b[at..section_crc_at]) {
+        return Err(bad(at, "summaries checksum mismatch"));
+    }
+    let n = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+    let section = &b[..section_crc_at];
+    let mut p = at + 4;
+    let mut summaries = Summaries::default();
+    for _ in 0..n {
+        let Some((column, dim, term, _, next)) = read_summary(section, p) else {
+            return Err(bad(p, "summary runs past the end"));
+        };
+        if usize::from(column) >= columns.len() {
+            return Err(bad(p, "summary names no column"));
+        }
+        summaries.insert((column, dim, term.to_owned()), p);
+        p = next;
+    }
+    if p != section_crc_at {
+        return Err(bad(p, "numeric file sections do not tile the file"));
+    }
+    Ok((rows, columns, summaries))
 }
 
 /// Checks arbitrary bytes as a numeric file of segment 0 (the fuzz entry
 /// point): an error or the number of columns, never a panic.
 pub fn fuzz_numeric(data: &[u8]) -> Result<usize, IndexError> {
-    parse(data, 0).map(|(_, c)| c.len())
+    parse(data, 0).map(|(_, c, s)| c.len() + s.len())
 }
 
 #[cfg(test)]
@@ -403,7 +559,21 @@ mod tests {
         let path = dir.path().join("1.num");
         let a = [1.0, f64::NAN, 3.5];
         let b = [f64::NAN, -2.0, 0.0];
-        write_numeric_file(&path, 1, 3, &[("/a", &a), ("/b", &b)]).unwrap();
+        let many: Vec<f64> = (0..2000).map(f64::from).collect();
+        let sm = summarize(&many, 0..2000).unwrap();
+        assert!(summarize(&many, 0..1000).is_none(), "small groups get none");
+        assert_eq!(
+            (sm.count, sm.sum, sm.min, sm.max),
+            (2000, 1_999_000.0, 0.0, 1999.0)
+        );
+        write_numeric_file(
+            &path,
+            1,
+            3,
+            &[("/a", &a), ("/b", &b)],
+            &[(1, 2, "info", sm.clone())],
+        )
+        .unwrap();
         let f = NumericFile::open(&path, 1).unwrap();
         let col = f.column("/a").unwrap();
         assert_eq!(
@@ -416,6 +586,10 @@ mod tests {
             (None, Some(-2.0), Some(0.0))
         );
         assert!(f.column("/c").is_none());
+        let got = f.summary("/b", 2, "info").unwrap();
+        assert_eq!((got.count, got.sum), (2000, 1_999_000.0));
+        assert_eq!(got.sketch, &sm.sketch[..]);
+        assert!(f.summary("/a", 2, "info").is_none());
         assert!(NumericFile::open(&path, 2).is_err());
         let bytes = std::fs::read(&path).unwrap();
         for i in 0..bytes.len() {

@@ -20,7 +20,9 @@ use sketches_ddsketch::{Config as SketchConfig, DDSketch};
 
 use super::{Query, QueryError, SegmentInput, SegmentPlan, invalid, plan_segment, segment_matches};
 use crate::event::{Severity, Timestamp};
-use crate::index::numeric::{check_pointer, format_number, key_at, number_at};
+use crate::index::numeric::{
+    SUMMARY_ALL, SummaryRef, check_pointer, format_number, key_at, number_at,
+};
 use crate::index::{Column, Dim, IndexView};
 
 /// Most group-by dimensions in one request.
@@ -34,7 +36,7 @@ pub const GROUPS_MAX: usize = 1_000_000;
 pub const QUANTILE_GROUPS_MAX: usize = 100_000;
 /// Groups with at most this many values get exact percentiles; larger ones
 /// switch to a DDSketch with relative error [`SKETCH_RELATIVE_ERROR`].
-pub const EXACT_VALUES_MAX: usize = 1024;
+pub const EXACT_VALUES_MAX: usize = crate::index::numeric::EXACT_VALUES_MAX;
 /// Relative accuracy of percentile sketches: the value returned lies
 /// within ±1 % of the exact value at the same rank.
 pub const SKETCH_RELATIVE_ERROR: f64 = 0.01;
@@ -766,7 +768,40 @@ impl NumAcc {
     }
 
     fn new_sketch() -> DDSketch {
-        DDSketch::new(SketchConfig::new(SKETCH_RELATIVE_ERROR, 2048, 1.0e-9))
+        crate::index::numeric::new_sketch()
+    }
+
+    /// Folds a sealed-time summary in; false (nothing changed) when its
+    /// sketch cannot be decoded, so the caller reads the rows instead.
+    fn merge_summary(&mut self, sm: &SummaryRef<'_>) -> bool {
+        let sketch = match &self.quant {
+            None => None,
+            Some(_) => match DDSketch::from_java_bytes(sm.sketch) {
+                Ok(s) => Some(s),
+                Err(_) => return false,
+            },
+        };
+        self.n += sm.count;
+        self.sum += sm.sum;
+        self.min = self.min.min(sm.min);
+        self.max = self.max.max(sm.max);
+        if let Some(theirs) = sketch {
+            let mut mine = match self.quant.take() {
+                Some(Quant::Sketch(s)) => s,
+                Some(Quant::Exact(values)) => {
+                    let mut s = Box::new(Self::new_sketch());
+                    for v in values {
+                        s.add(v);
+                    }
+                    s
+                }
+                None => Box::new(Self::new_sketch()),
+            };
+            let merged = mine.merge(&theirs);
+            debug_assert!(merged.is_ok(), "sketches share one configuration");
+            self.quant = Some(Quant::Sketch(mine));
+        }
+        true
     }
 
     /// Folds another accumulator of the same field in.
@@ -1061,6 +1096,7 @@ struct Partial {
     used_columns: bool,
     used_json: bool,
     walked: bool,
+    summarized: bool,
 }
 
 /// How the request is answered, decided once.
@@ -1143,6 +1179,7 @@ pub fn aggregate<S: RowSource>(
             used_columns: false,
             used_json: false,
             walked: false,
+            summarized: false,
         })
     };
     let workers = std::thread::available_parallelism()
@@ -1194,6 +1231,8 @@ pub fn aggregate<S: RowSource>(
     };
     let strategy = if plan.bitmap_path {
         "bitmap"
+    } else if plan.column_path && !whole.walked && whole.summarized {
+        "summaries"
     } else if plan.column_path && !whole.walked {
         "columns"
     } else {
@@ -1218,6 +1257,7 @@ impl Partial {
         self.used_columns |= other.used_columns;
         self.used_json |= other.used_json;
         self.walked |= other.walked;
+        self.summarized |= other.summarized;
         self.totals.absorb(0, &other.totals, 0);
         // Their interned ids, as ours.
         let maps: Vec<Vec<u32>> = self
@@ -1287,7 +1327,7 @@ fn one_segment<S: RowSource>(
         if let Some(columns) = columns {
             p.used_columns |= !columns.is_empty();
             let totals = plan.separate_totals.then_some(&mut p.totals);
-            return by_column(
+            p.summarized |= by_column(
                 agg,
                 seg.index,
                 &candidates,
@@ -1295,7 +1335,8 @@ fn one_segment<S: RowSource>(
                 &columns,
                 &mut p.interners,
                 (&mut p.table, totals),
-            );
+            )?;
+            return Ok(());
         }
     }
     p.walked = true;
@@ -1325,39 +1366,49 @@ fn by_column(
     columns: &[Column<'_>],
     interners: &mut [Interner],
     (table, totals): (&mut Table, Option<&mut Table>),
-) -> Result<(), QueryError> {
-    fn add(
-        table: &mut Table,
-        g: usize,
-        rows: &RoaringBitmap,
-        conds: &[RoaringBitmap],
-        columns: &[Column<'_>],
-    ) {
-        let slots = table.count_slots;
-        let nf = table.fields.len();
-        table.counts[g * slots] += rows.len();
-        for (i, c) in conds.iter().enumerate() {
-            table.counts[g * slots + 1 + i] += rows.intersection_len(c);
-        }
-        for (f, col) in columns.iter().enumerate() {
-            let acc = &mut table.nums[g * nf + f];
-            for r in rows {
-                if let Some(v) = col.get(r) {
-                    acc.add(v);
+) -> Result<bool, QueryError> {
+    // Every row of the segment selected (no filter narrowed it, nothing
+    // deleted): a term's rows are exactly the rows its sealed-time summary
+    // covers.
+    let whole = candidates.len() == index.rows_indexed();
+    let mut summarized = false;
+    let mut add =
+        |table: &mut Table, g: usize, rows: &RoaringBitmap, summary_key: Option<(u8, &str)>| {
+            let slots = table.count_slots;
+            let nf = table.fields.len();
+            table.counts[g * slots] += rows.len();
+            for (i, c) in conds.iter().enumerate() {
+                table.counts[g * slots + 1 + i] += rows.intersection_len(c);
+            }
+            for (f, col) in columns.iter().enumerate() {
+                let summary = match summary_key {
+                    Some((dim, term)) if whole => index.summary(&table.fields[f].0, dim, term),
+                    _ => None,
+                };
+                let acc = &mut table.nums[g * nf + f];
+                if let Some(sm) = summary
+                    && acc.merge_summary(&sm)
+                {
+                    summarized = true;
+                    continue;
+                }
+                for r in rows {
+                    if let Some(v) = col.get(r) {
+                        acc.add(v);
+                    }
                 }
             }
-        }
-    }
+        };
     if let Some(t) = totals {
-        add(t, 0, candidates, conds, columns);
+        add(t, 0, candidates, Some((SUMMARY_ALL, "")));
     }
     let Some(g) = agg.group_by.first() else {
         let id = table.group(([NONE; GROUP_BY_MAX], 0))?;
-        add(table, id, candidates, conds, columns);
-        return Ok(());
+        add(table, id, candidates, Some((SUMMARY_ALL, "")));
+        return Ok(summarized);
     };
     let Some(dim) = g.dim() else {
-        return Ok(());
+        return Ok(summarized);
     };
     let mut covered = RoaringBitmap::new();
     let mut failed: Option<QueryError> = None;
@@ -1372,7 +1423,7 @@ fn by_column(
         let mut key = [NONE; GROUP_BY_MAX];
         key[0] = interners[0].id(value);
         match table.group((key, 0)) {
-            Ok(id) => add(table, id, &rows, conds, columns),
+            Ok(id) => add(table, id, &rows, Some((dim as u8, term))),
             Err(e) => failed = Some(e),
         }
         covered |= rows;
@@ -1383,9 +1434,9 @@ fn by_column(
     let none = candidates - &covered;
     if !none.is_empty() {
         let id = table.group(([NONE; GROUP_BY_MAX], 0))?;
-        add(table, id, &none, conds, columns);
+        add(table, id, &none, None);
     }
-    Ok(())
+    Ok(summarized)
 }
 
 /// Count-only, no bucket, at most one indexed dimension: cardinalities of
