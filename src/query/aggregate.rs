@@ -1416,10 +1416,10 @@ fn by_column(
         let Some(value) = g.value_of(term).filter(|_| failed.is_none()) else {
             return;
         };
-        if bitmap.is_disjoint(candidates) {
+        let rows = and(bitmap, candidates);
+        if rows.is_empty() {
             return;
         }
-        let rows = bitmap & candidates;
         let mut key = [NONE; GROUP_BY_MAX];
         key[0] = interners[0].id(value);
         match table.group((key, 0)) {
@@ -1437,6 +1437,29 @@ fn by_column(
         add(table, id, &none, None);
     }
     Ok(summarized)
+}
+
+/// Terms this small are intersected row by row: cheaper than roaring's
+/// container-wise intersection against a dense candidate bitmap (one
+/// correlation id holds a handful of rows of a segment).
+const SMALL_TERM_ROWS: u64 = 64;
+
+/// |small ∩ big|.
+fn inter_len(small: &RoaringBitmap, big: &RoaringBitmap) -> u64 {
+    if small.len() <= SMALL_TERM_ROWS {
+        small.iter().filter(|r| big.contains(*r)).count() as u64
+    } else {
+        small.intersection_len(big)
+    }
+}
+
+/// small ∩ big.
+fn and(small: &RoaringBitmap, big: &RoaringBitmap) -> RoaringBitmap {
+    if small.len() <= SMALL_TERM_ROWS {
+        small.iter().filter(|r| big.contains(*r)).collect()
+    } else {
+        small & big
+    }
 }
 
 /// Count-only, no bucket, at most one indexed dimension: cardinalities of
@@ -1462,6 +1485,8 @@ fn count_from_bitmaps(
         return Ok(());
     };
     let multi = dim == Dim::Tag;
+    // Every row selected: a term's count is its cardinality.
+    let whole = candidates.len() == index.rows_indexed();
     let mut covered_sum = 0u64;
     let mut cond_sums = vec![0u64; conds.len()];
     let mut covered = RoaringBitmap::new();
@@ -1473,7 +1498,11 @@ fn count_from_bitmaps(
         let Some(value) = g.value_of(term) else {
             return;
         };
-        let n = bitmap.intersection_len(candidates);
+        let n = if whole {
+            bitmap.len()
+        } else {
+            inter_len(bitmap, candidates)
+        };
         if n == 0 {
             return;
         }
@@ -1488,12 +1517,12 @@ fn count_from_bitmaps(
         };
         table.counts[id * slots] += n;
         for (i, c) in conds.iter().enumerate() {
-            let k = bitmap.intersection_len(c);
+            let k = inter_len(bitmap, c);
             table.counts[id * slots + 1 + i] += k;
             cond_sums[i] += k;
         }
         if multi {
-            covered |= bitmap & candidates;
+            covered |= and(bitmap, candidates);
         } else {
             covered_sum += n;
         }
@@ -1555,11 +1584,11 @@ fn walk_rows(
             let Some(value) = g.value_of(term) else {
                 return;
             };
-            if bitmap.is_disjoint(candidates) {
+            let rows = and(bitmap, candidates);
+            if rows.is_empty() {
                 return;
             }
             let id = interner.id(value);
-            let rows = bitmap & candidates;
             match &mut single {
                 Some(s) => {
                     for r in &rows {
