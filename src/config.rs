@@ -562,6 +562,33 @@ mod tests {
         assert_eq!(c.tokens.len(), 3);
         assert!(c.rate_limit.is_some());
         assert!(!c.http.ip().is_loopback());
+        assert_eq!(c.numeric_fields, ["/latency_ms"]);
+    }
+
+    #[test]
+    fn numeric_fields_are_checked_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evdb.toml");
+        let resolve = |text: &str, flags: &[&str]| {
+            std::fs::write(&path, text).unwrap();
+            ServeConfig::resolve(ServeArgs {
+                config: Some(path.clone()),
+                numeric_fields: flags.iter().map(|f| (*f).to_owned()).collect(),
+                ..ServeArgs::default()
+            })
+        };
+        let c = resolve("[analytics]\nnumeric_fields = [\"/a\", \"/b/c\"]\n", &[]).unwrap();
+        assert_eq!(c.numeric_fields, ["/a", "/b/c"]);
+        let c = resolve("[analytics]\nnumeric_fields = [\"/a\"]\n", &["/x"]).unwrap();
+        assert_eq!(c.numeric_fields, ["/x"]);
+        for bad in [
+            "[analytics]\nnumeric_fields = [\"latency\"]\n",
+            "[analytics]\nnumeric_fields = [\"/a\", \"/a\"]\n",
+            "[analytics]\nfields = [\"/a\"]\n",
+        ] {
+            let err = resolve(bad, &[]).unwrap_err().to_string();
+            assert!(err.contains("analytics") || err.contains("unknown field"), "{bad}: {err}");
+        }
     }
 
     #[test]
