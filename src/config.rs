@@ -587,7 +587,10 @@ mod tests {
             "[analytics]\nfields = [\"/a\"]\n",
         ] {
             let err = resolve(bad, &[]).unwrap_err().to_string();
-            assert!(err.contains("analytics") || err.contains("unknown field"), "{bad}: {err}");
+            assert!(
+                err.contains("analytics") || err.contains("unknown field"),
+                "{bad}: {err}"
+            );
         }
     }
 

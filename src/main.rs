@@ -101,6 +101,38 @@ enum Command {
         #[arg(long)]
         distinct_correlation_ids: bool,
     },
+    /// Group the matching events and compute metrics (the text forms of
+    /// `GET /events/aggregate`, docs/api.md); prints the JSON answer.
+    Aggregate {
+        #[command(flatten)]
+        filters: Filters,
+        /// source_system, event_type, severity, correlation_id, tag,
+        /// tag:PREFIX or a JSON pointer (comma-separated or repeated).
+        #[arg(long)]
+        group_by: Vec<String>,
+        /// minute | hour | day | week
+        #[arg(long)]
+        bucket: Option<String>,
+        /// Bucket boundaries at this UTC offset, e.g. +02:00.
+        #[arg(long)]
+        tz_offset: Option<String>,
+        /// Metric expressions, e.g. "count,error_rate,p95(/latency_ms)".
+        #[arg(long, default_value = "count")]
+        metrics: String,
+        /// A metric name (NAME, NAME:asc, NAME:desc) or key.
+        #[arg(long)]
+        order_by: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Declared numeric fields, as the daemon was given them (their
+        /// columns are read instead of the records).
+        #[arg(
+            long = "numeric-field",
+            env = "EVDB_NUMERIC_FIELDS",
+            value_delimiter = ','
+        )]
+        numeric_fields: Vec<String>,
+    },
     /// Point-in-time snapshots: create, list, delete.
     Snapshot {
         #[command(subcommand)]
@@ -302,6 +334,26 @@ fn main() -> ExitCode {
             filters,
             distinct_correlation_ids,
         } => run_stats(&filters, distinct_correlation_ids),
+        Command::Aggregate {
+            filters,
+            group_by,
+            bucket,
+            tz_offset,
+            metrics,
+            order_by,
+            limit,
+            numeric_fields,
+        } => {
+            let text = evdb::query::aggregate::AggregationText {
+                group_by: group_by.iter().map(String::as_str).collect(),
+                bucket: bucket.as_deref(),
+                tz_offset: tz_offset.as_deref(),
+                metrics: Some(metrics.as_str()),
+                order_by: order_by.as_deref(),
+                limit,
+            };
+            run_aggregate(&filters, &text, numeric_fields)
+        }
         Command::Bench {
             suite,
             events,
@@ -510,6 +562,25 @@ fn run_stats(filters: &Filters, distinct_correlation_ids: bool) -> anyhow::Resul
     let db = Db::open(&filters.data_dir, Config::default())?;
     let stats = db.stats_with(&query, distinct_correlation_ids)?;
     println!("{}", json::stats_to_json(&stats));
+    db.close()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_aggregate(
+    filters: &Filters,
+    text: &evdb::query::aggregate::AggregationText<'_>,
+    numeric_fields: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    let agg = evdb::query::aggregate::Aggregation::from_text(filters.to_query()?, text)?;
+    let config = Config {
+        numeric_fields,
+        ..Config::default()
+    };
+    let db = Db::open(&filters.data_dir, config)?;
+    let started = std::time::Instant::now();
+    let result = db.aggregate(&agg)?;
+    let took = started.elapsed().as_secs_f64() * 1000.0;
+    println!("{}", json::aggregate_to_json(&result, took));
     db.close()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -712,7 +712,8 @@ pub struct AggregateResult {
     /// Events the filter matched.
     pub matched: u64,
     pub value_path: ValuePath,
-    /// False when a percentile came from a sketch.
+    /// False when a returned percentile (of a group or the totals) came
+    /// from a sketch.
     pub exact: bool,
     /// `bitmap` when counts came from bitmap cardinalities alone, `rows`
     /// when matching rows were walked.
@@ -869,22 +870,53 @@ impl NumAcc {
     }
 }
 
-/// Interned group values of one dimension.
+/// Interned group values of one dimension: the values live end to end in
+/// one arena, so a new value costs no allocation of its own (a question
+/// grouped by correlation id meets hundreds of thousands of them).
 #[derive(Default)]
 struct Interner {
-    ids: FxHashMap<std::sync::Arc<str>, u32>,
-    names: Vec<std::sync::Arc<str>>,
+    table: hashbrown::HashTable<u32>,
+    arena: String,
+    /// (start, length) in `arena` of each id.
+    spans: Vec<(usize, usize)>,
 }
 
 impl Interner {
+    fn hash(value: &str) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(value.as_bytes())
+    }
+
+    fn name(&self, id: u32) -> &str {
+        let (start, len) = self.spans[id as usize];
+        &self.arena[start..start + len]
+    }
+
+    fn len(&self) -> u32 {
+        self.spans.len() as u32
+    }
+
     fn id(&mut self, value: &str) -> u32 {
-        if let Some(id) = self.ids.get(value) {
+        let Interner {
+            table,
+            arena,
+            spans,
+        } = self;
+        let h = Self::hash(value);
+        let at = |id: &u32| {
+            let (start, len) = spans[*id as usize];
+            &arena[start..start + len]
+        };
+        if let Some(id) = table.find(h, |id| at(id) == value) {
             return *id;
         }
-        let id = self.names.len() as u32;
-        let name: std::sync::Arc<str> = value.into();
-        self.names.push(name.clone());
-        self.ids.insert(name, id);
+        let id = spans.len() as u32;
+        spans.push((arena.len(), value.len()));
+        arena.push_str(value);
+        let (arena, spans) = (&*arena, &*spans);
+        table.insert_unique(h, id, |id| {
+            let (start, len) = spans[*id as usize];
+            Self::hash(&arena[start..start + len])
+        });
         id
     }
 }
@@ -894,6 +926,8 @@ type GroupKey = ([u32; GROUP_BY_MAX], i64);
 /// Every group's accumulators, in flat arrays indexed by group.
 struct Table {
     ids: FxHashMap<GroupKey, u32>,
+    /// Group of each first-dimension value, for keys of that value alone.
+    direct: Vec<u32>,
     keys: Vec<GroupKey>,
     /// `count_slots` per group: slot 0 counts events, slot 1+i the i-th
     /// conditional count.
@@ -909,7 +943,16 @@ struct Table {
 
 impl Table {
     fn group(&mut self, key: GroupKey) -> Result<usize, QueryError> {
-        if let Some(g) = self.ids.get(&key) {
+        // Keys of one dimension and no bucket (the common shape) index a
+        // dense table by their interned value instead of hashing.
+        let direct = key.1 == 0 && key.0[1] == NONE && key.0[2] == NONE && key.0[0] != NONE;
+        if direct {
+            if let Some(&g) = self.direct.get(key.0[0] as usize)
+                && g != NONE
+            {
+                return Ok(g as usize);
+            }
+        } else if let Some(g) = self.ids.get(&key) {
             return Ok(*g as usize);
         }
         let g = self.keys.len();
@@ -922,7 +965,15 @@ impl Table {
                 ),
             ));
         }
-        self.ids.insert(key, g as u32);
+        if direct {
+            let i = key.0[0] as usize;
+            if self.direct.len() <= i {
+                self.direct.resize(i + 1, NONE);
+            }
+            self.direct[i] = g as u32;
+        } else {
+            self.ids.insert(key, g as u32);
+        }
         self.keys.push(key);
         self.counts.extend(std::iter::repeat_n(0, self.count_slots));
         for (_, q) in &self.fields {
@@ -937,6 +988,7 @@ impl Table {
     fn empty_like(&self, max_groups: usize) -> Table {
         Table {
             ids: FxHashMap::default(),
+            direct: Vec::new(),
             keys: Vec::new(),
             counts: Vec::new(),
             count_slots: self.count_slots,
@@ -1005,9 +1057,22 @@ impl Table {
 
     /// Every metric's value for group `g`.
     fn values(&mut self, agg: &Aggregation, g: usize, exact: &mut bool) -> Vec<MetricValue> {
+        let mut vals = Vec::with_capacity(agg.metrics.len());
+        self.values_into(agg, g, &mut vals, exact);
+        vals
+    }
+
+    /// [`Table::values`] into a reused buffer.
+    fn values_into(
+        &mut self,
+        agg: &Aggregation,
+        g: usize,
+        vals: &mut Vec<MetricValue>,
+        exact: &mut bool,
+    ) {
+        vals.clear();
         let slots = self.count_slots;
         let nf = self.fields.len();
-        let mut vals: Vec<MetricValue> = Vec::with_capacity(agg.metrics.len());
         let mut cond = 0;
         for m in &agg.metrics {
             let field = self
@@ -1057,7 +1122,6 @@ impl Table {
             };
             vals.push(v);
         }
-        vals
     }
 }
 
@@ -1137,6 +1201,7 @@ pub fn aggregate<S: RowSource>(
     let quantiles = fields.iter().any(|f| f.1);
     let empty = Table {
         ids: FxHashMap::default(),
+        direct: Vec::new(),
         keys: Vec::new(),
         counts: Vec::new(),
         count_slots: 1 + conditions.len(),
@@ -1264,7 +1329,7 @@ impl Partial {
             .interners
             .iter_mut()
             .zip(&other.interners)
-            .map(|(mine, theirs)| theirs.names.iter().map(|n| mine.id(n)).collect())
+            .map(|(mine, theirs)| (0..theirs.len()).map(|i| mine.id(theirs.name(i))).collect())
             .collect();
         for (g, (ords, bucket)) in other.table.keys.iter().enumerate() {
             let mut key = [NONE; GROUP_BY_MAX];
@@ -1453,6 +1518,38 @@ fn inter_len(small: &RoaringBitmap, big: &RoaringBitmap) -> u64 {
     }
 }
 
+/// A bitmap as a flat bit array, for many membership tests of one segment.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn of(b: &RoaringBitmap) -> Bits {
+        let words = b.max().map_or(0, |m| m as usize / 64 + 1);
+        let mut v = vec![0u64; words];
+        for r in b {
+            v[r as usize / 64] |= 1 << (r % 64);
+        }
+        Bits(v)
+    }
+
+    #[inline]
+    fn contains(&self, r: u32) -> bool {
+        self.0
+            .get(r as usize / 64)
+            .is_some_and(|w| w & (1 << (r % 64)) != 0)
+    }
+
+    /// |small ∩ self| (`full` is the same set as a bitmap).
+    fn inter_len(&self, small: &RoaringBitmap, full: &RoaringBitmap) -> u64 {
+        // A bit test per row beats a container-wise intersection up to
+        // the size of an array container.
+        if small.len() <= 4096 {
+            small.iter().filter(|r| self.contains(*r)).count() as u64
+        } else {
+            small.intersection_len(full)
+        }
+    }
+}
+
 /// small ∩ big.
 fn and(small: &RoaringBitmap, big: &RoaringBitmap) -> RoaringBitmap {
     if small.len() <= SMALL_TERM_ROWS {
@@ -1489,6 +1586,7 @@ fn count_from_bitmaps(
     let whole = candidates.len() == index.rows_indexed();
     let mut covered_sum = 0u64;
     let mut cond_sums = vec![0u64; conds.len()];
+    let cond_bits: Vec<Bits> = conds.iter().map(Bits::of).collect();
     let mut covered = RoaringBitmap::new();
     let mut failed: Option<QueryError> = None;
     index.for_each_term(dim, &mut |term, bitmap| {
@@ -1517,7 +1615,7 @@ fn count_from_bitmaps(
         };
         table.counts[id * slots] += n;
         for (i, c) in conds.iter().enumerate() {
-            let k = inter_len(bitmap, c);
+            let k = cond_bits[i].inter_len(bitmap, c);
             table.counts[id * slots + 1 + i] += k;
             cond_sums[i] += k;
         }
@@ -1721,22 +1819,21 @@ fn finish(
 ) -> AggregateResult {
     let mut exact = true;
     let n_groups = table.keys.len();
-    let mut all: Vec<(GroupKey, Vec<MetricValue>)> = Vec::with_capacity(n_groups);
-    for g in 0..n_groups {
-        let vals = table.values(agg, g, &mut exact);
-        all.push((table.keys[g], vals));
-    }
-    let total_values = match totals {
-        Some(mut t) => t.values(agg, 0, &mut exact),
-        // Ungrouped: the one group, if any event matched.
-        None => match all.first() {
-            Some((_, v)) => v.clone(),
-            None => table.empty_like(1).empty_values(agg),
-        },
-    };
-    let name = |d: usize, id: u32| -> Option<&str> {
-        (id != NONE).then(|| &*interners[d].names[id as usize])
-    };
+    // Order first, on the one value it needs; compute every value only for
+    // the groups returned (a top-k of a million groups allocates k rows).
+    let mut scratch = Vec::with_capacity(agg.metrics.len());
+    let mut ignored = true;
+    let mut order: Vec<(usize, Option<f64>)> = (0..n_groups)
+        .map(|g| match agg.order_by {
+            OrderKey::Key => (g, None),
+            OrderKey::Metric(i) => {
+                table.values_into(agg, g, &mut scratch, &mut ignored);
+                (g, scratch[i].as_f64())
+            }
+        })
+        .collect();
+    let name = |d: usize, id: u32| -> Option<&str> { (id != NONE).then(|| interners[d].name(id)) };
+    let keys = &table.keys;
     let key_cmp = |a: &GroupKey, b: &GroupKey| -> Ordering {
         a.1.cmp(&b.1).then_with(|| {
             for d in 0..agg.group_by.len() {
@@ -1754,14 +1851,14 @@ fn finish(
             Ordering::Equal
         })
     };
-    let cmp = |a: &(GroupKey, Vec<MetricValue>), b: &(GroupKey, Vec<MetricValue>)| -> Ordering {
+    let cmp = |a: &(usize, Option<f64>), b: &(usize, Option<f64>)| -> Ordering {
         match agg.order_by {
             OrderKey::Key => {
-                let o = key_cmp(&a.0, &b.0);
+                let o = key_cmp(&keys[a.0], &keys[b.0]);
                 if agg.descending { o.reverse() } else { o }
             }
-            OrderKey::Metric(i) => {
-                let o = match (a.1[i].as_f64(), b.1[i].as_f64()) {
+            OrderKey::Metric(_) => {
+                let o = match (a.1, b.1) {
                     (Some(x), Some(y)) => {
                         let o = x.total_cmp(&y);
                         if agg.descending { o.reverse() } else { o }
@@ -1770,15 +1867,27 @@ fn finish(
                     (None, Some(_)) => Ordering::Greater,
                     (None, None) => Ordering::Equal,
                 };
-                o.then_with(|| key_cmp(&a.0, &b.0))
+                o.then_with(|| key_cmp(&keys[a.0], &keys[b.0]))
             }
         }
     };
-    if all.len() > agg.limit {
-        all.select_nth_unstable_by(agg.limit - 1, cmp);
-        all.truncate(agg.limit);
+    if order.len() > agg.limit {
+        order.select_nth_unstable_by(agg.limit - 1, cmp);
+        order.truncate(agg.limit);
     }
-    all.sort_unstable_by(cmp);
+    order.sort_unstable_by(cmp);
+    let all: Vec<(GroupKey, Vec<MetricValue>)> = order
+        .into_iter()
+        .map(|(g, _)| (table.keys[g], table.values(agg, g, &mut exact)))
+        .collect();
+    let total_values = match totals {
+        Some(mut t) => t.values(agg, 0, &mut exact),
+        // Ungrouped: the one group, if any event matched.
+        None => match all.first() {
+            Some((_, v)) => v.clone(),
+            None => table.empty_like(1).empty_values(agg),
+        },
+    };
     let visible: Vec<usize> = (0..agg.metrics.len())
         .filter(|i| !agg.metrics[*i].hidden)
         .collect();
