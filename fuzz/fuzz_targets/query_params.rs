@@ -1,5 +1,5 @@
-//! Query strings of `GET /events`, `/events/stats` and `/events/stream`
-//! from arbitrary bytes.
+//! Query strings of `GET /events`, `/events/stats`, `/events/stream` and
+//! `/events/aggregate` (metric expressions included) from arbitrary bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -8,5 +8,6 @@ fuzz_target!(|data: &[u8]| {
         let pairs = evdb::api::http::params::pairs(Some(text));
         let _ = evdb::api::http::params::query(&pairs);
         let _ = evdb::api::http::params::tail(&pairs);
+        let _ = evdb::api::http::params::aggregate(&pairs);
     }
 });

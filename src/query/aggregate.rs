@@ -1161,6 +1161,7 @@ struct Partial {
     used_json: bool,
     walked: bool,
     summarized: bool,
+    uncovered: Uncovered,
 }
 
 /// How the request is answered, decided once.
@@ -1169,6 +1170,22 @@ struct Plan<'q> {
     bitmap_path: bool,
     column_path: bool,
     separate_totals: bool,
+    /// Workers split the values, not the segments: each reads every
+    /// segment but only the correlation ids that hash to it, so their
+    /// groups are disjoint and need no merge (count-only, grouped by
+    /// correlation id alone, no text filter).
+    shard: Option<usize>,
+}
+
+/// What a sharded worker saw of the rows without a value, to form the
+/// null group once all are done: candidates and condition rows (counted
+/// by worker 0) minus the rows each worker's values covered.
+#[derive(Default)]
+struct Uncovered {
+    candidates: u64,
+    conds: Vec<u64>,
+    covered: u64,
+    conds_covered: Vec<u64>,
 }
 
 /// Answers an aggregation over `segments`, spreading whole segments over
@@ -1226,12 +1243,23 @@ pub fn aggregate<S: RowSource>(
         && !agg.tracks_time()
         && agg.group_by.len() <= 1
         && agg.group_by.iter().all(|g| g.dim().is_some());
+    let workers = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(WORKERS_MAX)
+        .min(segments.len())
+        .max(1);
+    let shard = (bitmap_path
+        && workers > 1
+        && agg.group_by == [GroupBy::Correlation]
+        && agg.filter.text.is_none())
+    .then_some(workers);
     let plan = Plan {
         conditions,
         bitmap_path,
         column_path,
         // Ungrouped, unbucketed: the one group is the totals.
         separate_totals: !(agg.group_by.is_empty() && agg.bucket.is_none()),
+        shard,
     };
     let new_partial = || -> Result<Partial, QueryError> {
         let mut totals = empty.empty_like(1);
@@ -1245,18 +1273,18 @@ pub fn aggregate<S: RowSource>(
             used_json: false,
             walked: false,
             summarized: false,
+            uncovered: Uncovered {
+                conds: vec![0; plan.conditions.len()],
+                conds_covered: vec![0; plan.conditions.len()],
+                ..Uncovered::default()
+            },
         })
     };
-    let workers = std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .min(WORKERS_MAX)
-        .min(segments.len())
-        .max(1);
     let mut partials: Vec<Partial> = if workers == 1 {
         let mut p = new_partial()?;
         let mut src = source();
         for seg in segments {
-            one_segment(agg, &plan, seg, &mut src, &mut p)?;
+            one_segment(agg, &plan, seg, &mut src, &mut p, 0)?;
         }
         vec![p]
     } else {
@@ -1267,8 +1295,14 @@ pub fn aggregate<S: RowSource>(
                     scope.spawn(move || -> Result<Partial, QueryError> {
                         let mut p = new_partial()?;
                         let mut src = source();
-                        for seg in segments.iter().skip(w).step_by(workers) {
-                            one_segment(agg, plan, seg, &mut src, &mut p)?;
+                        if plan.shard.is_some() {
+                            for seg in segments {
+                                one_segment(agg, plan, seg, &mut src, &mut p, w)?;
+                            }
+                        } else {
+                            for seg in segments.iter().skip(w).step_by(workers) {
+                                one_segment(agg, plan, seg, &mut src, &mut p, w)?;
+                            }
                         }
                         Ok(p)
                     })
@@ -1285,8 +1319,33 @@ pub fn aggregate<S: RowSource>(
         results.into_iter().collect::<Result<_, _>>()?
     };
     let mut whole = partials.remove(0);
+    if plan.shard.is_some() {
+        // Disjoint groups: the null group is what no worker covered.
+        let mut u = std::mem::take(&mut whole.uncovered);
+        for p in &partials {
+            u.covered += p.uncovered.covered;
+            for (a, b) in u.conds_covered.iter_mut().zip(&p.uncovered.conds_covered) {
+                *a += b;
+            }
+        }
+        let none = u.candidates - u.covered;
+        let slots = whole.table.count_slots;
+        if none > 0 {
+            let g = whole.table.group(([NONE; GROUP_BY_MAX], 0))?;
+            whole.table.counts[g * slots] += none;
+            for (i, (c, k)) in u.conds.iter().zip(&u.conds_covered).enumerate() {
+                whole.table.counts[g * slots + 1 + i] += c - k;
+            }
+        }
+    }
+    let mut extra = Vec::new();
     for p in partials {
-        whole.merge(agg, p)?;
+        if plan.shard.is_some() {
+            whole.matched += p.matched;
+            extra.push((p.table, p.interners));
+        } else {
+            whole.merge(agg, p)?;
+        }
     }
     let value_path = match (whole.used_columns, whole.used_json) {
         (false, false) => ValuePath::None,
@@ -1304,11 +1363,12 @@ pub fn aggregate<S: RowSource>(
         "rows"
     };
     let totals = plan.separate_totals.then_some(whole.totals);
+    let mut parts = vec![(whole.table, whole.interners)];
+    parts.extend(extra);
     Ok(finish(
         agg,
-        whole.table,
+        parts,
         totals,
-        &whole.interners,
         whole.matched,
         value_path,
         strategy,
@@ -1353,12 +1413,17 @@ fn one_segment<S: RowSource>(
     seg: &SegmentInput<'_>,
     src: &mut S,
     p: &mut Partial,
+    worker: usize,
 ) -> Result<(), QueryError> {
     let mut text = |segment: u64, c: &RoaringBitmap| src.rows_with_text(segment, c);
     let Some((candidates, _)) = segment_matches(&agg.filter, seg, &mut text)? else {
         return Ok(());
     };
-    p.matched += candidates.len();
+    // Sharded, every worker sees every segment: worker 0 counts the rows.
+    let lead = plan.shard.is_none() || worker == 0;
+    if lead {
+        p.matched += candidates.len();
+    }
     let mut conds: Vec<RoaringBitmap> = Vec::with_capacity(plan.conditions.len());
     for c in &plan.conditions {
         conds.push(match plan_segment(c, seg.index)? {
@@ -1367,12 +1432,21 @@ fn one_segment<S: RowSource>(
         });
     }
     if plan.bitmap_path {
-        if plan.separate_totals {
+        if plan.separate_totals && lead {
             p.totals.counts[0] += candidates.len();
             for (i, c) in conds.iter().enumerate() {
                 p.totals.counts[1 + i] += c.len();
             }
         }
+        let shard = plan.shard.map(|n| {
+            if lead {
+                p.uncovered.candidates += candidates.len();
+                for (a, c) in p.uncovered.conds.iter_mut().zip(&conds) {
+                    *a += c.len();
+                }
+            }
+            (worker, n, &mut p.uncovered)
+        });
         return count_from_bitmaps(
             agg,
             seg.index,
@@ -1380,6 +1454,7 @@ fn one_segment<S: RowSource>(
             &conds,
             &mut p.interners,
             &mut p.table,
+            shard,
         );
     }
     if plan.column_path {
@@ -1568,6 +1643,7 @@ fn count_from_bitmaps(
     conds: &[RoaringBitmap],
     interners: &mut [Interner],
     table: &mut Table,
+    shard: Option<(usize, usize, &mut Uncovered)>,
 ) -> Result<(), QueryError> {
     let slots = table.count_slots;
     let Some(g) = agg.group_by.first() else {
@@ -1589,8 +1665,14 @@ fn count_from_bitmaps(
     let cond_bits: Vec<Bits> = conds.iter().map(Bits::of).collect();
     let mut covered = RoaringBitmap::new();
     let mut failed: Option<QueryError> = None;
+    let mine = shard.as_ref().map(|(w, n, _)| (*w as u64, *n as u64));
     index.for_each_term(dim, &mut |term, bitmap| {
         if failed.is_some() {
+            return;
+        }
+        if let Some((w, n)) = mine
+            && Interner::hash(term) % n != w
+        {
             return;
         }
         let Some(value) = g.value_of(term) else {
@@ -1627,6 +1709,14 @@ fn count_from_bitmaps(
     })?;
     if let Some(e) = failed {
         return Err(e);
+    }
+    if let Some((_, _, u)) = shard {
+        // The null group is formed once every worker is done.
+        u.covered += covered_sum;
+        for (a, k) in u.conds_covered.iter_mut().zip(&cond_sums) {
+            *a += k;
+        }
+        return Ok(());
     }
     // Rows without a value form the null group. A single-valued dimension
     // gives each row at most one term, so the rest is a subtraction.
@@ -1810,35 +1900,41 @@ fn walk_rows(
 
 fn finish(
     agg: &Aggregation,
-    mut table: Table,
+    mut parts: Vec<(Table, Vec<Interner>)>,
     totals: Option<Table>,
-    interners: &[Interner],
     matched: u64,
     value_path: ValuePath,
     strategy: &'static str,
 ) -> AggregateResult {
     let mut exact = true;
-    let n_groups = table.keys.len();
+    // Groups of several parts (disjoint key sets) are ordered together.
     // Order first, on the one value it needs; compute every value only for
     // the groups returned (a top-k of a million groups allocates k rows).
     let mut scratch = Vec::with_capacity(agg.metrics.len());
     let mut ignored = true;
-    let mut order: Vec<(usize, Option<f64>)> = (0..n_groups)
-        .map(|g| match agg.order_by {
-            OrderKey::Key => (g, None),
-            OrderKey::Metric(i) => {
-                table.values_into(agg, g, &mut scratch, &mut ignored);
-                (g, scratch[i].as_f64())
-            }
-        })
-        .collect();
-    let name = |d: usize, id: u32| -> Option<&str> { (id != NONE).then(|| interners[d].name(id)) };
-    let keys = &table.keys;
-    let key_cmp = |a: &GroupKey, b: &GroupKey| -> Ordering {
-        a.1.cmp(&b.1).then_with(|| {
+    let mut order: Vec<((usize, usize), Option<f64>)> = Vec::new();
+    for (p, (table, _)) in parts.iter_mut().enumerate() {
+        for g in 0..table.keys.len() {
+            order.push(match agg.order_by {
+                OrderKey::Key => ((p, g), None),
+                OrderKey::Metric(i) => {
+                    table.values_into(agg, g, &mut scratch, &mut ignored);
+                    ((p, g), scratch[i].as_f64())
+                }
+            });
+        }
+    }
+    let n_groups = order.len();
+    let name = |p: usize, d: usize, id: u32| -> Option<&str> {
+        (id != NONE).then(|| parts[p].1[d].name(id))
+    };
+    let key_of = |(p, g): (usize, usize)| parts[p].0.keys[g];
+    let key_cmp = |a: (usize, usize), b: (usize, usize)| -> Ordering {
+        let (ka, kb) = (key_of(a), key_of(b));
+        ka.1.cmp(&kb.1).then_with(|| {
             for d in 0..agg.group_by.len() {
                 // None sorts last.
-                let o = match (name(d, a.0[d]), name(d, b.0[d])) {
+                let o = match (name(a.0, d, ka.0[d]), name(b.0, d, kb.0[d])) {
                     (Some(x), Some(y)) => x.cmp(y),
                     (Some(_), None) => Ordering::Less,
                     (None, Some(_)) => Ordering::Greater,
@@ -1851,10 +1947,10 @@ fn finish(
             Ordering::Equal
         })
     };
-    let cmp = |a: &(usize, Option<f64>), b: &(usize, Option<f64>)| -> Ordering {
+    let cmp = |a: &((usize, usize), Option<f64>), b: &((usize, usize), Option<f64>)| -> Ordering {
         match agg.order_by {
             OrderKey::Key => {
-                let o = key_cmp(&keys[a.0], &keys[b.0]);
+                let o = key_cmp(a.0, b.0);
                 if agg.descending { o.reverse() } else { o }
             }
             OrderKey::Metric(_) => {
@@ -1867,7 +1963,7 @@ fn finish(
                     (None, Some(_)) => Ordering::Greater,
                     (None, None) => Ordering::Equal,
                 };
-                o.then_with(|| key_cmp(&keys[a.0], &keys[b.0]))
+                o.then_with(|| key_cmp(a.0, b.0))
             }
         }
     };
@@ -1876,16 +1972,24 @@ fn finish(
         order.truncate(agg.limit);
     }
     order.sort_unstable_by(cmp);
-    let all: Vec<(GroupKey, Vec<MetricValue>)> = order
-        .into_iter()
-        .map(|(g, _)| (table.keys[g], table.values(agg, g, &mut exact)))
-        .collect();
+    let chosen: Vec<(usize, usize)> = order.into_iter().map(|(pg, _)| pg).collect();
+    let mut all: Vec<(Vec<Option<String>>, i64, Vec<MetricValue>)> =
+        Vec::with_capacity(chosen.len());
+    for (p, g) in chosen {
+        let (table, interners) = &mut parts[p];
+        let key = table.keys[g];
+        let names = (0..agg.group_by.len())
+            .map(|d| (key.0[d] != NONE).then(|| interners[d].name(key.0[d]).to_owned()))
+            .collect();
+        let values = table.values(agg, g, &mut exact);
+        all.push((names, key.1, values));
+    }
     let total_values = match totals {
         Some(mut t) => t.values(agg, 0, &mut exact),
         // Ungrouped: the one group, if any event matched.
         None => match all.first() {
-            Some((_, v)) => v.clone(),
-            None => table.empty_like(1).empty_values(agg),
+            Some((_, _, v)) => v.clone(),
+            None => parts[0].0.empty_like(1).empty_values(agg),
         },
     };
     let visible: Vec<usize> = (0..agg.metrics.len())
@@ -1893,11 +1997,9 @@ fn finish(
         .collect();
     let groups = all
         .into_iter()
-        .map(|(key, vals)| GroupRow {
-            key: (0..agg.group_by.len())
-                .map(|d| name(d, key.0[d]).map(str::to_owned))
-                .collect(),
-            bucket: agg.bucket.map(|_| Timestamp(key.1)),
+        .map(|(key, bucket, vals)| GroupRow {
+            key,
+            bucket: agg.bucket.map(|_| Timestamp(bucket)),
             values: visible.iter().map(|i| vals[*i]).collect(),
         })
         .collect();
