@@ -23,7 +23,39 @@ fn config() -> io::Result<tonic_prost_build::Config> {
     Ok(config)
 }
 
+/// `evdb --version`: the commit, target, profile and compiler of this build.
+fn build_info() {
+    let run = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let commit =
+        run("git", &["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = run("git", &["status", "--porcelain", "--untracked-files=no"]).is_some();
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let rustc = run(&rustc, &["--version"]).unwrap_or_else(|| "rustc unknown".into());
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "unknown".into());
+    println!(
+        "cargo:rustc-env=EVDB_BUILD_INFO=commit {commit}{}, {}, {} profile, {rustc}",
+        if dirty { "-dirty" } else { "" },
+        var("TARGET"),
+        var("PROFILE"),
+    );
+    // Rebuild the line when the checked-out commit moves.
+    for git in [".git/HEAD", ".git/index"] {
+        if std::path::Path::new(git).exists() {
+            println!("cargo:rerun-if-changed={git}");
+        }
+    }
+}
+
 fn main() -> io::Result<()> {
+    build_info();
     let include = protoc_bin_vendored::include_path().map_err(io::Error::other)?;
     let include = include.to_string_lossy().into_owned();
     for p in PROTOS.iter().chain([&WIRE]) {

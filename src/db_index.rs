@@ -29,14 +29,9 @@ pub(crate) fn numeric_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("{segment:020}.num"))
 }
 
-/// Builds the index of a sealed segment from its records and writes it,
-/// with the numeric file when fields are declared (first, so an index
-/// file never exists without the columns it was sealed with).
-pub(crate) fn build_index_file(
-    dir: &Path,
-    segment: &SealedSegment,
-    fields: &[String],
-) -> Result<(), String> {
+/// A sealed segment's rows indexed in memory (with `fields` extracted),
+/// checked to cover every row.
+fn index_rows(segment: &SealedSegment, fields: &[String]) -> Result<MemIndex, String> {
     let mut mem = MemIndex::with_fields(fields);
     segment
         .for_each_payload(|row, payload| {
@@ -54,15 +49,32 @@ pub(crate) fn build_index_file(
             segment.rows
         ));
     }
+    Ok(mem)
+}
+
+/// Writes `index/N.num` from a segment's in-memory index.
+fn write_numeric(dir: &Path, segment: &SealedSegment, mem: &MemIndex) -> Result<(), String> {
+    write_numeric_file(
+        &numeric_path(dir, segment.id),
+        segment.id,
+        segment.rows,
+        &mem.numeric_columns(),
+        &summaries_of(mem),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Builds the index of a sealed segment from its records and writes it,
+/// with the numeric file when fields are declared (first, so an index
+/// file never exists without the columns it was sealed with).
+pub(crate) fn build_index_file(
+    dir: &Path,
+    segment: &SealedSegment,
+    fields: &[String],
+) -> Result<(), String> {
+    let mem = index_rows(segment, fields)?;
     if !fields.is_empty() {
-        write_numeric_file(
-            &numeric_path(dir, segment.id),
-            segment.id,
-            segment.rows,
-            &mem.numeric_columns(),
-            &summaries_of(&mem),
-        )
-        .map_err(|e| e.to_string())?;
+        write_numeric(dir, segment, &mem)?;
     }
     write_index_file(
         &index_path(dir, segment.id),
@@ -120,23 +132,7 @@ fn build_numeric_file(
     segment: &SealedSegment,
     fields: &[String],
 ) -> Result<(), String> {
-    let mut mem = MemIndex::with_fields(fields);
-    segment
-        .for_each_payload(|row, payload| {
-            let event = record::decode(payload)
-                .map_err(|e| StorageError::corrupted(segment.id, 0, e.to_string()))?;
-            mem.insert(row, &event);
-            Ok(())
-        })
-        .map_err(|e| e.to_string())?;
-    write_numeric_file(
-        &numeric_path(dir, segment.id),
-        segment.id,
-        segment.rows,
-        &mem.numeric_columns(),
-        &summaries_of(&mem),
-    )
-    .map_err(|e| e.to_string())
+    write_numeric(dir, segment, &index_rows(segment, fields)?)
 }
 
 #[derive(Clone)]

@@ -14,10 +14,24 @@ use evdb::storage::FsyncMode;
 use evdb::{AppendOutcome, Config, Db, Severity, Timestamp};
 
 #[derive(Parser)]
-#[command(name = "evdb", version, about = "An embedded event database")]
+#[command(
+    name = "evdb",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("EVDB_BUILD_INFO"), ")"),
+    about = "An embedded event database"
+)]
 struct Cli {
+    /// Log lines on stderr as `text` or `json` (one object per line);
+    /// the level filter is EVDB_LOG.
+    #[arg(long, global = true, env = "EVDB_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -285,14 +299,17 @@ fn config(fsync: &str) -> anyhow::Result<Config> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EVDB_LOG")
                 .unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
-    let cli = Cli::parse();
+        );
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let result = match cli.command {
         Command::Serve {
             data_dir,

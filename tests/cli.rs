@@ -120,3 +120,105 @@ fn ingest_query_page_and_stats() {
     assert!(!ok);
     assert!(err.contains("cursor"), "{err}");
 }
+
+#[test]
+fn version_names_the_build() {
+    let (ok, out, _) = evdb(&["--version"]);
+    assert!(ok);
+    assert!(
+        out.starts_with(&format!("evdb {}", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
+    assert!(
+        out.contains("commit ") && out.contains("profile") && out.contains("rustc"),
+        "{out}"
+    );
+}
+
+#[test]
+fn aggregate_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let input = dir.path().join("in.ndjson");
+    let mut text = String::new();
+    for i in 0..20 {
+        text.push_str(&format!(
+            r#"{{"source_system":"{}","event_type":"t","severity":"{}","data":{{"latency_ms":{i}}}}}"#,
+            if i % 2 == 0 { "even" } else { "odd" },
+            if i % 4 == 0 { "error" } else { "info" },
+        ));
+        text.push('\n');
+    }
+    std::fs::write(&input, text).unwrap();
+    let (ok, _, err) = evdb(&[
+        "ingest",
+        "--data-dir",
+        data,
+        "--file",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = evdb(&[
+        "aggregate",
+        "--data-dir",
+        data,
+        "--group-by",
+        "source_system",
+        "--metrics",
+        "count,error_rate,max(/latency_ms)",
+        "--numeric-field",
+        "/latency_ms",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["groups"][0]["key"]["source_system"], "even");
+    assert_eq!(v["groups"][0]["values"]["count"], 10);
+    assert_eq!(v["groups"][0]["values"]["error_rate"], 0.5);
+    assert_eq!(v["groups"][1]["values"]["max(/latency_ms)"], 19.0);
+    assert_eq!(v["value_path"], "columns");
+    let (ok, _, err) = evdb(&["aggregate", "--data-dir", data, "--metrics", "median(/x)"]);
+    assert!(!ok);
+    assert!(err.contains("metrics"), "{err}");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready.json");
+    let child = Command::new(env!("CARGO_BIN_EXE_evdb"))
+        .args(["--log-format", "json", "serve", "--ephemeral"])
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .env("EVDB_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..1500 {
+        if ready.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(ready.exists(), "daemon not ready");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(!lines.is_empty(), "no JSON log line in {err}");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+}
