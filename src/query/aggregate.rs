@@ -16,7 +16,7 @@ use std::cmp::Ordering;
 
 use roaring::RoaringBitmap;
 use rustc_hash::FxHashMap;
-use sketches_ddsketch::{Config as SketchConfig, DDSketch};
+use sketches_ddsketch::DDSketch;
 
 use super::{Query, QueryError, SegmentInput, SegmentPlan, invalid, plan_segment, segment_matches};
 use crate::event::{Severity, Timestamp};
@@ -755,8 +755,7 @@ impl NumAcc {
             Some(Quant::Sketch(s)) => s.add(v),
             Some(Quant::Exact(values)) if values.len() < EXACT_VALUES_MAX => values.push(v),
             Some(q @ Quant::Exact(_)) => {
-                let mut sketch =
-                    DDSketch::new(SketchConfig::new(SKETCH_RELATIVE_ERROR, 2048, 1.0e-9));
+                let mut sketch = Self::new_sketch();
                 if let Quant::Exact(values) = q {
                     for x in values.iter() {
                         sketch.add(*x);
@@ -896,12 +895,16 @@ impl Interner {
     }
 
     fn id(&mut self, value: &str) -> u32 {
+        self.id_hashed(value, Self::hash(value))
+    }
+
+    /// [`Interner::id`] with the value's hash already computed.
+    fn id_hashed(&mut self, value: &str, h: u64) -> u32 {
         let Interner {
             table,
             arena,
             spans,
         } = self;
-        let h = Self::hash(value);
         let at = |id: &u32| {
             let (start, len) = spans[*id as usize];
             &arena[start..start + len]
@@ -1670,8 +1673,9 @@ fn count_from_bitmaps(
         if failed.is_some() {
             return;
         }
+        let h = Interner::hash(term);
         if let Some((w, n)) = mine
-            && Interner::hash(term) % n != w
+            && h % n != w
         {
             return;
         }
@@ -1687,7 +1691,12 @@ fn count_from_bitmaps(
             return;
         }
         let mut key = [NONE; GROUP_BY_MAX];
-        key[0] = interners[0].id(value);
+        // The term is the value unless a tag prefix was stripped.
+        key[0] = if value.len() == term.len() {
+            interners[0].id_hashed(value, h)
+        } else {
+            interners[0].id(value)
+        };
         let id = match table.group((key, 0)) {
             Ok(id) => id,
             Err(e) => {
@@ -1968,8 +1977,29 @@ fn finish(
         }
     };
     if order.len() > agg.limit {
-        order.select_nth_unstable_by(agg.limit - 1, cmp);
-        order.truncate(agg.limit);
+        if let OrderKey::Metric(_) = agg.order_by {
+            // Find the k-th value on the numbers alone, keep what ties or
+            // beats it, and only then break ties by key: with many groups
+            // (and many ties, as error rates have) the key comparisons
+            // stay few.
+            let by_value = |a: &Option<f64>, b: &Option<f64>| match (a, b) {
+                (Some(x), Some(y)) => {
+                    let o = x.total_cmp(y);
+                    if agg.descending { o.reverse() } else { o }
+                }
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (None, None) => Ordering::Equal,
+            };
+            let mut values: Vec<Option<f64>> = order.iter().map(|(_, v)| *v).collect();
+            let (_, kth, _) = values.select_nth_unstable_by(agg.limit - 1, by_value);
+            let kth = *kth;
+            order.retain(|(_, v)| by_value(v, &kth) != Ordering::Greater);
+        }
+        if order.len() > agg.limit {
+            order.select_nth_unstable_by(agg.limit - 1, cmp);
+            order.truncate(agg.limit);
+        }
     }
     order.sort_unstable_by(cmp);
     let chosen: Vec<(usize, usize)> = order.into_iter().map(|(pg, _)| pg).collect();
