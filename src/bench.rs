@@ -561,6 +561,8 @@ pub fn build_dataset_with(
     // About 450 bytes of log per event: at least 40 segments.
     config.storage.segment_size_bytes = (n * 450 / 40).clamp(1 << 20, 128 << 20);
     config.numeric_fields = numeric_fields.iter().map(|f| (*f).to_owned()).collect();
+    // The bench times full scans on purpose.
+    config.limits.query_decode_max = u64::MAX;
     let db = Db::open(evdb_dir.path(), config.clone())?;
     let sqlite_path = sqlite_dir.path().join("events.db");
     let mut sqlite = Sqlite::open(&sqlite_path, false)?;

@@ -256,6 +256,7 @@ pub struct LimitsFile {
     pub event_size_max: Option<usize>,
     pub batch_events_max: Option<usize>,
     pub batch_size_max: Option<usize>,
+    pub query_decode_max: Option<u64>,
 }
 
 /// The TOML file as written (every key optional).
@@ -382,6 +383,7 @@ impl ServeConfig {
             limits.event_size_max = l.event_size_max.unwrap_or(limits.event_size_max);
             limits.batch_events_max = l.batch_events_max.unwrap_or(limits.batch_events_max);
             limits.batch_size_max = l.batch_size_max.unwrap_or(limits.batch_size_max);
+            limits.query_decode_max = l.query_decode_max.unwrap_or(limits.query_decode_max);
         }
         if limits.batch_events_max == 0 || limits.batch_size_max == 0 || limits.event_size_max == 0
         {

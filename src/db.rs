@@ -403,6 +403,7 @@ impl Db {
         let set = self.log.segments();
         let held = self.indexes.hold_all(&set)?;
         let inputs = inputs(&set, &held);
+        self.check_text_cost(query, &inputs)?;
         let watermark = match &query.cursor {
             Some(c) => c.watermark,
             None => set.active.first_seq + u64::from(set.active.visible_rows()),
@@ -470,6 +471,7 @@ impl Db {
         let set = self.log.segments();
         let held = self.indexes.hold_all(&set)?;
         let inputs = inputs(&set, &held);
+        self.check_text_cost(query, &inputs)?;
         let mut reader = RowReader::with_cache(set.clone(), self.blocks.clone());
         let needle = query.text.clone().unwrap_or_default();
         let stats = query::stats(
@@ -501,12 +503,53 @@ impl Db {
             self.indexes.attach_numbers(&set, &mut held);
         }
         let inputs = inputs(&set, &held);
+        self.check_text_cost(&agg.filter, &inputs)?;
+        // A pointer no segment has a column for is read from the records.
+        let undeclared = |p: &str| !self.config.numeric_fields.iter().any(|f| f == p);
+        let field = if agg
+            .metrics
+            .iter()
+            .any(|m| m.metric.pointer().is_some_and(undeclared))
+        {
+            Some("metrics")
+        } else if agg
+            .group_by
+            .iter()
+            .any(|g| matches!(g, GroupBy::Field(p) if undeclared(p)))
+        {
+            Some("group_by")
+        } else {
+            None
+        };
+        if let Some(field) = field {
+            query::check_decode_cost(
+                field,
+                &agg.filter,
+                &inputs,
+                self.config.limits.query_decode_max,
+                "narrow the filters, or declare the field ([analytics] numeric_fields)",
+            )?;
+        }
         let needle = agg.filter.text.clone().unwrap_or_default();
         let result = query::aggregate::aggregate(agg, &inputs, || Records {
             reader: RowReader::with_cache(set.clone(), self.blocks.clone()),
             needle: &needle,
         })?;
         Ok(result)
+    }
+
+    /// Refuses a `text` filter that would decode too many events.
+    fn check_text_cost(&self, query: &Query, inputs: &[SegmentInput<'_>]) -> Result<(), DbError> {
+        if query.text.is_some() {
+            query::check_decode_cost(
+                "text",
+                query,
+                inputs,
+                self.config.limits.query_decode_max,
+                "add filters (source, type, severity, tags, time range) to narrow the search",
+            )?;
+        }
+        Ok(())
     }
 
     /// Bytes of memory the indexes hold (not counting mapped files).

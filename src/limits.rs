@@ -61,7 +61,16 @@ pub struct Limits {
     pub event_size_max: usize,
     pub batch_events_max: usize,
     pub batch_size_max: usize,
+    /// Most events one query, stats or aggregation may have to decode (a
+    /// `text` filter, or a `data` pointer without a numeric column),
+    /// counted before it starts: past it the request is refused instead of
+    /// occupying the cores for seconds.
+    pub query_decode_max: u64,
 }
+
+/// Default of [`Limits::query_decode_max`]: about two seconds of decoding
+/// on two cores.
+pub const QUERY_DECODE_MAX: u64 = 5_000_000;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -69,6 +78,7 @@ impl Default for Limits {
             event_size_max: EVENT_SIZE_MAX,
             batch_events_max: BATCH_EVENTS_MAX,
             batch_size_max: BATCH_SIZE_MAX,
+            query_decode_max: QUERY_DECODE_MAX,
         }
     }
 }

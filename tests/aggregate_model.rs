@@ -628,3 +628,82 @@ fn sealed_summaries_agree_with_the_rows() {
     assert_eq!(got.strategy, "columns");
     check(&got, &all[1..]);
 }
+
+/// A request that would decode more events than `[limits] query_decode_max`
+/// is refused before it starts, naming what made it costly; narrower
+/// filters or a declared field are accepted.
+#[test]
+fn costly_decodes_are_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config();
+    config.limits.query_decode_max = 10;
+    let db = Db::open(dir.path(), config).unwrap();
+    let events: Vec<Event> = (0..20u32)
+        .map(|i| {
+            let mut e = Event::new(SOURCES[(i % 4 / 3) as usize], "t");
+            e.data = JsonObject::parse(&format!(
+                r#"{{"latency_ms":{i},"tokens":{i},"model":"m{}"}}"#,
+                i % 2
+            ))
+            .unwrap();
+            e
+        })
+        .collect();
+    db.append_batch(events).unwrap();
+    let refused = |r: Result<AggregateResult, evdb::DbError>| match r {
+        Err(evdb::DbError::Query(evdb::query::QueryError::Invalid { field, reason })) => {
+            assert!(reason.contains("query_decode_max"), "{reason}");
+            field
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let agg = |filter: Query, group_by: Vec<&str>, metrics: &str| {
+        Aggregation::from_text(
+            filter,
+            &AggregationText {
+                group_by,
+                metrics: Some(metrics),
+                ..AggregationText::default()
+            },
+        )
+        .unwrap()
+    };
+    // Undeclared pointer over 20 events: refused; declared: answered.
+    assert_eq!(
+        refused(db.aggregate(&agg(Query::default(), vec![], "sum(/tokens)"))),
+        "metrics"
+    );
+    assert_eq!(
+        refused(db.aggregate(&agg(Query::default(), vec!["/model"], "count"))),
+        "group_by"
+    );
+    assert!(
+        db.aggregate(&agg(Query::default(), vec![], "sum(/latency_ms)"))
+            .is_ok()
+    );
+    // Narrowed to 5 events ("beta"), the undeclared pointer is fine.
+    let beta = Query {
+        sources: vec!["beta".into()],
+        ..Query::default()
+    };
+    let got = db
+        .aggregate(&agg(beta.clone(), vec![], "sum(/tokens)"))
+        .unwrap();
+    assert_eq!(
+        got.totals[0].as_f64(),
+        Some((3..20).step_by(4).sum::<u32>() as f64)
+    );
+    // `text` over everything is refused for queries, stats and aggregations.
+    let text = Query {
+        text: Some("m1".into()),
+        ..Query::default()
+    };
+    assert!(db.query(&text).is_err());
+    assert!(db.stats(&text).is_err());
+    assert_eq!(refused(db.aggregate(&agg(text, vec![], "count"))), "text");
+    let narrow = Query {
+        text: Some("m1".into()),
+        ..beta
+    };
+    assert_eq!(db.query(&narrow).unwrap().events.len(), 5);
+}

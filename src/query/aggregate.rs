@@ -237,7 +237,8 @@ pub enum Metric {
 }
 
 impl Metric {
-    fn pointer(&self) -> Option<&str> {
+    /// The JSON pointer a numeric metric reads.
+    pub fn pointer(&self) -> Option<&str> {
         match self {
             Metric::Sum(p)
             | Metric::Avg(p)

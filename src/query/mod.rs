@@ -557,6 +557,42 @@ fn segment_matches(
     Ok((!candidates.is_empty()).then_some((candidates, time_check)))
 }
 
+/// How many rows the index filters leave across `segments` (before the
+/// row-level time check and `text`): an upper bound of the events a query
+/// would decode to evaluate `text` or a `data` pointer.
+pub fn candidates_upper_bound(
+    query: &Query,
+    segments: &[SegmentInput<'_>],
+) -> Result<u64, QueryError> {
+    let mut n = 0;
+    for seg in segments {
+        if let SegmentPlan::Scan { candidates, .. } = plan_segment(query, seg.index)? {
+            n += candidates.len();
+        }
+    }
+    Ok(n)
+}
+
+/// Refuses a request that would decode more than `max` events.
+pub fn check_decode_cost(
+    field: &'static str,
+    query: &Query,
+    segments: &[SegmentInput<'_>],
+    max: u64,
+    hint: &str,
+) -> Result<(), QueryError> {
+    let n = candidates_upper_bound(query, segments)?;
+    if n > max {
+        return Err(invalid(
+            field,
+            format!(
+                "would decode up to {n} events, more than the {max} one request may ([limits] query_decode_max): {hint}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Every row of each segment that matches `query` (its paging fields are
 /// ignored): the rows a delete by query removes.
 pub fn matching_rows(
