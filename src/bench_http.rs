@@ -89,6 +89,8 @@ impl Server {
             rate_limit: None,
             tls: None,
             retention: None,
+            compaction: crate::config::resolve_compaction(&Default::default())?,
+            min_free_bytes: 0,
             numeric_fields: Vec::new(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

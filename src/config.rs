@@ -2,6 +2,7 @@
 //! `EVDB_*` environment variables, then the TOML file of `--config`, then
 //! defaults (contract §1). The TOML keys are the flag names with `_`.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
@@ -149,21 +150,196 @@ pub struct TlsFile {
 }
 
 /// The `[retention]` table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionFile {
     /// Events older than this go: `30d`, `12h`, `90m`, `3600s`.
-    pub max_age: String,
+    pub max_age: Option<String>,
+    /// The oldest segments go while the store takes more: `10GiB`, `500MB`.
+    pub max_bytes: Option<ByteSize>,
     /// How often the daemon applies it (default `60s`).
     pub check_interval: Option<String>,
+    /// Per-source maximum age, overriding `max_age` (shorter or longer).
+    #[serde(default)]
+    pub sources: BTreeMap<String, String>,
 }
 
 /// Resolved `[retention]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Retention {
-    pub max_age: std::time::Duration,
+    pub policy: crate::maintenance::RetentionPolicy,
     pub check_interval: std::time::Duration,
 }
+
+/// The `[compaction]` table.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompactionFile {
+    /// Rewrite a segment once this fraction of its rows is deleted (0.2).
+    pub deleted_ratio: Option<f64>,
+    /// Deleted events' bytes are gone within this (`24h`).
+    pub deleted_max_age: Option<String>,
+    /// Merge segments smaller than this (`16MiB`).
+    pub small_segment_bytes: Option<ByteSize>,
+    /// Merged segments grow up to this (`128MiB`).
+    pub max_segment_bytes: Option<ByteSize>,
+    /// Read at most this many bytes per second (`0`: no limit).
+    pub io_limit: Option<ByteSize>,
+    /// How often the daemon looks for work (`60s`).
+    pub check_interval: Option<String>,
+    /// `false` turns background compaction off (`evdb compact` still works).
+    pub enabled: Option<bool>,
+}
+
+/// Resolved `[compaction]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compaction {
+    pub policy: crate::maintenance::CompactionPolicy,
+    pub check_interval: std::time::Duration,
+    pub enabled: bool,
+}
+
+/// The `[storage]` table.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageFile {
+    /// Below this much free space on the data directory's file system the
+    /// store refuses writes (`256MiB`; `0` turns the floor off).
+    pub min_free_bytes: Option<ByteSize>,
+}
+
+/// A size in bytes: a number, or a string such as `512MiB`, `10GB`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    pub fn resolve(&self, setting: &str) -> Result<u64, ConfigError> {
+        match self {
+            ByteSize::Bytes(n) => Ok(*n),
+            ByteSize::Text(t) => parse_bytes(setting, t),
+        }
+    }
+}
+
+/// `1024`, `64KiB`, `512MiB`, `10GiB`, `1TiB`, `500MB`, `10GB` (KB/MB/GB/TB
+/// are powers of 1000).
+pub fn parse_bytes(setting: &str, text: &str) -> Result<u64, ConfigError> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || {
+        invalid(
+            setting,
+            format!(
+                "{text:?}: use a number of bytes, or a number and KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+            ),
+        )
+    };
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).ok_or_else(bad)
+}
+
+/// Resolves `[retention]`.
+pub fn resolve_retention(r: &RetentionFile) -> Result<Retention, ConfigError> {
+    let max_age = r
+        .max_age
+        .as_deref()
+        .map(|t| parse_duration("retention.max_age", t))
+        .transpose()?;
+    let max_bytes = r
+        .max_bytes
+        .as_ref()
+        .map(|b| b.resolve("retention.max_bytes"))
+        .transpose()?;
+    if max_bytes == Some(0) {
+        return Err(invalid("retention.max_bytes", "must be more than 0"));
+    }
+    let mut sources = BTreeMap::new();
+    for (source, age) in &r.sources {
+        sources.insert(
+            source.clone(),
+            parse_duration(&format!("retention.sources.{source}"), age)?,
+        );
+    }
+    if max_age.is_none() && max_bytes.is_none() && sources.is_empty() {
+        return Err(invalid(
+            "retention",
+            "set max_age, max_bytes or sources (or leave the table out)",
+        ));
+    }
+    Ok(Retention {
+        policy: crate::maintenance::RetentionPolicy {
+            max_age,
+            max_bytes,
+            sources,
+        },
+        check_interval: match &r.check_interval {
+            Some(t) => parse_duration("retention.check_interval", t)?,
+            None => std::time::Duration::from_secs(60),
+        },
+    })
+}
+
+/// Resolves `[compaction]` (defaults when absent).
+pub fn resolve_compaction(c: &CompactionFile) -> Result<Compaction, ConfigError> {
+    let mut policy = crate::maintenance::CompactionPolicy::default();
+    if let Some(r) = c.deleted_ratio {
+        if !(r > 0.0 && r <= 1.0) {
+            return Err(invalid(
+                "compaction.deleted_ratio",
+                "must be more than 0 and at most 1",
+            ));
+        }
+        policy.deleted_ratio = r;
+    }
+    if let Some(t) = &c.deleted_max_age {
+        policy.deleted_max_age = parse_duration("compaction.deleted_max_age", t)?;
+    }
+    if let Some(b) = &c.small_segment_bytes {
+        policy.small_segment_bytes = b.resolve("compaction.small_segment_bytes")?;
+    }
+    if let Some(b) = &c.max_segment_bytes {
+        policy.max_segment_bytes = b.resolve("compaction.max_segment_bytes")?;
+        if policy.max_segment_bytes == 0 {
+            return Err(invalid(
+                "compaction.max_segment_bytes",
+                "must be more than 0",
+            ));
+        }
+    }
+    if let Some(b) = &c.io_limit {
+        policy.io_bytes_per_sec = b.resolve("compaction.io_limit")?;
+    }
+    Ok(Compaction {
+        policy,
+        check_interval: match &c.check_interval {
+            Some(t) => parse_duration("compaction.check_interval", t)?,
+            None => std::time::Duration::from_secs(60),
+        },
+        enabled: c.enabled.unwrap_or(true),
+    })
+}
+
+/// The default free-space floor.
+pub const MIN_FREE_BYTES_DEFAULT: u64 = 256 << 20;
 
 /// `30d`, `12h`, `90m`, `3600s`, `250ms`.
 pub fn parse_duration(setting: &str, text: &str) -> Result<std::time::Duration, ConfigError> {
@@ -275,6 +451,8 @@ pub struct FileConfig {
     pub rate_limit: Option<RateLimitFile>,
     pub tls: Option<TlsFile>,
     pub retention: Option<RetentionFile>,
+    pub compaction: Option<CompactionFile>,
+    pub storage: Option<StorageFile>,
     pub analytics: Option<AnalyticsFile>,
 }
 
@@ -335,6 +513,9 @@ pub struct ServeConfig {
     pub tls: Option<crate::api::tls::TlsConfig>,
     /// Events older than this are removed; None: kept forever.
     pub retention: Option<Retention>,
+    pub compaction: Compaction,
+    /// The free-space floor (0: none).
+    pub min_free_bytes: u64,
     /// Declared numeric fields (JSON pointers) for aggregations.
     pub numeric_fields: Vec<String>,
 }
@@ -395,15 +576,15 @@ impl ServeConfig {
             .as_ref()
             .map(resolve_rate_limit)
             .transpose()?;
-        let retention = match &file.retention {
-            Some(r) => Some(Retention {
-                max_age: parse_duration("retention.max_age", &r.max_age)?,
-                check_interval: match &r.check_interval {
-                    Some(t) => parse_duration("retention.check_interval", t)?,
-                    None => std::time::Duration::from_secs(60),
-                },
-            }),
-            None => None,
+        let retention = file.retention.as_ref().map(resolve_retention).transpose()?;
+        let compaction = resolve_compaction(&file.compaction.clone().unwrap_or_default())?;
+        let min_free_bytes = match file
+            .storage
+            .as_ref()
+            .and_then(|s| s.min_free_bytes.as_ref())
+        {
+            Some(b) => b.resolve("storage.min_free_bytes")?,
+            None => MIN_FREE_BYTES_DEFAULT,
         };
         let numeric_fields = if args.numeric_fields.is_empty() {
             file.analytics.map(|a| a.numeric_fields).unwrap_or_default()
@@ -437,6 +618,8 @@ impl ServeConfig {
             rate_limit,
             tls,
             retention,
+            compaction,
+            min_free_bytes,
             numeric_fields,
         };
         config.check_listen()?;

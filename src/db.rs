@@ -12,7 +12,7 @@ use crate::event::{Event, Timestamp};
 use crate::index::IndexError;
 use crate::limits::{self, Invalid, Limits};
 use crate::query::aggregate::{AggregateResult, Aggregation, GroupBy, Metric};
-use crate::query::{self, Cursor, Page, Query, QueryError, SegmentInput, Stats};
+use crate::query::{self, Cursor, Page, Query, QueryError, SegmentInput, Seqs, Stats};
 use crate::storage::dir::{FileSystem, RealFs};
 use crate::storage::{
     self, Appended, Log, Position, Prepared, RowReader, SegmentRef, StorageConfig, StorageError,
@@ -27,6 +27,9 @@ pub struct Config {
     /// JSON pointers into `data` whose numbers are extracted at ingest
     /// into per-segment columns for aggregations (`/latency_ms`).
     pub numeric_fields: Vec<String>,
+    /// Refuse writes while the data directory's file system has less free
+    /// space than this (0: never). The daemon's default is 256 MiB.
+    pub min_free_bytes: u64,
 }
 
 /// Errors of the library API.
@@ -41,6 +44,84 @@ pub enum DbError {
     /// The request as a whole is refused (e.g. too many events).
     #[error("{0}")]
     TooLarge(Invalid),
+    /// Writes are refused for now (free space under the floor); they
+    /// resume by themselves.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// How often the free space is measured on the write path.
+const SPACE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The free-space floor: measured at most every `SPACE_CHECK_EVERY` by the
+/// writers that pass by, refusing writes while under it.
+struct SpaceGuard {
+    fs: Arc<dyn FileSystem>,
+    dir: std::path::PathBuf,
+    floor: u64,
+    refusing: std::sync::atomic::AtomicBool,
+    free: std::sync::atomic::AtomicU64,
+    checked_at: parking_lot::Mutex<Option<std::time::Instant>>,
+}
+
+impl SpaceGuard {
+    fn check(&self) -> Result<(), DbError> {
+        if self.floor == 0 {
+            return Ok(());
+        }
+        let due = {
+            let mut at = self.checked_at.lock();
+            let due = at.is_none_or(|t| t.elapsed() >= SPACE_CHECK_EVERY);
+            if due {
+                *at = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due {
+            self.refresh();
+        }
+        match self.refused() {
+            Some(why) => Err(DbError::Unavailable(why)),
+            None => Ok(()),
+        }
+    }
+
+    fn refresh(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.fs.available_bytes(&self.dir) {
+            Ok(free) => {
+                self.free.store(free, Relaxed);
+                let low = free < self.floor;
+                let was = self.refusing.swap(low, Relaxed);
+                if low && !was {
+                    tracing::error!(
+                        free,
+                        floor = self.floor,
+                        dir = %self.dir.display(),
+                        "free space under the floor: refusing writes until it returns"
+                    );
+                } else if was && !low {
+                    tracing::warn!(
+                        free,
+                        floor = self.floor,
+                        "free space is back: accepting writes"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "measuring free space"),
+        }
+    }
+
+    fn refused(&self) -> Option<String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.refusing.load(Relaxed).then(|| {
+            format!(
+                "writes are refused: {} bytes free on the data directory's file system, under the floor of {} bytes; they resume when space returns (retention, deletes and compaction, or a bigger disk)",
+                self.free.load(Relaxed),
+                self.floor
+            )
+        })
+    }
 }
 
 /// What happened to one event of a batch.
@@ -54,11 +135,14 @@ pub enum AppendOutcome {
 
 pub struct Db {
     log: Log,
+    space: SpaceGuard,
     indexes: Indexes,
     blocks: Arc<storage::BlockCache>,
     tail: TailHub,
     /// Serializes deletions (read, then write, the tombstone sets).
     delete_lock: parking_lot::Mutex<()>,
+    /// One maintenance job (retention, compaction, snapshot) at a time.
+    maintenance_lock: parking_lot::Mutex<()>,
     config: Config,
 }
 
@@ -128,18 +212,24 @@ impl query::aggregate::RowSource for Records<'_> {
 }
 
 fn inputs<'a>(
-    set: &storage::SegmentSet,
+    set: &'a storage::SegmentSet,
     held: &'a [(u64, crate::db_index::Held)],
 ) -> Vec<SegmentInput<'a>> {
     held.iter()
         .filter_map(|(id, h)| {
-            let first_seq = match set.get(*id)? {
-                SegmentRef::Open(o) => o.first_seq,
-                SegmentRef::Sealed(s) => s.first_seq,
+            let seqs = match set.get(*id)? {
+                SegmentRef::Open(o) => Seqs::Dense(o.first_seq),
+                SegmentRef::Sealed(s) => match s.seq_table() {
+                    Some(table) => Seqs::Table {
+                        first_seq: s.first_seq,
+                        table,
+                    },
+                    None => Seqs::Dense(s.first_seq),
+                },
             };
             Some(SegmentInput {
                 segment: *id,
-                first_seq,
+                seqs,
                 index: h.view(),
             })
         })
@@ -183,7 +273,15 @@ impl Db {
             dir: index_dir.clone(),
             fields: fields.clone(),
         });
-        let log = Log::open_with(dir, config.storage.clone(), fs, Some(hook))?;
+        let log = Log::open_with(dir, config.storage.clone(), fs.clone(), Some(hook))?;
+        let space = SpaceGuard {
+            fs,
+            dir: dir.to_owned(),
+            floor: config.min_free_bytes,
+            refusing: std::sync::atomic::AtomicBool::new(false),
+            free: std::sync::atomic::AtomicU64::new(0),
+            checked_at: parking_lot::Mutex::new(None),
+        };
         let indexes = Indexes::new(index_dir, fields);
         let set = log.segments();
         indexes
@@ -222,10 +320,12 @@ impl Db {
         let next_seq = set.active.first_seq + u64::from(set.active.visible_rows());
         Ok(Db {
             log,
+            space,
             indexes,
             blocks: Arc::new(storage::BlockCache::new()),
             tail: TailHub::new(next_seq),
             delete_lock: parking_lot::Mutex::new(()),
+            maintenance_lock: parking_lot::Mutex::new(()),
             config,
         })
     }
@@ -239,6 +339,7 @@ impl Db {
     /// once the stored events are acknowledged (durable under
     /// `--fsync always`).
     pub fn append_batch(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, DbError> {
+        self.space.check()?;
         let (outcomes, prepared) = self.prepare(&events)?;
         let appended = self.log.append(prepared)?;
         self.finish(events, outcomes, appended)
@@ -251,6 +352,7 @@ impl Db {
         &self,
         events: Vec<Event>,
     ) -> Result<Vec<AppendOutcome>, DbError> {
+        self.space.check()?;
         let (outcomes, prepared) = self.prepare(&events)?;
         let appended = self.log.append_async(prepared).await?;
         self.finish(events, outcomes, appended)
@@ -629,19 +731,19 @@ impl Db {
         Ok(total)
     }
 
-    /// Retention: every event older than `cutoff` goes. Whole sealed
-    /// segments past it are dropped (their space is freed at once); older
-    /// events in the other segments are deleted (tombstoned). Returns
-    /// (segments dropped, events deleted).
+    /// Retention by age: every event older than `cutoff` goes. Sealed
+    /// segments left with nothing live are dropped (their space is freed at
+    /// once); older events in the other segments are deleted (hidden at
+    /// once, bytes freed by compaction). Returns (segments dropped, events
+    /// deleted). See [`Db::apply_retention_policy`] for size and per-source
+    /// retention.
     pub fn apply_retention(&self, cutoff: Timestamp) -> Result<(usize, u64), DbError> {
-        let dropped = {
-            let _one_at_a_time = self.delete_lock.lock();
-            let dropped = self.log.drop_sealed_before(cutoff.as_micros())?;
-            self.indexes.forget(&dropped);
-            dropped
+        let policy = crate::maintenance::RetentionPolicy {
+            max_age: Some(std::time::Duration::ZERO),
+            ..Default::default()
         };
-        let deleted = self.delete_before(cutoff)?;
-        Ok((dropped.len(), deleted))
+        let report = self.apply_retention_policy(&policy, cutoff)?;
+        Ok((report.segments_dropped, report.events_deleted))
     }
 
     /// Deletes every event matching `query` (its paging fields are
@@ -674,7 +776,27 @@ impl Db {
         Ok(total)
     }
 
-    fn apply_deletes(&self, changes: Vec<(u64, roaring::RoaringBitmap)>) -> Result<(), DbError> {
+    pub(crate) fn maintenance_lock(&self) -> &parking_lot::Mutex<()> {
+        &self.maintenance_lock
+    }
+
+    pub(crate) fn delete_lock(&self) -> &parking_lot::Mutex<()> {
+        &self.delete_lock
+    }
+
+    pub(crate) fn indexes(&self) -> &Indexes {
+        &self.indexes
+    }
+
+    /// A segment's deleted rows, if it has any.
+    pub(crate) fn deleted_rows(&self, segment: u64) -> Option<Arc<roaring::RoaringBitmap>> {
+        self.indexes.deleted(segment)
+    }
+
+    pub(crate) fn apply_deletes(
+        &self,
+        changes: Vec<(u64, roaring::RoaringBitmap)>,
+    ) -> Result<(), DbError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -706,6 +828,25 @@ impl Db {
     /// Rolls and seals the active segment now.
     pub fn seal(&self) -> Result<(), DbError> {
         Ok(self.log.seal()?)
+    }
+
+    /// Why writes are refused now, if they are: free space under the floor
+    /// (temporary: measured again as writes come, and by [`Db::free_bytes`])
+    /// or an earlier storage failure (until a restart).
+    pub fn writes_refused(&self) -> Option<String> {
+        self.log
+            .poisoned()
+            .map(|why| format!("the store refuses writes after an earlier failure: {why}"))
+            .or_else(|| self.space.refused())
+    }
+
+    /// Measures the free space of the data directory's file system now
+    /// (updating the floor's verdict); `None` when it cannot be measured.
+    pub fn free_bytes(&self) -> Option<u64> {
+        if self.space.floor > 0 {
+            self.space.refresh();
+        }
+        self.space.fs.available_bytes(&self.space.dir).ok()
     }
 
     /// The storage log, for tools that inspect segments.

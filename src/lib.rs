@@ -43,6 +43,7 @@ pub mod event;
 pub mod generator;
 pub mod index;
 pub mod limits;
+pub mod maintenance;
 pub mod query;
 pub mod server;
 pub mod snapshot;

@@ -147,6 +147,26 @@ enum Command {
         )]
         numeric_fields: Vec<String>,
     },
+    /// Apply retention (when configured) and compact: rewrite segments
+    /// without their deleted events, merge small ones.
+    Compact {
+        #[arg(long, env = "EVDB_DATA_DIR", default_value = "./evdb-data")]
+        data_dir: PathBuf,
+        /// A running daemon's HTTP address (http://HOST:PORT) instead; it
+        /// uses its own configuration.
+        #[arg(long)]
+        url: Option<String>,
+        /// Rewrite every segment with a deleted event now, whatever its
+        /// deleted fraction or the age of its deletions.
+        #[arg(long)]
+        now: bool,
+        /// `[retention]`, `[compaction]` and `[analytics]` from this TOML file.
+        #[arg(long, env = "EVDB_CONFIG")]
+        config: Option<PathBuf>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Point-in-time snapshots: create, list, delete.
     Snapshot {
         #[command(subcommand)]
@@ -378,6 +398,13 @@ fn main() -> ExitCode {
             data_dir,
         } => run_bench(&suite, events, json, data_dir),
         Command::Snapshot { action } => run_snapshot(action),
+        Command::Compact {
+            data_dir,
+            url,
+            now,
+            config,
+            json,
+        } => run_compact(&data_dir, url.as_deref(), now, config.as_deref(), json),
         Command::Restore {
             from,
             data_dir,
@@ -776,6 +803,95 @@ fn run_snapshot(action: SnapshotAction) -> anyhow::Result<ExitCode> {
                 println!("deleted {id}");
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_compact(
+    dir: &std::path::Path,
+    url: Option<&str>,
+    force: bool,
+    config_file: Option<&std::path::Path>,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    let report: serde_json::Value = match url {
+        Some(url) => {
+            if config_file.is_some() {
+                anyhow::bail!(
+                    "--config applies to --data-dir; a daemon uses its own configuration"
+                );
+            }
+            let path = if force {
+                "/admin/compact?now=true"
+            } else {
+                "/admin/compact"
+            };
+            remote(url, "POST", path)?
+        }
+        None => {
+            let file = match config_file {
+                Some(p) => evdb::config::FileConfig::load(p)?,
+                None => evdb::config::FileConfig::default(),
+            };
+            let policies = evdb::maintenance::Policies {
+                retention: file
+                    .retention
+                    .as_ref()
+                    .map(evdb::config::resolve_retention)
+                    .transpose()?
+                    .map(|r| r.policy),
+                compaction: evdb::config::resolve_compaction(
+                    &file.compaction.clone().unwrap_or_default(),
+                )?
+                .policy,
+            };
+            let config = Config {
+                numeric_fields: file.analytics.map(|a| a.numeric_fields).unwrap_or_default(),
+                ..Config::default()
+            };
+            let db = Db::open(dir, config).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open data directory {}: {e} (to compact a running daemon's store, pass --url)",
+                    dir.display()
+                )
+            })?;
+            let terminal = std::io::stderr().is_terminal() && !json_out;
+            let report = db.maintain(&policies, Timestamp::now(), force, |p| {
+                if terminal && p.bytes_total > 0 {
+                    eprint!(
+                        "\revdb: compacting {:>5.1}% ({} of {} MiB)   ",
+                        p.bytes_done as f64 * 100.0 / p.bytes_total as f64,
+                        p.bytes_done >> 20,
+                        p.bytes_total >> 20
+                    );
+                }
+            })?;
+            if terminal && report.compaction.bytes_before > 0 {
+                eprintln!();
+            }
+            db.close()?;
+            serde_json::to_value(&report)?
+        }
+    };
+    if json_out {
+        println!("{report}");
+    } else {
+        if let Some(r) = report.get("retention").filter(|r| !r.is_null()) {
+            println!(
+                "retention: {} segments dropped, {} events deleted, {} bytes freed",
+                r["segments_dropped"], r["events_deleted"], r["bytes_freed"]
+            );
+        }
+        let c = &report["compaction"];
+        println!(
+            "compaction: {} segments became {}, {} deleted events removed, {} -> {} bytes in {} ms",
+            c["segments_in"],
+            c["segments_out"],
+            c["events_removed"],
+            c["bytes_before"],
+            c["bytes_after"],
+            c["elapsed_ms"]
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -112,26 +112,40 @@ fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
 }
 
 /// Applies `[retention]` at start and every `check_interval`.
-async fn enforce_retention(db: Arc<Db>, retention: crate::config::Retention) {
+async fn enforce_retention(
+    db: Arc<Db>,
+    retention: crate::config::Retention,
+    metrics: Arc<Metrics>,
+) {
     loop {
-        let cutoff = crate::event::Timestamp(
-            crate::event::Timestamp::now()
-                .as_micros()
-                .saturating_sub(i64::try_from(retention.max_age.as_micros()).unwrap_or(i64::MAX)),
-        );
         let db2 = db.clone();
-        match tokio::task::spawn_blocking(move || db2.apply_retention(cutoff)).await {
-            Ok(Ok((0, 0))) => {}
-            Ok(Ok((segments, events))) => tracing::info!(
-                segments,
-                events,
-                cutoff = %cutoff.to_rfc3339(),
-                "retention: dropped segments and deleted older events"
-            ),
+        let policy = retention.policy.clone();
+        let now = crate::event::Timestamp::now();
+        match tokio::task::spawn_blocking(move || db2.apply_retention_policy(&policy, now)).await {
+            Ok(Ok(report)) => metrics.record_retention(&report),
             Ok(Err(e)) => tracing::warn!("retention failed: {e}"),
             Err(e) => tracing::warn!("retention task failed: {e}"),
         }
         tokio::time::sleep(retention.check_interval).await;
+    }
+}
+
+/// Runs compaction per `[compaction]` every `check_interval` (first after
+/// one interval: a start should not wait on a rewrite).
+async fn run_compaction(db: Arc<Db>, compaction: crate::config::Compaction, metrics: Arc<Metrics>) {
+    loop {
+        tokio::time::sleep(compaction.check_interval).await;
+        let db2 = db.clone();
+        let opts = crate::maintenance::CompactOptions {
+            policy: compaction.policy.clone(),
+            now: crate::event::Timestamp::now(),
+            force: false,
+        };
+        match tokio::task::spawn_blocking(move || db2.compact(&opts, |_| {})).await {
+            Ok(Ok(report)) => metrics.record_compaction(&report),
+            Ok(Err(e)) => tracing::warn!("compaction failed: {e}"),
+            Err(e) => tracing::warn!("compaction task failed: {e}"),
+        }
     }
 }
 
@@ -168,6 +182,7 @@ pub async fn serve(
         },
         limits: config.limits.clone(),
         numeric_fields: config.numeric_fields.clone(),
+        min_free_bytes: config.min_free_bytes,
     };
     let open_dir = data_dir.clone();
     let db = tokio::task::spawn_blocking(move || Db::open(&open_dir, db_config))
@@ -203,6 +218,11 @@ pub async fn serve(
     let (mut state, shutdown_tx) =
         AppState::new(db.clone(), metrics.clone(), data_dir.clone(), auth.clone());
     state.limiter = limiter.clone();
+    let policies = Arc::new(crate::maintenance::Policies {
+        retention: config.retention.as_ref().map(|r| r.policy.clone()),
+        compaction: config.compaction.policy.clone(),
+    });
+    state.policies = policies.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -251,7 +271,15 @@ pub async fn serve(
     let health_task = tokio::spawn(grpc::watch_health(db.clone(), health_reporter.clone()));
     let retention_task = config
         .retention
-        .map(|r| tokio::spawn(enforce_retention(db.clone(), r)));
+        .clone()
+        .map(|r| tokio::spawn(enforce_retention(db.clone(), r, metrics.clone())));
+    let compaction_task = config.compaction.enabled.then(|| {
+        tokio::spawn(run_compaction(
+            db.clone(),
+            config.compaction.clone(),
+            metrics.clone(),
+        ))
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::proto::DESCRIPTORS)
         .build_v1()
@@ -271,6 +299,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         limiter: limiter.clone(),
         shutdown: shutdown_tx.subscribe(),
+        policies,
     })
     .max_decoding_message_size(grpc::REQUEST_BYTES_MAX)
     .max_encoding_message_size(grpc::RESPONSE_BYTES_MAX);
@@ -328,7 +357,7 @@ pub async fn serve(
     stop.await;
     tracing::info!("shutting down: draining in-flight requests");
     health_task.abort();
-    if let Some(t) = retention_task {
+    for t in [retention_task, compaction_task].into_iter().flatten() {
         t.abort();
     }
     for name in [

@@ -109,6 +109,9 @@ impl Db {
     }
 
     fn snapshot_at(&self, tmp: &Path, id: &str) -> Result<SnapshotInfo, SnapshotError> {
+        // Compaction and retention unlink segment files: not while they
+        // are being linked here.
+        let _one_job = self.maintenance_lock().lock();
         let created_at = Timestamp::now().to_rfc3339();
         let tombstones = self.log().tombstones().map_err(DbError::from)?;
         let summary = self

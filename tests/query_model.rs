@@ -1,11 +1,13 @@
 //! The query engine against a naive model: random events (out-of-order
 //! timestamps, duplicate ids, tags from a small alphabet, shared
-//! correlation ids) interleaved with queries, stats, cursor paging, seals
-//! and reopens; every answer must equal the model's, content and order.
+//! correlation ids) interleaved with queries, stats, cursor paging, seals,
+//! reopens, deletes, retention and compaction; every answer must equal the
+//! model's, content and order.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::collections::{BTreeMap, HashSet};
 
+use evdb::maintenance::{CompactOptions, CompactionPolicy, RetentionPolicy};
 use evdb::query::{self, Order, Query};
 use evdb::{Config, Db, Event, JsonObject, Severity, Timestamp};
 use proptest::prelude::*;
@@ -96,7 +98,9 @@ enum Op {
     Append(Vec<Event>),
     Query(Query),
     Stats(Query),
-    Page(Query),
+    /// Page through every result; compact between the first two pages
+    /// when asked.
+    Page(Query, bool),
     Seal,
     Reopen,
     /// Delete the stored event at this position (modulo the count).
@@ -105,6 +109,14 @@ enum Op {
     DeleteBefore(i64),
     /// Delete every event matching the query.
     DeleteQuery(Query),
+    /// Compact: `force` rewrites every segment with a deleted row, `merge`
+    /// merges small segments.
+    Compact {
+        force: bool,
+        merge: bool,
+    },
+    /// Retention at these cutoffs: every source, and one source's own.
+    Retention(i64, Option<(usize, i64)>),
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -112,12 +124,15 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         4 => proptest::collection::vec(event_strategy(), 1..40).prop_map(Op::Append),
         3 => query_strategy().prop_map(Op::Query),
         1 => query_strategy().prop_map(Op::Stats),
-        1 => query_strategy().prop_map(Op::Page),
+        1 => (query_strategy(), any::<bool>()).prop_map(|(q, c)| Op::Page(q, c)),
         1 => Just(Op::Seal),
         1 => Just(Op::Reopen),
         1 => any::<usize>().prop_map(Op::DeleteId),
         1 => (0i64..120).prop_map(Op::DeleteBefore),
         1 => query_strategy().prop_map(Op::DeleteQuery),
+        1 => (any::<bool>(), any::<bool>()).prop_map(|(force, merge)| Op::Compact { force, merge }),
+        1 => (0i64..200, proptest::option::of((0usize..3, 0i64..400)))
+            .prop_map(|(cut, source)| Op::Retention(cut, source)),
     ]
 }
 
@@ -165,6 +180,40 @@ fn config() -> Config {
     c
 }
 
+fn compact(db: &Db, force: bool, merge: bool) {
+    let opts = CompactOptions {
+        policy: CompactionPolicy {
+            small_segment_bytes: if merge { 1 << 20 } else { 0 },
+            max_segment_bytes: 256 * 1024,
+            ..CompactionPolicy::default()
+        },
+        force,
+        ..CompactOptions::default()
+    };
+    db.compact(&opts, |_| {}).unwrap();
+}
+
+/// Deleted events whose bytes compaction or retention removed: their ids
+/// are free again and they leave the model's list of deleted events.
+fn forget_removed(db: &Db, ids: &mut HashSet<String>, deleted: &mut Vec<Event>, forced: bool) {
+    let sealed: HashSet<u64> = db.log().segments().sealed.iter().map(|s| s.id).collect();
+    deleted.retain(|e| match db.log().find(&e.id).unwrap() {
+        Some((pos, _)) => {
+            assert!(
+                !(forced && sealed.contains(&pos.segment)),
+                "compact --now left deleted {} in sealed segment {}",
+                e.id,
+                pos.segment
+            );
+            true
+        }
+        None => {
+            ids.remove(&e.id);
+            false
+        }
+    });
+}
+
 fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
     let mut db = Db::open(dir.path(), config()).unwrap();
@@ -200,11 +249,15 @@ fn run(ops: Vec<Op>) {
                 let want = model_stats(&stored, &q);
                 assert_eq!(got, want, "stats {q:?}");
             }
-            Op::Page(mut q) => {
+            Op::Page(mut q, compact_midway) => {
                 q.offset = 0;
                 let want = model_query(&stored, &q);
                 let mut got = Vec::new();
-                for _ in 0..=stored.len() {
+                for page_no in 0..=stored.len() {
+                    if compact_midway && page_no == 1 {
+                        compact(&db, true, true);
+                        forget_removed(&db, &mut ids, &mut deleted, true);
+                    }
                     let page = db.query(&q).unwrap();
                     got.extend(page.events);
                     match page.next_cursor {
@@ -213,6 +266,36 @@ fn run(ops: Vec<Op>) {
                     }
                 }
                 assert_eq!(got, want, "paging {q:?}");
+            }
+            Op::Compact { force, merge } => {
+                compact(&db, force, merge);
+                forget_removed(&db, &mut ids, &mut deleted, force);
+            }
+            Op::Retention(cut, source) => {
+                let now = Timestamp(1_000_000);
+                let age = |cut: i64| std::time::Duration::from_micros((1_000_000 - cut) as u64);
+                let mut policy = RetentionPolicy {
+                    max_age: Some(age(cut)),
+                    ..RetentionPolicy::default()
+                };
+                if let Some((s, c)) = source {
+                    policy.sources.insert(SOURCES[s].to_owned(), age(c));
+                }
+                let expired = |e: &Event| match source {
+                    Some((s, c)) if e.source == SOURCES[s] => e.timestamp.as_micros() < c,
+                    _ => e.timestamp.as_micros() < cut,
+                };
+                let (gone, kept): (Vec<Event>, Vec<Event>) =
+                    stored.into_iter().partition(|e| expired(e));
+                let report = db.apply_retention_policy(&policy, now).unwrap();
+                assert_eq!(
+                    report.events_deleted,
+                    gone.len() as u64,
+                    "retention {cut} {source:?}"
+                );
+                stored = kept;
+                deleted.extend(gone);
+                forget_removed(&db, &mut ids, &mut deleted, false);
             }
             Op::DeleteId(i) => {
                 if stored.is_empty() {

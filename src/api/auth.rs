@@ -119,7 +119,7 @@ impl Auth {
                 what: match need {
                     Need::Ingest => "write events",
                     Need::Read => "read",
-                    Need::Admin => "administer (delete, snapshots)",
+                    Need::Admin => "administer (delete, compact, snapshots)",
                     Need::Nothing => "do this",
                 },
             });
@@ -173,7 +173,7 @@ pub fn grpc_need(path: &str) -> Need {
     }
     match path.rsplit('/').next().unwrap_or("") {
         "IngestEvent" | "IngestEventBatch" | "Ingest" | "IngestStream" => Need::Ingest,
-        "Delete" => Need::Admin,
+        "Delete" | "Compact" => Need::Admin,
         _ => Need::Read,
     }
 }

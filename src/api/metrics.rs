@@ -113,6 +113,14 @@ pub struct Metrics {
     tail_subscribers: Gauge,
     index_memory: Gauge,
     id_filter: Gauge,
+    compaction_runs: Counter,
+    compaction_events_removed: Counter,
+    compaction_bytes_read: Counter,
+    compaction_bytes_reclaimed: Counter,
+    retention_segments_dropped: Counter,
+    retention_events_deleted: Counter,
+    disk_free: Gauge,
+    writes_refused: Gauge,
     sources_seen: Mutex<HashSet<String>>,
 }
 
@@ -194,6 +202,54 @@ impl Metrics {
             "Memory held by the Bloom filter over sealed segments' event ids",
             id_filter.clone(),
         );
+        let compaction_runs = Counter::default();
+        let compaction_events_removed = Counter::default();
+        let compaction_bytes_read = Counter::default();
+        let compaction_bytes_reclaimed = Counter::default();
+        let retention_segments_dropped = Counter::default();
+        let retention_events_deleted = Counter::default();
+        let disk_free = Gauge::default();
+        let writes_refused = Gauge::default();
+        registry.register(
+            "compaction_runs",
+            "Compaction runs that rewrote or merged segments",
+            compaction_runs.clone(),
+        );
+        registry.register(
+            "compaction_events_removed",
+            "Deleted events whose bytes compaction removed",
+            compaction_events_removed.clone(),
+        );
+        registry.register(
+            "compaction_read_bytes",
+            "Segment bytes compaction read",
+            compaction_bytes_read.clone(),
+        );
+        registry.register(
+            "compaction_reclaimed_bytes",
+            "Bytes compaction freed (input segments minus what they became)",
+            compaction_bytes_reclaimed.clone(),
+        );
+        registry.register(
+            "retention_segments_dropped",
+            "Segments retention dropped whole",
+            retention_segments_dropped.clone(),
+        );
+        registry.register(
+            "retention_events_deleted",
+            "Events retention deleted",
+            retention_events_deleted.clone(),
+        );
+        registry.register(
+            "disk_free_bytes",
+            "Free bytes on the data directory's file system",
+            disk_free.clone(),
+        );
+        registry.register(
+            "writes_refused",
+            "1 while the store refuses writes (free space under the floor, or a failure), else 0",
+            writes_refused.clone(),
+        );
         Arc::new(Metrics {
             registry,
             ingested,
@@ -208,6 +264,14 @@ impl Metrics {
             tail_subscribers,
             index_memory,
             id_filter,
+            compaction_runs,
+            compaction_events_removed,
+            compaction_bytes_read,
+            compaction_bytes_reclaimed,
+            retention_segments_dropped,
+            retention_events_deleted,
+            disk_free,
+            writes_refused,
             sources_seen: Mutex::new(HashSet::new()),
         })
     }
@@ -273,6 +337,24 @@ impl Metrics {
         self.fsync.observe(elapsed.as_secs_f64());
     }
 
+    /// Counts what a compaction run did.
+    pub fn record_compaction(&self, report: &crate::maintenance::CompactReport) {
+        if report.segments_in > 0 {
+            self.compaction_runs.inc();
+        }
+        self.compaction_events_removed.inc_by(report.events_removed);
+        self.compaction_bytes_read.inc_by(report.bytes_before);
+        self.compaction_bytes_reclaimed
+            .inc_by(report.bytes_before.saturating_sub(report.bytes_after));
+    }
+
+    /// Counts what a retention run did.
+    pub fn record_retention(&self, report: &crate::maintenance::RetentionReport) {
+        self.retention_segments_dropped
+            .inc_by(report.segments_dropped as u64);
+        self.retention_events_deleted.inc_by(report.events_deleted);
+    }
+
     /// The text exposition, with the gauges read from `db` now.
     pub fn render(&self, db: &Db) -> String {
         let set = db.log().segments();
@@ -287,6 +369,11 @@ impl Metrics {
             .set(i64::try_from(db.log().id_filter_bytes()).unwrap_or(i64::MAX));
         self.disk_bytes
             .set(i64::try_from(dir_bytes(db.log().dir())).unwrap_or(i64::MAX));
+        if let Some(free) = db.free_bytes() {
+            self.disk_free.set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+        self.writes_refused
+            .set(i64::from(db.writes_refused().is_some()));
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

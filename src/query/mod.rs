@@ -211,9 +211,35 @@ pub struct Stats {
 /// What the executor needs of one segment.
 pub struct SegmentInput<'a> {
     pub segment: u64,
-    /// Arrival number of row 0.
-    pub first_seq: u64,
+    /// The arrival number of each row.
+    pub seqs: Seqs<'a>,
     pub index: &'a dyn IndexView,
+}
+
+/// The arrival numbers of a segment's rows.
+#[derive(Clone, Copy, Debug)]
+pub enum Seqs<'a> {
+    /// Row r arrived as `first_seq + r`.
+    Dense(u64),
+    /// A compacted segment: row r arrived as `first_seq + table[r]`, the
+    /// table being one little-endian u32 per row.
+    Table { first_seq: u64, table: &'a [u8] },
+}
+
+impl Seqs<'_> {
+    /// The arrival number of `row`.
+    pub fn of(&self, row: u32) -> u64 {
+        match self {
+            Seqs::Dense(first) => first + u64::from(row),
+            Seqs::Table { first_seq, table } => {
+                let at = row as usize * 4;
+                match table.get(at..at + 4) {
+                    Some(b) => first_seq + u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    None => first_seq + u64::from(row),
+                }
+            }
+        }
+    }
 }
 
 /// The plan for one segment: why it was skipped, or the bitmaps combined.
@@ -457,7 +483,7 @@ pub fn select(
         };
         // The hit for `row`, if it passes the watermark, time and cursor.
         let hit_of = |row: u32| -> Result<Option<Hit>, QueryError> {
-            let seq = seg.first_seq + u64::from(row);
+            let seq = seg.seqs.of(row);
             if seq >= watermark {
                 return Ok(None);
             }

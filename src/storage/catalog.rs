@@ -20,6 +20,10 @@ const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
 const TOMBSTONES: TableDefinition<u64, &[u8]> = TableDefinition::new("tombstones");
 const TOMBSTONE_VERSION: u8 = 1;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Per segment with tombstones: when (µs since the epoch, wall clock) its
+/// oldest deletion not yet removed by compaction was made. Compaction
+/// rewrites a segment once this is older than its bound.
+const DELETED_SINCE: TableDefinition<u64, i64> = TableDefinition::new("deleted_since");
 
 /// Version byte in front of every postcard value.
 const META_VERSION: u8 = 1;
@@ -99,6 +103,7 @@ impl Catalog {
             }
             txn.open_table(SEGMENTS).map_err(catalog_err)?;
             txn.open_table(TOMBSTONES).map_err(catalog_err)?;
+            txn.open_table(DELETED_SINCE).map_err(catalog_err)?;
         }
         txn.commit().map_err(catalog_err)?;
         Ok(catalog)
@@ -136,9 +141,11 @@ impl Catalog {
             }
             // A removed segment takes its tombstones with it.
             let mut tombstones = txn.open_table(TOMBSTONES).map_err(catalog_err)?;
+            let mut since = txn.open_table(DELETED_SINCE).map_err(catalog_err)?;
             for (id, meta) in changes {
                 if meta.is_none() {
                     tombstones.remove(*id).map_err(catalog_err)?;
+                    since.remove(*id).map_err(catalog_err)?;
                 }
             }
         }
@@ -156,6 +163,14 @@ fn decode_tombstones(segment: u64, bytes: &[u8]) -> Result<RoaringBitmap, Storag
     }
 }
 
+fn encode_tombstones(rows: &RoaringBitmap) -> Result<Vec<u8>, StorageError> {
+    let mut bytes = Vec::with_capacity(1 + rows.serialized_size());
+    bytes.push(TOMBSTONE_VERSION);
+    rows.serialize_into(&mut bytes)
+        .map_err(|e| StorageError::Catalog(e.to_string()))?;
+    Ok(bytes)
+}
+
 impl Catalog {
     /// The deleted rows of every segment that has any.
     pub fn tombstones(&self) -> Result<Vec<(u64, RoaringBitmap)>, StorageError> {
@@ -169,15 +184,75 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Adds deleted rows, in one durable transaction; returns each touched
-    /// segment's full set afterwards.
+    /// When each segment with pending deletions got its oldest one (µs).
+    pub fn deleted_since(&self) -> Result<Vec<(u64, i64)>, StorageError> {
+        let txn = self.db.begin_read().map_err(catalog_err)?;
+        let table = txn.open_table(DELETED_SINCE).map_err(catalog_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(catalog_err)? {
+            let (k, v) = entry.map_err(catalog_err)?;
+            out.push((k.value(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the segments `removed` by the compacted segment `id` in one
+    /// durable transaction: their entries, tombstones and deletion times
+    /// go; `id` comes with `meta`, and with `deleted` (rows deleted while
+    /// it was written, renumbered) as its tombstones since `since_us`.
+    pub fn swap_compacted(
+        &self,
+        removed: &[u64],
+        id: u64,
+        meta: &SegmentMeta,
+        deleted: &RoaringBitmap,
+        since_us: i64,
+    ) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(catalog_err)?;
+        {
+            let mut segments = txn.open_table(SEGMENTS).map_err(catalog_err)?;
+            let mut tombstones = txn.open_table(TOMBSTONES).map_err(catalog_err)?;
+            let mut since = txn.open_table(DELETED_SINCE).map_err(catalog_err)?;
+            for old in removed {
+                if segments.remove(*old).map_err(catalog_err)?.is_none() {
+                    return Err(StorageError::Catalog(format!(
+                        "compaction input {old} is not in the catalog"
+                    )));
+                }
+                tombstones.remove(*old).map_err(catalog_err)?;
+                since.remove(*old).map_err(catalog_err)?;
+            }
+            segments
+                .insert(id, &encode_meta(meta)?[..])
+                .map_err(catalog_err)?;
+            if !deleted.is_empty() {
+                tombstones
+                    .insert(id, &encode_tombstones(deleted)?[..])
+                    .map_err(catalog_err)?;
+                since.insert(id, since_us).map_err(catalog_err)?;
+            }
+        }
+        txn.commit().map_err(catalog_err)
+    }
+
+    /// Adds deleted rows, in one durable transaction, noting `now_us` as
+    /// the deletion time of segments that had none pending; returns each
+    /// touched segment's full set afterwards.
     pub fn add_tombstones(
         &self,
         rows: &[(u64, RoaringBitmap)],
+        now_us: i64,
     ) -> Result<Vec<(u64, RoaringBitmap)>, StorageError> {
         let txn = self.db.begin_write().map_err(catalog_err)?;
         let mut out = Vec::with_capacity(rows.len());
         {
+            let mut since = txn.open_table(DELETED_SINCE).map_err(catalog_err)?;
+            for (segment, add) in rows {
+                if !add.is_empty() && since.get(*segment).map_err(catalog_err)?.is_none() {
+                    since.insert(*segment, now_us).map_err(catalog_err)?;
+                }
+            }
+            drop(since);
             let mut table = txn.open_table(TOMBSTONES).map_err(catalog_err)?;
             for (segment, add) in rows {
                 let mut all = match table.get(*segment).map_err(catalog_err)? {
@@ -185,11 +260,9 @@ impl Catalog {
                     None => RoaringBitmap::new(),
                 };
                 all |= add;
-                let mut bytes = Vec::with_capacity(1 + all.serialized_size());
-                bytes.push(TOMBSTONE_VERSION);
-                all.serialize_into(&mut bytes)
-                    .map_err(|e| StorageError::Catalog(e.to_string()))?;
-                table.insert(*segment, &bytes[..]).map_err(catalog_err)?;
+                table
+                    .insert(*segment, &encode_tombstones(&all)?[..])
+                    .map_err(catalog_err)?;
                 out.push((*segment, all));
             }
         }

@@ -23,6 +23,18 @@ pub trait LogFile: Send {
 pub trait FileSystem: Send + Sync {
     /// Opens `path` for appending; creates it if missing.
     fn open_log(&self, path: &Path) -> io::Result<Box<dyn LogFile>>;
+
+    /// Bytes an unprivileged process may still write on the file system
+    /// that holds `dir`.
+    fn available_bytes(&self, dir: &Path) -> io::Result<u64> {
+        available_bytes(dir)
+    }
+}
+
+/// Free bytes for unprivileged writers on `dir`'s file system (statvfs).
+pub fn available_bytes(dir: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Plain files.
@@ -63,6 +75,8 @@ pub enum Fault {
     /// Every append fails with "no space left on device" once `after_bytes`
     /// bytes have been appended in total (the disk filled up).
     DiskFullAfter { after_bytes: u64 },
+    /// Nothing fails (the free space it reports can still be set).
+    None,
 }
 
 /// Real files with one planned fault. Cloning shares the plan and counters.
@@ -72,6 +86,8 @@ pub struct FaultyFs {
     syncs: Arc<AtomicU64>,
     appended: Arc<AtomicU64>,
     dead: Arc<std::sync::atomic::AtomicBool>,
+    /// What `available_bytes` answers (`u64::MAX`: the real figure).
+    available: Arc<AtomicU64>,
 }
 
 impl FaultyFs {
@@ -81,7 +97,13 @@ impl FaultyFs {
             syncs: Arc::new(AtomicU64::new(0)),
             appended: Arc::new(AtomicU64::new(0)),
             dead: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            available: Arc::new(AtomicU64::new(u64::MAX)),
         }
+    }
+
+    /// Makes the file system report `bytes` free (`u64::MAX`: the truth).
+    pub fn set_available(&self, bytes: u64) {
+        self.available.store(bytes, Ordering::SeqCst);
     }
 
     /// Whether the planned power loss has happened.
@@ -160,6 +182,13 @@ impl FileSystem for FaultyFs {
             synced_len: len,
             len,
         }))
+    }
+
+    fn available_bytes(&self, dir: &Path) -> io::Result<u64> {
+        match self.available.load(Ordering::SeqCst) {
+            u64::MAX => available_bytes(dir),
+            n => Ok(n),
+        }
     }
 }
 

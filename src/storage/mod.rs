@@ -8,6 +8,7 @@
 
 mod active;
 pub mod catalog;
+pub mod compact;
 pub mod dir;
 pub mod frame;
 pub mod ids;
@@ -270,7 +271,8 @@ pub enum Appended {
 /// rolls or seals, so a reader holding one keeps a consistent view.
 #[derive(Debug, Clone)]
 pub struct SegmentSet {
-    /// Ascending by id.
+    /// In arrival order (ascending `first_seq`). Ids ascend with it except
+    /// for compacted segments, which take a fresh id.
     pub sealed: Vec<Arc<SealedSegment>>,
     /// Rolled, not yet sealed, ascending by id.
     pub sealing: Vec<Arc<OpenSegment>>,
@@ -317,6 +319,11 @@ impl SegmentSet {
     pub fn total_rows(&self) -> u64 {
         self.iter().map(|s| u64::from(s.rows())).sum()
     }
+
+    /// The largest segment id in the set.
+    pub fn max_id(&self) -> u64 {
+        self.iter().map(|s| s.id()).max().unwrap_or(0)
+    }
 }
 
 pub(crate) struct Shared {
@@ -328,11 +335,19 @@ pub(crate) struct Shared {
     pub filter: Mutex<IdFilter>,
     pub poisoned: Mutex<Option<String>>,
     pub hook: Option<Arc<dyn SealHook>>,
+    /// The next unused segment id (rolls and compaction take from it).
+    pub next_id: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
     pub fn segments_dir(&self) -> PathBuf {
         self.dir.join("segments")
+    }
+
+    /// Takes a fresh segment id.
+    pub fn take_id(&self) -> u64 {
+        self.next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn log_path(&self, id: u64) -> PathBuf {
@@ -403,6 +418,7 @@ impl Log {
             filter: Mutex::new(IdFilter::with_capacity(0)),
             poisoned: Mutex::new(None),
             hook,
+            next_id: std::sync::atomic::AtomicU64::new(recovered.next_id),
         });
         let (tx, rx) = bounded(limits::WRITER_QUEUE_DEPTH_MAX);
         let (seal_tx, seal_rx) = bounded(limits::SEAL_BACKLOG_MAX);
@@ -527,19 +543,19 @@ impl Log {
         &self.shared.dir
     }
 
-    /// Drops every sealed segment whose newest event is older than
-    /// `cutoff_us` (retention): the catalog forgets them in one durable
-    /// transaction (with their tombstones), readers stop seeing them, then
-    /// their files are unlinked (a reader that still holds one keeps its
-    /// mapping). A crash between the commit and the unlink leaves files that
-    /// recovery removes. Returns the dropped segment ids.
-    pub fn drop_sealed_before(&self, cutoff_us: i64) -> Result<Vec<u64>, StorageError> {
+    /// Drops the sealed segments `ids` (retention): the catalog forgets
+    /// them in one durable transaction (with their tombstones), readers
+    /// stop seeing them, then their files are unlinked (a reader that still
+    /// holds one keeps its mapping). A crash between the commit and the
+    /// unlink leaves files that recovery removes. Returns the dropped ids
+    /// (those of `ids` that were sealed segments).
+    pub fn drop_sealed(&self, ids: &[u64]) -> Result<Vec<u64>, StorageError> {
         self.shared.check_poisoned()?;
         let set = self.segments();
         let victims: Vec<u64> = set
             .sealed
             .iter()
-            .filter(|s| s.max_ts.as_micros() < cutoff_us)
+            .filter(|s| ids.contains(&s.id))
             .map(|s| s.id)
             .collect();
         if victims.is_empty() {
@@ -554,14 +570,7 @@ impl Log {
             next.sealed.retain(|s| !victims.contains(&s.id));
             *current = Arc::new(next);
         }
-        for id in &victims {
-            let path = self.shared.seg_path(*id);
-            if let Err(e) = std::fs::remove_file(&path)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                return Err(StorageError::io(&path, e));
-            }
-        }
+        self.compact_unlink(&victims)?;
         Ok(victims)
     }
 
@@ -582,7 +591,9 @@ impl Log {
         rows: &[(u64, roaring::RoaringBitmap)],
     ) -> Result<Vec<(u64, roaring::RoaringBitmap)>, StorageError> {
         self.shared.check_poisoned()?;
-        self.shared.catalog.add_tombstones(rows)
+        self.shared
+            .catalog
+            .add_tombstones(rows, crate::event::Timestamp::now().as_micros())
     }
 
     /// Why the store refuses writes, if it does.

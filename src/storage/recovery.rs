@@ -22,6 +22,8 @@ pub(crate) struct Recovered {
     pub to_seal: Vec<Arc<OpenSegment>>,
     /// The active log's length, where the writer continues.
     pub log: ActiveLog,
+    /// The next unused segment id.
+    pub next_id: u64,
 }
 
 pub(crate) struct ActiveLog {
@@ -149,14 +151,20 @@ pub(crate) fn recover(
         catalog.apply(&[(1, Some(meta))])?;
         entries = vec![(1, meta)];
     }
-    let (active_id, active_meta) = match entries.last() {
-        Some(&(id, meta)) if meta.state == SegmentState::Active => (id, meta),
+    // Exactly one segment is active. It is usually the newest, but a
+    // compacted segment takes a fresh id and may be newer.
+    let mut actives = entries
+        .iter()
+        .filter(|(_, meta)| meta.state == SegmentState::Active);
+    let (active_id, active_meta) = match (actives.next(), actives.next()) {
+        (Some(&(id, meta)), None) => (id, meta),
         _ => {
             return Err(StorageError::Catalog(
-                "the newest segment in the catalog is not the active one".into(),
+                "the catalog does not name exactly one active segment".into(),
             ));
         }
     };
+    let next_id = entries.last().map_or(1, |(id, _)| id + 1);
     // Files on disk that the catalog does not account for were left by an
     // interrupted roll, seal or compaction: the catalog commit is the point
     // of no return, so anything it does not name is garbage.
@@ -204,6 +212,7 @@ pub(crate) fn recover(
                     ));
                 }
                 sealed.push(Arc::new(seg));
+                // Readers rely on sealed segments being in arrival order.
             }
             SegmentState::Sealing => {
                 sealing.push(Arc::new(open_log(dir, id, meta.first_seq)?));
@@ -211,6 +220,7 @@ pub(crate) fn recover(
             SegmentState::Active => {}
         }
     }
+    sealed.sort_by_key(|s| s.first_seq);
     let active = Arc::new(open_log(dir, active_id, active_meta.first_seq)?);
     let end = active.file_bytes();
     Ok(Recovered {
@@ -223,5 +233,6 @@ pub(crate) fn recover(
         },
         to_seal: sealing,
         log: ActiveLog { end },
+        next_id,
     })
 }

@@ -26,7 +26,11 @@ pub const FORMAT_VERSION: u16 = 1;
 const MAGIC_OFFSET: usize = 0;
 const VERSION_OFFSET: usize = MAGIC_OFFSET + 8;
 const COMPRESSION_OFFSET: usize = VERSION_OFFSET + 2;
-const DICT_LEN_OFFSET: usize = COMPRESSION_OFFSET + 2; // 1 zero byte before it
+const FLAGS_OFFSET: usize = COMPRESSION_OFFSET + 1;
+const DICT_LEN_OFFSET: usize = FLAGS_OFFSET + 1;
+/// Header flag: the sealed segment ends with a seq table (a compacted
+/// segment, whose rows are not arrival-dense). Logs carry no flags.
+pub const FLAG_SEQS: u8 = 1;
 const SEGMENT_ID_OFFSET: usize = DICT_LEN_OFFSET + 4;
 const HEADER_CRC_OFFSET: usize = SEGMENT_ID_OFFSET + 8;
 pub const HEADER_SIZE: usize = HEADER_CRC_OFFSET + 8; // 4 reserved bytes
@@ -63,7 +67,7 @@ const _: () = assert!(FOOTER_CRC_OFFSET == 52);
 /// Largest zstd dictionary trained for a segment.
 pub const DICT_SIZE_MAX: usize = 32 * 1024;
 /// Frames sampled to train a segment's dictionary.
-const DICT_SAMPLES_MAX: usize = 4096;
+pub const DICT_SAMPLES_MAX: usize = 4096;
 const _: () = assert!(FOOTER_SIZE == 64);
 const _: () = assert!(BLOCK_ENTRY_SIZE == 32);
 
@@ -121,16 +125,18 @@ fn read_i64(b: &[u8], at: usize) -> i64 {
 
 /// Encodes a file header.
 pub fn encode_header(magic: [u8; 8], segment: u64, compression: Compression) -> [u8; HEADER_SIZE] {
-    encode_header_with_dict(magic, segment, compression, 0)
+    encode_header_full(magic, segment, compression, 0, 0)
 }
 
-fn encode_header_with_dict(
+fn encode_header_full(
     magic: [u8; 8],
     segment: u64,
     compression: Compression,
     dict_len: u32,
+    flags: u8,
 ) -> [u8; HEADER_SIZE] {
     let mut h = [0u8; HEADER_SIZE];
+    h[FLAGS_OFFSET] = flags;
     h[MAGIC_OFFSET..MAGIC_OFFSET + 8].copy_from_slice(&magic);
     h[VERSION_OFFSET..VERSION_OFFSET + 2].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     h[COMPRESSION_OFFSET] = compression as u8;
@@ -148,6 +154,19 @@ pub fn decode_header(
     magic: [u8; 8],
     segment: u64,
 ) -> Result<(Compression, u32), &'static str> {
+    let (compression, dict_len, flags) = decode_header_flags(bytes, magic, segment)?;
+    if flags != 0 {
+        return Err("reserved header bytes are not zero");
+    }
+    Ok((compression, dict_len))
+}
+
+/// [`decode_header`] that also returns the flags byte (sealed segments).
+fn decode_header_flags(
+    bytes: &[u8],
+    magic: [u8; 8],
+    segment: u64,
+) -> Result<(Compression, u32, u8), &'static str> {
     if bytes.len() < HEADER_SIZE {
         return Err("file shorter than its header");
     }
@@ -166,8 +185,9 @@ pub fn decode_header(
     if read_u64(bytes, SEGMENT_ID_OFFSET) != segment {
         return Err("header names another segment");
     }
-    if bytes[COMPRESSION_OFFSET + 1] != 0 {
-        return Err("reserved header bytes are not zero");
+    let flags = bytes[FLAGS_OFFSET];
+    if flags & !FLAG_SEQS != 0 {
+        return Err("unknown header flags");
     }
     let dict_len = read_u32(bytes, DICT_LEN_OFFSET);
     let compression =
@@ -175,7 +195,7 @@ pub fn decode_header(
     if dict_len as usize > DICT_SIZE_MAX || (dict_len > 0 && compression != Compression::ZstdDict) {
         return Err("bad dictionary length");
     }
-    Ok((compression, dict_len))
+    Ok((compression, dict_len, flags))
 }
 
 /// Trains a zstd dictionary on up to `DICT_SAMPLES_MAX` frames spread over
@@ -193,7 +213,7 @@ fn train_dictionary(log_bytes: &[u8], offsets: &[u64]) -> Option<Vec<u8>> {
             .unwrap_or(log_bytes.len() as u64);
         samples.push(log_bytes.get(offset as usize..end as usize)?);
     }
-    zstd::dict::from_samples(&samples, DICT_SIZE_MAX).ok()
+    train_dictionary_on(&samples)
 }
 
 /// The result of scanning an active log from its header.
@@ -250,136 +270,270 @@ pub fn write_sealed(
     compression: Compression,
     block_size: usize,
 ) -> Result<SealedSummary, StorageError> {
-    let io = |e| StorageError::io(path, e);
     let dict = match compression {
         Compression::ZstdDict => train_dictionary(log_bytes, offsets),
         _ => None,
     };
-    // Too little to train on: plain zstd for this segment.
-    let compression = match (compression, &dict) {
-        (Compression::ZstdDict, None) => Compression::Zstd,
-        (c, _) => c,
-    };
-    let dict = dict.unwrap_or_default();
-    let file = File::create(path).map_err(io)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&encode_header_with_dict(
-        SEG_MAGIC,
-        segment,
-        compression,
-        dict.len() as u32,
-    ))
-    .map_err(io)?;
-    out.write_all(&dict).map_err(io)?;
-    let mut written = (HEADER_SIZE + dict.len()) as u64;
-    let mut block_index = Vec::new();
-    let mut ids: Vec<(IdHash, u32)> = Vec::with_capacity(offsets.len());
-    let mut raw = Vec::with_capacity(block_size * 2);
-    let mut first_row = 0u32;
-    let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
-    let mut zstd = match compression {
-        Compression::Zstd => Some(zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(io)?),
-        Compression::ZstdDict => {
-            Some(zstd::bulk::Compressor::with_dictionary(ZSTD_LEVEL, &dict).map_err(io)?)
-        }
-        _ => None,
-    };
-    let mut flush_block = |raw: &mut Vec<u8>,
-                           first_row: u32,
-                           rows: u32,
-                           out: &mut BufWriter<File>,
-                           written: &mut u64|
-     -> Result<(), StorageError> {
-        let compressed = match (&mut zstd, compression) {
-            (Some(z), _) => z.compress(raw).map_err(io)?,
-            (None, Compression::Lz4) => lz4_flex::block::compress(raw),
-            _ => raw.clone(),
+    let mut writer = SealedWriter::create(path, segment, compression, dict, block_size, false)?;
+    for (row, &offset) in offsets.iter().enumerate() {
+        let at = offset as usize;
+        let (_, used) = frame::decode(log_bytes.get(at..).unwrap_or_default())
+            .map_err(|e| StorageError::corrupted(segment, offset, e.to_string()))?;
+        writer.push(&log_bytes[at..at + used], row as u32)?;
+    }
+    writer.finish()
+}
+
+/// Trains a zstd dictionary on sample frames (whole frames, as a log holds
+/// them). `None` when there are too few to train on.
+pub fn train_dictionary_on(samples: &[&[u8]]) -> Option<Vec<u8>> {
+    if samples.len() < 64 {
+        return None;
+    }
+    zstd::dict::from_samples(samples, DICT_SIZE_MAX).ok()
+}
+
+/// Writes a sealed segment one frame at a time: frames are grouped into
+/// compressed blocks as they come, so memory stays at about one block plus
+/// 16 bytes per row (id table, and the seq table when kept).
+pub struct SealedWriter {
+    path: std::path::PathBuf,
+    segment: u64,
+    compression: Compression,
+    block_size: usize,
+    out: BufWriter<File>,
+    written: u64,
+    dict: Vec<u8>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    block_index: Vec<u8>,
+    ids: Vec<(IdHash, u32)>,
+    raw: Vec<u8>,
+    first_row: u32,
+    rows: u32,
+    min_ts: i64,
+    max_ts: i64,
+    /// The seq table (one little-endian u32 per row) when the segment
+    /// keeps explicit arrival offsets (a compacted segment).
+    seqs: Option<Vec<u8>>,
+    last_seq: Option<u32>,
+}
+
+impl SealedWriter {
+    /// Creates the file and writes its header. `dict` is used when
+    /// `compression` is `ZstdDict` (without one, plain zstd is written).
+    /// `keep_seqs`: write the seq table (header flag `FLAG_SEQS`).
+    pub fn create(
+        path: &Path,
+        segment: u64,
+        compression: Compression,
+        dict: Option<Vec<u8>>,
+        block_size: usize,
+        keep_seqs: bool,
+    ) -> Result<SealedWriter, StorageError> {
+        let io = |e| StorageError::io(path, e);
+        let dict = match compression {
+            Compression::ZstdDict => dict,
+            _ => None,
         };
+        // Too little to train on: plain zstd for this segment.
+        let compression = match (compression, &dict) {
+            (Compression::ZstdDict, None) => Compression::Zstd,
+            (c, _) => c,
+        };
+        let dict = dict.unwrap_or_default();
+        let zstd = match compression {
+            Compression::Zstd => Some(zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(io)?),
+            Compression::ZstdDict => {
+                Some(zstd::bulk::Compressor::with_dictionary(ZSTD_LEVEL, &dict).map_err(io)?)
+            }
+            _ => None,
+        };
+        let file = File::create(path).map_err(io)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let flags = if keep_seqs { FLAG_SEQS } else { 0 };
+        out.write_all(&encode_header_full(
+            SEG_MAGIC,
+            segment,
+            compression,
+            dict.len() as u32,
+            flags,
+        ))
+        .map_err(io)?;
+        out.write_all(&dict).map_err(io)?;
+        Ok(SealedWriter {
+            path: path.to_owned(),
+            segment,
+            compression,
+            block_size,
+            out,
+            written: (HEADER_SIZE + dict.len()) as u64,
+            dict,
+            zstd,
+            block_index: Vec::new(),
+            ids: Vec::new(),
+            raw: Vec::with_capacity(block_size * 2),
+            first_row: 0,
+            rows: 0,
+            min_ts: i64::MAX,
+            max_ts: i64::MIN,
+            seqs: keep_seqs.then(Vec::new),
+            last_seq: None,
+        })
+    }
+
+    fn io(&self, e: std::io::Error) -> StorageError {
+        StorageError::io(&self.path, e)
+    }
+
+    /// Rows pushed so far.
+    pub fn rows(&self) -> u32 {
+        self.rows
+    }
+
+    /// Bytes written so far (the file grows by whole blocks).
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends one whole frame (checked again here) as the next row.
+    /// `seq_offset` is its arrival number relative to the segment's first
+    /// seq; it must grow strictly (checked) and is stored only when the
+    /// writer keeps seqs.
+    pub fn push(&mut self, frame_bytes: &[u8], seq_offset: u32) -> Result<(), StorageError> {
+        let at = u64::from(self.rows);
+        let (frame, used) = frame::decode(frame_bytes)
+            .map_err(|e| StorageError::corrupted(self.segment, at, e.to_string()))?;
+        if used != frame_bytes.len() {
+            return Err(StorageError::corrupted(
+                self.segment,
+                at,
+                "frame followed by stray bytes",
+            ));
+        }
+        let (id, ts) = peek_id_and_timestamp(frame.payload)
+            .map_err(|e| StorageError::corrupted(self.segment, at, e.to_string()))?;
+        if self.last_seq.is_some_and(|last| seq_offset <= last) {
+            return Err(StorageError::corrupted(
+                self.segment,
+                at,
+                "rows must keep their arrival order",
+            ));
+        }
+        if self.rows == u32::MAX {
+            return Err(StorageError::corrupted(self.segment, at, "too many rows"));
+        }
+        self.last_seq = Some(seq_offset);
+        if let Some(seqs) = &mut self.seqs {
+            seqs.extend_from_slice(&seq_offset.to_le_bytes());
+        }
+        self.ids.push((hash_id(id), self.rows));
+        self.min_ts = self.min_ts.min(ts);
+        self.max_ts = self.max_ts.max(ts);
+        self.raw.extend_from_slice(frame_bytes);
+        self.rows += 1;
+        if self.raw.len() >= self.block_size {
+            self.flush_block()?;
+        }
+        Ok(())
+    }
+
+    fn flush_block(&mut self) -> Result<(), StorageError> {
+        if self.raw.is_empty() {
+            return Ok(());
+        }
+        let compressed = match (&mut self.zstd, self.compression) {
+            (Some(z), _) => z
+                .compress(&self.raw)
+                .map_err(|e| StorageError::io(&self.path, e))?,
+            (None, Compression::Lz4) => lz4_flex::block::compress(&self.raw),
+            _ => self.raw.clone(),
+        };
+        let rows = self.rows - self.first_row;
         let mut entry = [0u8; BLOCK_ENTRY_SIZE];
-        entry[BLOCK_OFFSET..BLOCK_OFFSET + 8].copy_from_slice(&written.to_le_bytes());
+        entry[BLOCK_OFFSET..BLOCK_OFFSET + 8].copy_from_slice(&self.written.to_le_bytes());
         entry[BLOCK_COMPRESSED_LEN..BLOCK_COMPRESSED_LEN + 4]
             .copy_from_slice(&(compressed.len() as u32).to_le_bytes());
-        entry[BLOCK_RAW_LEN..BLOCK_RAW_LEN + 4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
-        entry[BLOCK_FIRST_ROW..BLOCK_FIRST_ROW + 4].copy_from_slice(&first_row.to_le_bytes());
+        entry[BLOCK_RAW_LEN..BLOCK_RAW_LEN + 4]
+            .copy_from_slice(&(self.raw.len() as u32).to_le_bytes());
+        entry[BLOCK_FIRST_ROW..BLOCK_FIRST_ROW + 4].copy_from_slice(&self.first_row.to_le_bytes());
         entry[BLOCK_ROWS..BLOCK_ROWS + 4].copy_from_slice(&rows.to_le_bytes());
         entry[BLOCK_CRC..BLOCK_CRC + 4].copy_from_slice(&crc32c::crc32c(&compressed).to_le_bytes());
-        block_index.extend_from_slice(&entry);
-        out.write_all(&compressed).map_err(io)?;
-        *written += compressed.len() as u64;
-        raw.clear();
+        self.block_index.extend_from_slice(&entry);
+        self.out.write_all(&compressed).map_err(|e| self.io(e))?;
+        self.written += compressed.len() as u64;
+        self.raw.clear();
+        self.first_row = self.rows;
         Ok(())
-    };
-    for (row, &offset) in offsets.iter().enumerate() {
-        let row = row as u32;
-        let at = offset as usize;
-        let (frame, used) = frame::decode(log_bytes.get(at..).unwrap_or_default())
-            .map_err(|e| StorageError::corrupted(segment, offset, e.to_string()))?;
-        let (id, ts) = peek_id_and_timestamp(frame.payload)
-            .map_err(|e| StorageError::corrupted(segment, offset, e.to_string()))?;
-        ids.push((hash_id(id), row));
-        min_ts = min_ts.min(ts);
-        max_ts = max_ts.max(ts);
-        raw.extend_from_slice(&log_bytes[at..at + used]);
-        if raw.len() >= block_size {
-            let rows_in_block = row + 1 - first_row;
-            flush_block(&mut raw, first_row, rows_in_block, &mut out, &mut written)?;
-            first_row = row + 1;
+    }
+
+    /// Writes the last block, the block index, the id table, the seq table
+    /// and the footer, and fsyncs the file (not its directory).
+    pub fn finish(mut self) -> Result<SealedSummary, StorageError> {
+        self.flush_block()?;
+        let block_index = std::mem::take(&mut self.block_index);
+        let block_index_offset = self.written;
+        self.out.write_all(&block_index).map_err(|e| self.io(e))?;
+        self.written += block_index.len() as u64;
+        let mut ids = std::mem::take(&mut self.ids);
+        ids.sort_unstable();
+        let mut id_table = Vec::with_capacity(ids.len() * ID_ENTRY_SIZE);
+        for (hash, row) in &ids {
+            id_table.extend_from_slice(&hash.0.to_le_bytes());
+            id_table.extend_from_slice(&row.to_le_bytes());
         }
+        drop(ids);
+        let id_table_offset = self.written;
+        self.out.write_all(&id_table).map_err(|e| self.io(e))?;
+        self.written += id_table.len() as u64;
+        if let Some(seqs) = self.seqs.take() {
+            self.out.write_all(&seqs).map_err(|e| self.io(e))?;
+            self.out
+                .write_all(&crc32c::crc32c(&seqs).to_le_bytes())
+                .map_err(|e| self.io(e))?;
+            self.written += seqs.len() as u64 + 4;
+        }
+        let rows = self.rows;
+        let (min_ts, max_ts) = if rows == 0 {
+            (0, 0)
+        } else {
+            (self.min_ts, self.max_ts)
+        };
+        let mut footer = [0u8; FOOTER_SIZE];
+        footer[FOOTER_ROWS_OFFSET..FOOTER_ROWS_OFFSET + 4].copy_from_slice(&rows.to_le_bytes());
+        footer[FOOTER_BLOCKS_OFFSET..FOOTER_BLOCKS_OFFSET + 4]
+            .copy_from_slice(&((block_index.len() / BLOCK_ENTRY_SIZE) as u32).to_le_bytes());
+        footer[FOOTER_MIN_TS_OFFSET..FOOTER_MIN_TS_OFFSET + 8]
+            .copy_from_slice(&min_ts.to_le_bytes());
+        footer[FOOTER_MAX_TS_OFFSET..FOOTER_MAX_TS_OFFSET + 8]
+            .copy_from_slice(&max_ts.to_le_bytes());
+        footer[FOOTER_BLOCK_INDEX_OFFSET..FOOTER_BLOCK_INDEX_OFFSET + 8]
+            .copy_from_slice(&block_index_offset.to_le_bytes());
+        footer[FOOTER_ID_TABLE_OFFSET..FOOTER_ID_TABLE_OFFSET + 8]
+            .copy_from_slice(&id_table_offset.to_le_bytes());
+        footer[FOOTER_BLOCK_INDEX_CRC..FOOTER_BLOCK_INDEX_CRC + 4]
+            .copy_from_slice(&crc32c::crc32c(&block_index).to_le_bytes());
+        footer[FOOTER_ID_TABLE_CRC..FOOTER_ID_TABLE_CRC + 4]
+            .copy_from_slice(&crc32c::crc32c(&id_table).to_le_bytes());
+        footer[FOOTER_DICT_CRC..FOOTER_DICT_CRC + 4]
+            .copy_from_slice(&crc32c::crc32c(&self.dict).to_le_bytes());
+        let crc = crc32c::crc32c(&footer[..FOOTER_CRC_OFFSET]);
+        footer[FOOTER_CRC_OFFSET..FOOTER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+        footer[FOOTER_MAGIC_OFFSET..FOOTER_MAGIC_OFFSET + 8].copy_from_slice(&FOOTER_MAGIC);
+        self.out.write_all(&footer).map_err(|e| self.io(e))?;
+        self.written += FOOTER_SIZE as u64;
+        let path = self.path.clone();
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| StorageError::io(&path, e.into_error()))?;
+        file.sync_all().map_err(|e| StorageError::io(&path, e))?;
+        Ok(SealedSummary {
+            rows,
+            min_ts: Timestamp(min_ts),
+            max_ts: Timestamp(max_ts),
+            bytes: self.written,
+        })
     }
-    let rows = offsets.len() as u32;
-    if !raw.is_empty() {
-        flush_block(
-            &mut raw,
-            first_row,
-            rows - first_row,
-            &mut out,
-            &mut written,
-        )?;
-    }
-    let block_index_offset = written;
-    out.write_all(&block_index).map_err(io)?;
-    written += block_index.len() as u64;
-    ids.sort_unstable();
-    let mut id_table = Vec::with_capacity(ids.len() * ID_ENTRY_SIZE);
-    for (hash, row) in &ids {
-        id_table.extend_from_slice(&hash.0.to_le_bytes());
-        id_table.extend_from_slice(&row.to_le_bytes());
-    }
-    let id_table_offset = written;
-    out.write_all(&id_table).map_err(io)?;
-    written += id_table.len() as u64;
-    if rows == 0 {
-        (min_ts, max_ts) = (0, 0);
-    }
-    let mut footer = [0u8; FOOTER_SIZE];
-    footer[FOOTER_ROWS_OFFSET..FOOTER_ROWS_OFFSET + 4].copy_from_slice(&rows.to_le_bytes());
-    footer[FOOTER_BLOCKS_OFFSET..FOOTER_BLOCKS_OFFSET + 4]
-        .copy_from_slice(&((block_index.len() / BLOCK_ENTRY_SIZE) as u32).to_le_bytes());
-    footer[FOOTER_MIN_TS_OFFSET..FOOTER_MIN_TS_OFFSET + 8].copy_from_slice(&min_ts.to_le_bytes());
-    footer[FOOTER_MAX_TS_OFFSET..FOOTER_MAX_TS_OFFSET + 8].copy_from_slice(&max_ts.to_le_bytes());
-    footer[FOOTER_BLOCK_INDEX_OFFSET..FOOTER_BLOCK_INDEX_OFFSET + 8]
-        .copy_from_slice(&block_index_offset.to_le_bytes());
-    footer[FOOTER_ID_TABLE_OFFSET..FOOTER_ID_TABLE_OFFSET + 8]
-        .copy_from_slice(&id_table_offset.to_le_bytes());
-    footer[FOOTER_BLOCK_INDEX_CRC..FOOTER_BLOCK_INDEX_CRC + 4]
-        .copy_from_slice(&crc32c::crc32c(&block_index).to_le_bytes());
-    footer[FOOTER_ID_TABLE_CRC..FOOTER_ID_TABLE_CRC + 4]
-        .copy_from_slice(&crc32c::crc32c(&id_table).to_le_bytes());
-    footer[FOOTER_DICT_CRC..FOOTER_DICT_CRC + 4]
-        .copy_from_slice(&crc32c::crc32c(&dict).to_le_bytes());
-    let crc = crc32c::crc32c(&footer[..FOOTER_CRC_OFFSET]);
-    footer[FOOTER_CRC_OFFSET..FOOTER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
-    footer[FOOTER_MAGIC_OFFSET..FOOTER_MAGIC_OFFSET + 8].copy_from_slice(&FOOTER_MAGIC);
-    out.write_all(&footer).map_err(io)?;
-    written += FOOTER_SIZE as u64;
-    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    Ok(SealedSummary {
-        rows,
-        min_ts: Timestamp(min_ts),
-        max_ts: Timestamp(max_ts),
-        bytes: written,
-    })
 }
 
 thread_local! {
@@ -434,6 +588,8 @@ pub struct SealedSegment {
     id_table_offset: usize,
     id_table_crc: u32,
     id_table_checked: OnceLock<Result<(), String>>,
+    /// Offset of the seq table (`FLAG_SEQS`), checked at open.
+    seq_table_offset: Option<usize>,
 }
 
 impl std::fmt::Debug for SealedSegment {
@@ -456,7 +612,8 @@ impl SealedSegment {
     fn from_map(map: Mmap, id: u64) -> Result<SealedSegment, StorageError> {
         let bad = |offset: usize, reason: &str| StorageError::corrupted(id, offset as u64, reason);
         let bytes: &[u8] = &map;
-        let (compression, dict_len) = decode_header(bytes, SEG_MAGIC, id).map_err(|r| bad(0, r))?;
+        let (compression, dict_len, flags) =
+            decode_header_flags(bytes, SEG_MAGIC, id).map_err(|r| bad(0, r))?;
         let data_start = HEADER_SIZE + dict_len as usize;
         if bytes.len() < data_start + FOOTER_SIZE {
             return Err(bad(bytes.len(), "file shorter than header and footer"));
@@ -476,12 +633,37 @@ impl SealedSegment {
         let block_index_end = block_index_offset
             .checked_add(block_count * BLOCK_ENTRY_SIZE)
             .ok_or_else(|| bad(footer_at, "block index overflows"))?;
+        let id_table_end = id_table_offset
+            .checked_add(rows as usize * ID_ENTRY_SIZE)
+            .ok_or_else(|| bad(footer_at, "id table overflows"))?;
+        let seq_table_len = if flags & FLAG_SEQS != 0 {
+            rows as usize * 4 + 4
+        } else {
+            0
+        };
         if block_index_end != id_table_offset
-            || id_table_offset + rows as usize * ID_ENTRY_SIZE != footer_at
+            || id_table_end.checked_add(seq_table_len) != Some(footer_at)
             || block_index_offset < data_start
         {
             return Err(bad(footer_at, "footer sections do not tile the file"));
         }
+        let seq_table_offset = if flags & FLAG_SEQS != 0 {
+            let table = &bytes[id_table_end..footer_at - 4];
+            if crc32c::crc32c(table) != read_u32(bytes, footer_at - 4) {
+                return Err(bad(id_table_end, "seq table checksum mismatch"));
+            }
+            let mut last: Option<u32> = None;
+            for (i, s) in table.chunks_exact(4).enumerate() {
+                let s = read_u32(s, 0);
+                if last.is_some_and(|l| s <= l) {
+                    return Err(bad(id_table_end + i * 4, "seq table out of order"));
+                }
+                last = Some(s);
+            }
+            Some(id_table_end)
+        } else {
+            None
+        };
         let index_bytes = &bytes[block_index_offset..block_index_end];
         if crc32c::crc32c(index_bytes) != read_u32(footer, FOOTER_BLOCK_INDEX_CRC) {
             return Err(bad(block_index_offset, "block index checksum mismatch"));
@@ -540,6 +722,7 @@ impl SealedSegment {
             id_table_offset,
             id_table_crc: read_u32(footer, FOOTER_ID_TABLE_CRC),
             id_table_checked: OnceLock::new(),
+            seq_table_offset,
             map,
         })
     }
@@ -550,6 +733,33 @@ impl SealedSegment {
         self
     }
 
+    /// The seq table: one little-endian u32 per row, the row's arrival
+    /// number relative to `first_seq`; `None` when rows are arrival-dense
+    /// (row r arrived as `first_seq + r`).
+    pub fn seq_table(&self) -> Option<&[u8]> {
+        self.seq_table_offset
+            .map(|at| &self.map[at..at + self.rows as usize * 4])
+    }
+
+    /// The arrival number of `row` relative to `first_seq`.
+    pub fn seq_offset(&self, row: u32) -> u32 {
+        match self.seq_table() {
+            Some(t) => t
+                .get(row as usize * 4..row as usize * 4 + 4)
+                .map_or(row, |b| read_u32(b, 0)),
+            None => row,
+        }
+    }
+
+    /// How many arrival numbers the segment spans from `first_seq` (its
+    /// rows, plus the holes compaction left).
+    pub fn seq_span(&self) -> u64 {
+        match self.rows {
+            0 => 0,
+            n => u64::from(self.seq_offset(n - 1)) + 1,
+        }
+    }
+
     /// Bytes of the file.
     pub fn file_bytes(&self) -> u64 {
         self.map.len() as u64
@@ -557,6 +767,13 @@ impl SealedSegment {
 
     pub fn block_count(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// Compressed bytes of block `index` (0 when out of range).
+    pub fn block_compressed_len(&self, index: usize) -> u64 {
+        self.blocks
+            .get(index)
+            .map_or(0, |b| u64::from(b.compressed_len))
     }
 
     /// Decompresses block `index` and checks its checksum.
@@ -703,6 +920,17 @@ impl Block {
 
     pub fn rows(&self) -> u32 {
         self.offsets.len() as u32
+    }
+
+    /// The whole frame of `row` (a segment row number), as the log held it.
+    pub fn frame(&self, row: u32) -> Option<&[u8]> {
+        let i = row.checked_sub(self.first_row)? as usize;
+        let start = *self.offsets.get(i)? as usize;
+        let end = self
+            .offsets
+            .get(i + 1)
+            .map_or(self.raw.len(), |&e| e as usize);
+        self.raw.get(start..end)
     }
 
     /// The block's frames, back to back.

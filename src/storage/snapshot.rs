@@ -142,7 +142,7 @@ impl Log {
             summary.segments.push(o.id);
             summary.rows += offsets.len() as u64;
         }
-        let active_id = set.active.id + 1;
+        let active_id = set.max_id() + 1;
         create_log(dest, active_id)?;
         metas.push((
             active_id,
@@ -172,7 +172,7 @@ impl Log {
             }
         }
         if !deleted.is_empty() {
-            catalog.add_tombstones(&deleted)?;
+            catalog.add_tombstones(&deleted, crate::event::Timestamp::now().as_micros())?;
         }
         drop(catalog);
         sync_dir(dest).map_err(io(dest))?;

@@ -373,7 +373,7 @@ impl Writer {
     fn roll(&mut self) -> Result<(), StorageError> {
         self.sync()?;
         let old = self.active.clone();
-        let next_id = old.id + 1;
+        let next_id = self.shared.take_id();
         let next_first_seq = old.first_seq + u64::from(self.rows);
         create_log(&self.shared.dir, next_id)?;
         let (min_ts_us, max_ts_us) = {
@@ -531,7 +531,7 @@ fn try_seal(shared: &Arc<Shared>, open: &Arc<OpenSegment>) -> Result<(), Storage
         let mut new_set = SegmentSet::clone(&set);
         new_set.sealing.retain(|s| s.id != open.id);
         new_set.sealed.push(sealed);
-        new_set.sealed.sort_by_key(|s| s.id);
+        new_set.sealed.sort_by_key(|s| s.first_seq);
         *set = Arc::new(new_set);
     }
     drop(map);

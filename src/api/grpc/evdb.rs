@@ -27,6 +27,8 @@ pub struct EvdbService {
     pub limiter: Option<Arc<crate::api::ratelimit::RateLimiter>>,
     /// Turns true when the daemon shuts down (ends tails).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Retention and compaction, for `Compact`.
+    pub policies: Arc<crate::maintenance::Policies>,
 }
 
 fn severity_in(v: i32, field: &'static str) -> Result<Option<Severity>, Invalid> {
@@ -413,6 +415,38 @@ impl pb::evdb_server::Evdb for EvdbService {
             }
         };
         Ok(Response::new(pb::DeleteResponse { deleted }))
+    }
+
+    async fn compact(
+        &self,
+        request: Request<pb::CompactRequest>,
+    ) -> Result<Response<pb::CompactResponse>, Status> {
+        let force = request.into_inner().now;
+        let policies = self.policies.clone();
+        let metrics = self.metrics.clone();
+        let report = blocking(self.db.clone(), move |db| {
+            db.maintain(&policies, crate::Timestamp::now(), force, |_| {})
+                .map_err(status)
+        })
+        .await?;
+        if let Some(r) = &report.retention {
+            metrics.record_retention(r);
+        }
+        metrics.record_compaction(&report.compaction);
+        let c = &report.compaction;
+        Ok(Response::new(pb::CompactResponse {
+            retention: report.retention.as_ref().map(|r| pb::RetentionReport {
+                segments_dropped: r.segments_dropped as u64,
+                events_deleted: r.events_deleted,
+                bytes_freed: r.bytes_freed,
+            }),
+            segments_in: c.segments_in as u64,
+            segments_out: c.segments_out as u64,
+            events_removed: c.events_removed,
+            bytes_before: c.bytes_before,
+            bytes_after: c.bytes_after,
+            elapsed_ms: c.elapsed_ms,
+        }))
     }
 
     type TailStream = TailStream;

@@ -33,6 +33,7 @@ pub fn status(e: DbError) -> Status {
         DbError::TooLarge(invalid) => {
             Status::resource_exhausted(format!("{}: {}", invalid.field, invalid.reason))
         }
+        DbError::Unavailable(why) => Status::unavailable(why),
         other => Status::internal(other.to_string()),
     }
 }
@@ -64,7 +65,15 @@ pub async fn blocking<T: Send + 'static>(
 pub async fn watch_health(db: Arc<Db>, reporter: tonic_health::server::HealthReporter) {
     let mut serving = true;
     loop {
-        let ok = db.log().poisoned().is_none();
+        let ok = {
+            let db = db.clone();
+            tokio::task::spawn_blocking(move || {
+                db.free_bytes();
+                db.writes_refused().is_none()
+            })
+            .await
+            .unwrap_or(false)
+        };
         if ok != serving {
             serving = ok;
             let status = if ok {
@@ -102,6 +111,7 @@ const METHODS: &[&str] = &[
     "/evdb.v1.Evdb/Query",
     "/evdb.v1.Evdb/Stats",
     "/evdb.v1.Evdb/Delete",
+    "/evdb.v1.Evdb/Compact",
     "/evdb.v1.Evdb/Tail",
 ];
 

@@ -35,6 +35,46 @@ fn info_json(s: &SnapshotInfo) -> serde_json::Value {
     })
 }
 
+/// `POST /admin/compact[?now=true]`: retention (when configured), then
+/// compaction; `now` rewrites every segment with a deleted event now.
+pub async fn compact(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    let mut force = false;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match (k.as_ref(), v.as_ref()) {
+            ("now", "true" | "1" | "") => force = true,
+            ("now", "false" | "0") => force = false,
+            ("now", other) => {
+                return Err(ApiError::bad_request(
+                    "now",
+                    format!("now: {other:?} is not true or false"),
+                ));
+            }
+            (other, _) => {
+                return Err(ApiError::bad_request(
+                    "query",
+                    format!("unknown parameter {other:?} (only now)"),
+                ));
+            }
+        }
+    }
+    let db = state.db.clone();
+    let policies = state.policies.clone();
+    let metrics = state.metrics.clone();
+    blocking(move || {
+        let report = db.maintain(&policies, crate::Timestamp::now(), force, |_| {})?;
+        if let Some(r) = &report.retention {
+            metrics.record_retention(r);
+        }
+        metrics.record_compaction(&report.compaction);
+        let body = serde_json::to_string(&report).map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(json_text(StatusCode::OK, body))
+    })
+    .await
+}
+
 pub async fn create(State(state): State<AppState>) -> Result<Response, ApiError> {
     let db = state.db.clone();
     blocking(move || {

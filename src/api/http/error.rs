@@ -118,6 +118,11 @@ impl From<DbError> for ApiError {
                 format!("{}: {}", invalid.field, invalid.reason),
             )
             .with_field(invalid.field),
+            DbError::Unavailable(why) => {
+                let mut out = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why);
+                out.retry_after_s = Some(10);
+                out
+            }
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Per-source rate limits (None: none).
     pub limiter: Option<Arc<crate::api::ratelimit::RateLimiter>>,
+    /// Retention and compaction, for `POST /admin/compact`.
+    pub policies: Arc<crate::maintenance::Policies>,
 }
 
 impl AppState {
@@ -67,6 +69,7 @@ impl AppState {
                 shutdown: rx,
                 auth,
                 limiter: None,
+                policies: Arc::default(),
             },
             tx,
         )
@@ -86,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .route("/events/stream", get(tail::stream))
         .route("/events/correlation/{id}", get(correlation))
         .route("/events/{event_id}", get(get_event).delete(delete_event))
+        .route("/admin/compact", post(admin::compact))
         .route("/admin/snapshots", post(admin::create).get(admin::list))
         .route(
             "/admin/snapshots/{id}",
@@ -454,7 +458,8 @@ async fn delete_before(
 async fn health(State(state): State<AppState>) -> Response {
     let db = &state.db;
     let total = db.len();
-    let poisoned = db.log().poisoned();
+    let free = db.free_bytes();
+    let poisoned = db.writes_refused();
     let healthy = poisoned.is_none();
     let status = if healthy { "healthy" } else { "unhealthy" };
     let mut body = serde_json::json!({
@@ -474,10 +479,13 @@ async fn health(State(state): State<AppState>) -> Response {
             "db_path": state.data_dir.display().to_string(),
             "total_events": total,
             "segments": db.log().segments().iter().count(),
+            "accepting_writes": healthy,
+            "free_bytes": free,
+            "min_free_bytes": db.config().min_free_bytes,
         },
     });
     let code = if let Some(why) = poisoned {
-        body["error"] = format!("the store refuses writes: {why}").into();
+        body["error"] = why.into();
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK

@@ -1,0 +1,360 @@
+//! Compaction: rewrite sealed segments without their deleted rows, and
+//! merge runs of small ones.
+//!
+//! Three steps, so that a crash anywhere leaves a consistent directory:
+//! 1. [`Log::compact_write`] writes and fsyncs the new segment under a
+//!    fresh id (and, through the seal hook, its index); nothing visible
+//!    changes, and recovery removes the file if no commit follows.
+//! 2. [`Log::compact_swap`] replaces the inputs by the new segment in one
+//!    redb transaction, then in the segment set readers take.
+//! 3. [`Log::compact_unlink`] removes the inputs' files; readers that
+//!    still hold an input keep reading their mapping safely.
+//!
+//! Rows keep their arrival numbers: the new segment starts at the first
+//! input's `first_seq` and, when its rows are not arrival-dense, carries a
+//! seq table (`docs/format.md`), so cursors and ordering never move.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use roaring::RoaringBitmap;
+
+use super::catalog::{SegmentMeta, SegmentState};
+use super::dir::sync_dir;
+use super::segment::{self, SealedSegment, SealedWriter};
+use super::{Log, SegmentSet, StorageError};
+
+/// One input of a compaction: a sealed segment and the rows to leave out.
+#[derive(Clone, Debug)]
+pub struct CompactInput {
+    pub segment: Arc<SealedSegment>,
+    pub drop: RoaringBitmap,
+}
+
+/// A written, not yet visible, compacted segment.
+#[derive(Debug)]
+pub struct Compacted {
+    /// The new segment; `None` when no row survived.
+    pub sealed: Option<Arc<SealedSegment>>,
+    pub inputs: Vec<CompactInput>,
+    /// Compressed bytes read from the inputs.
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl Compacted {
+    pub fn input_ids(&self) -> Vec<u64> {
+        self.inputs.iter().map(|i| i.segment.id).collect()
+    }
+
+    pub fn rows_removed(&self) -> u64 {
+        self.inputs.iter().map(|i| i.drop.len()).sum()
+    }
+
+    /// The new segment's rows for rows of the inputs deleted since the
+    /// write began (`late`, in the inputs' numbering).
+    pub fn renumber(&self, late: &[(u64, RoaringBitmap)]) -> RoaringBitmap {
+        let mut out = RoaringBitmap::new();
+        let mut base = 0u32;
+        for input in &self.inputs {
+            if let Some((_, rows)) = late.iter().find(|(id, _)| *id == input.segment.id) {
+                for row in rows.iter() {
+                    if row < input.segment.rows && !input.drop.contains(row) {
+                        // Rows before `row` that were left out.
+                        let before = input.drop.rank(row) as u32;
+                        out.insert(base + row - before);
+                    }
+                }
+            }
+            base += input.segment.rows - input.drop.len() as u32;
+        }
+        out
+    }
+}
+
+/// Limits the rate at which compaction reads, so that it never starves
+/// ingest of disk bandwidth: after each block it sleeps as long as needed
+/// to stay at or under `bytes_per_sec` (0: no limit).
+#[derive(Debug)]
+pub struct Throttle {
+    bytes_per_sec: u64,
+    started: Instant,
+    bytes: u64,
+}
+
+impl Throttle {
+    pub fn new(bytes_per_sec: u64) -> Throttle {
+        Throttle {
+            bytes_per_sec,
+            started: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn account(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_sec as f64);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
+}
+
+/// Whether `inputs` may become one segment: adjacent in arrival order
+/// (each starts where the previous one's arrival numbers ended, holes
+/// included) and spanning fewer than 2^32 arrival numbers.
+pub fn can_merge(set: &SegmentSet, inputs: &[Arc<SealedSegment>]) -> bool {
+    let Some(first) = inputs.first() else {
+        return false;
+    };
+    let positions: Option<Vec<usize>> = inputs
+        .iter()
+        .map(|s| set.sealed.iter().position(|x| x.id == s.id))
+        .collect();
+    let Some(positions) = positions else {
+        return false;
+    };
+    if positions.windows(2).any(|w| w[1] != w[0] + 1) {
+        return false;
+    }
+    let last = &inputs[inputs.len() - 1];
+    last.first_seq + last.seq_span() - first.first_seq <= u64::from(u32::MAX)
+}
+
+impl Log {
+    /// Step 1: writes the compacted segment of `inputs` (adjacent sealed
+    /// segments, see [`can_merge`]) and fsyncs it and its directory. The
+    /// seal hook builds its index. Nothing readers see changes.
+    pub fn compact_write(
+        &self,
+        inputs: Vec<CompactInput>,
+        throttle: &mut Throttle,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Compacted, StorageError> {
+        self.shared.check_poisoned()?;
+        let segs: Vec<Arc<SealedSegment>> = inputs.iter().map(|i| i.segment.clone()).collect();
+        if !can_merge(&self.segments(), &segs) {
+            return Err(StorageError::Config(
+                "compaction inputs are not adjacent sealed segments".into(),
+            ));
+        }
+        let kept: u64 = inputs
+            .iter()
+            .map(|i| u64::from(i.segment.rows).saturating_sub(i.drop.len()))
+            .sum();
+        let bytes_in: u64 = inputs.iter().map(|i| i.segment.file_bytes()).sum();
+        if kept == 0 {
+            return Ok(Compacted {
+                sealed: None,
+                inputs,
+                bytes_read: 0,
+                bytes_written: 0,
+            });
+        }
+        let first_seq = inputs[0].segment.first_seq;
+        // Arrival-dense output: nothing left out, no holes, no gaps.
+        let dense = inputs
+            .iter()
+            .all(|i| i.drop.is_empty() && i.segment.seq_table().is_none())
+            && inputs.windows(2).all(|w| {
+                w[0].segment.first_seq + u64::from(w[0].segment.rows) == w[1].segment.first_seq
+            });
+        let id = self.shared.take_id();
+        let path = self.shared.seg_path(id);
+        let written = self.write_compacted(
+            id,
+            &inputs,
+            first_seq,
+            dense,
+            bytes_in,
+            throttle,
+            &mut progress,
+        );
+        let (sealed, bytes_read, summary_bytes) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                // Not named by the catalog: garbage either way, but do not
+                // leave it taking space until the next start.
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        // Invariant: every kept row, no other, in arrival order.
+        assert_eq!(
+            u64::from(sealed.rows),
+            kept,
+            "compaction lost or gained rows"
+        );
+        Ok(Compacted {
+            sealed: Some(sealed),
+            inputs,
+            bytes_read,
+            bytes_written: summary_bytes,
+        })
+    }
+
+    /// Writes, fsyncs and indexes the compacted segment `id`.
+    #[allow(clippy::too_many_arguments)]
+    fn write_compacted(
+        &self,
+        id: u64,
+        inputs: &[CompactInput],
+        first_seq: u64,
+        dense: bool,
+        bytes_in: u64,
+        throttle: &mut Throttle,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<(Arc<SealedSegment>, u64, u64), StorageError> {
+        let path = self.shared.seg_path(id);
+        let dict = match self.shared.config.compression {
+            segment::Compression::ZstdDict => self.sample_dictionary(inputs)?,
+            _ => None,
+        };
+        let mut writer = SealedWriter::create(
+            &path,
+            id,
+            self.shared.config.compression,
+            dict,
+            self.shared.config.block_size_bytes,
+            !dense,
+        )?;
+        let mut bytes_read = 0u64;
+        for input in inputs {
+            let seg = &input.segment;
+            let shift = seg.first_seq - first_seq;
+            for b in 0..seg.block_count() {
+                let block = seg.read_block(b)?;
+                let block_bytes = seg.block_compressed_len(b);
+                for row in block.first_row..block.first_row + block.rows() {
+                    if input.drop.contains(row) {
+                        continue;
+                    }
+                    let frame = block.frame(row).ok_or_else(|| {
+                        StorageError::corrupted(seg.id, 0, "row missing from its block")
+                    })?;
+                    let seq = shift + u64::from(seg.seq_offset(row));
+                    let seq = u32::try_from(seq).map_err(|_| {
+                        StorageError::corrupted(seg.id, 0, "compaction spans too many rows")
+                    })?;
+                    writer.push(frame, seq)?;
+                }
+                bytes_read += block_bytes;
+                throttle.account(block_bytes);
+                progress(bytes_read.min(bytes_in));
+            }
+        }
+        let summary = writer.finish()?;
+        sync_dir(&self.shared.segments_dir()).map_err(|e| StorageError::io(&path, e))?;
+        let sealed = Arc::new(SealedSegment::open(&path, id)?.with_first_seq(first_seq));
+        if let Some(hook) = &self.shared.hook {
+            hook.sealed(&sealed).map_err(|reason| StorageError::Hook {
+                segment: id,
+                reason,
+            })?;
+        }
+        Ok((sealed, bytes_read, summary.bytes))
+    }
+
+    /// A dictionary trained on frames of a few blocks spread over the
+    /// inputs (the rows kept), like sealing trains one on its log.
+    fn sample_dictionary(&self, inputs: &[CompactInput]) -> Result<Option<Vec<u8>>, StorageError> {
+        const SAMPLE_BLOCKS: usize = 32;
+        let blocks: Vec<(usize, usize)> = inputs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, input)| (0..input.segment.block_count()).map(move |b| (i, b)))
+            .collect();
+        let step = blocks.len().div_ceil(SAMPLE_BLOCKS).max(1);
+        let mut frames: Vec<Vec<u8>> = Vec::new();
+        for &(i, b) in blocks.iter().step_by(step) {
+            let input = &inputs[i];
+            let block = input.segment.read_block(b)?;
+            for row in block.first_row..block.first_row + block.rows() {
+                if frames.len() >= segment::DICT_SAMPLES_MAX {
+                    break;
+                }
+                if !input.drop.contains(row)
+                    && let Some(f) = block.frame(row)
+                {
+                    frames.push(f.to_vec());
+                }
+            }
+        }
+        let samples: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        Ok(segment::train_dictionary_on(&samples))
+    }
+
+    /// Step 2: replaces the inputs by the compacted segment in the catalog
+    /// (one durable transaction, with `deleted` as its tombstones) and then
+    /// in the set readers take. Returns the inputs' ids.
+    pub fn compact_swap(
+        &self,
+        compacted: &Compacted,
+        deleted: &RoaringBitmap,
+        now_us: i64,
+    ) -> Result<Vec<u64>, StorageError> {
+        self.shared.check_poisoned()?;
+        let removed = compacted.input_ids();
+        let set = self.segments();
+        if removed
+            .iter()
+            .any(|id| !set.sealed.iter().any(|s| s.id == *id))
+        {
+            return Err(StorageError::Config(
+                "a compaction input left the store meanwhile".into(),
+            ));
+        }
+        match &compacted.sealed {
+            Some(new) => {
+                let meta = SegmentMeta {
+                    state: SegmentState::Sealed,
+                    first_seq: new.first_seq,
+                    rows: new.rows,
+                    min_ts_us: new.min_ts.as_micros(),
+                    max_ts_us: new.max_ts.as_micros(),
+                    bytes: new.file_bytes(),
+                };
+                self.shared
+                    .catalog
+                    .swap_compacted(&removed, new.id, &meta, deleted, now_us)?;
+            }
+            None => {
+                let changes: Vec<(u64, Option<SegmentMeta>)> =
+                    removed.iter().map(|id| (*id, None)).collect();
+                self.shared.catalog.apply(&changes)?;
+            }
+        }
+        let mut current = self.shared.set.write();
+        let mut next = SegmentSet::clone(&current);
+        next.sealed.retain(|s| !removed.contains(&s.id));
+        if let Some(new) = &compacted.sealed {
+            next.sealed.push(new.clone());
+            next.sealed.sort_by_key(|s| s.first_seq);
+        }
+        *current = Arc::new(next);
+        Ok(removed)
+    }
+
+    /// Step 3: unlinks the files of segments the catalog no longer names.
+    pub fn compact_unlink(&self, removed: &[u64]) -> Result<(), StorageError> {
+        for id in removed {
+            let path = self.shared.seg_path(*id);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io(&path, e)),
+            }
+        }
+        let dir = self.shared.segments_dir();
+        sync_dir(&dir).map_err(|e| StorageError::io(&dir, e))
+    }
+
+    /// When each segment with pending deletions got its oldest one (µs).
+    pub fn deleted_since(&self) -> Result<Vec<(u64, i64)>, StorageError> {
+        self.shared.catalog.deleted_since()
+    }
+}

@@ -1,0 +1,376 @@
+//! Compaction: deleted events' bytes go, small segments merge, order and
+//! cursors hold, a deletion made during a rewrite is carried over, the
+//! deletion bound is honoured under a chosen clock, and it all survives a
+//! reopen. Through the library, the CLI, HTTP and gRPC.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::process::Command;
+
+use evdb::maintenance::{CompactOptions, CompactionPolicy};
+use evdb::query::{Order, Query};
+use evdb::{AppendOutcome, Config, Db, Event, Severity, Timestamp};
+
+fn config() -> Config {
+    let mut c = Config::default();
+    c.storage.block_size_bytes = 2048;
+    c
+}
+
+/// Event `i`: timestamps out of arrival order, every third an error, and
+/// ties (equal timestamps) so that arrival order decides.
+fn event(i: u32) -> Event {
+    let mut e = Event::new(if i.is_multiple_of(2) { "even" } else { "odd" }, "t");
+    e.id = format!("e{i}");
+    e.timestamp = Timestamp(1_000_000 + i64::from((i * 7919) % 500));
+    e.severity = if i.is_multiple_of(3) {
+        Severity::Error
+    } else {
+        Severity::Info
+    };
+    e
+}
+
+/// `n` events in `segments` sealed segments.
+fn store(dir: &std::path::Path, n: u32, segments: u32) -> Db {
+    let db = Db::open(dir, config()).unwrap();
+    let per = n / segments;
+    for s in 0..segments {
+        db.append_batch((s * per..(s + 1) * per).map(event).collect())
+            .unwrap();
+        db.seal().unwrap();
+    }
+    db
+}
+
+fn ids(db: &Db, q: &Query) -> Vec<String> {
+    let mut q = q.clone();
+    q.limit = 1000;
+    let mut out = Vec::new();
+    loop {
+        let page = db.query(&q).unwrap();
+        out.extend(page.events.into_iter().map(|e| e.id));
+        match page.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => return out,
+        }
+    }
+}
+
+fn seg_bytes(db: &Db) -> u64 {
+    db.log()
+        .segments()
+        .sealed
+        .iter()
+        .map(|s| s.file_bytes())
+        .sum()
+}
+
+fn force() -> CompactOptions {
+    CompactOptions {
+        force: true,
+        ..CompactOptions::default()
+    }
+}
+
+#[test]
+fn compaction_removes_deleted_bytes_and_keeps_every_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store(dir.path(), 3000, 3);
+    let asc = Query {
+        order: Order::Asc,
+        ..Query::default()
+    };
+    let desc = Query::default();
+    let errors = Query {
+        severity: Some(Severity::Error),
+        ..Query::default()
+    };
+    let deleted = db.delete_matching(&errors).unwrap();
+    assert_eq!(deleted, 1000);
+    let (want_asc, want_desc) = (ids(&db, &asc), ids(&db, &desc));
+    let want_stats = db.stats(&Query::default()).unwrap();
+    let before = seg_bytes(&db);
+
+    let report = db.compact(&force(), |_| {}).unwrap();
+    assert_eq!(report.segments_in, 3);
+    assert_eq!(report.events_removed, 1000);
+    assert!(report.bytes_after < report.bytes_before);
+    assert!(seg_bytes(&db) < before * 3 / 4, "a third of the rows went");
+    assert_eq!(db.log().segments().total_rows(), 2000, "the rows are gone");
+
+    assert_eq!(ids(&db, &asc), want_asc);
+    assert_eq!(ids(&db, &desc), want_desc);
+    assert_eq!(db.stats(&Query::default()).unwrap(), want_stats);
+    assert!(db.get("e0").unwrap().is_none());
+    assert!(db.get("e1").unwrap().is_some());
+    // Nothing left to do.
+    assert_eq!(db.compact(&force(), |_| {}).unwrap().segments_in, 0);
+
+    // The deleted ids are free again.
+    assert!(matches!(
+        db.append(event(0)).unwrap(),
+        AppendOutcome::Stored(_)
+    ));
+    db.close().unwrap();
+    drop(db);
+
+    let db = Db::open(dir.path(), config()).unwrap();
+    assert_eq!(db.stats(&Query::default()).unwrap().total, 2001);
+    assert!(db.get("e3").unwrap().is_none());
+    assert!(db.get("e0").unwrap().is_some());
+    let mut again = ids(&db, &desc);
+    again.retain(|id| id != "e0");
+    assert_eq!(again, want_desc);
+}
+
+#[test]
+fn a_deletion_made_during_the_rewrite_is_carried_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store(dir.path(), 2000, 2);
+    assert!(db.delete("e5").unwrap());
+    let mut deleted_midway = false;
+    let report = db
+        .compact(&force(), |p| {
+            if p.bytes_done > 0 && !deleted_midway {
+                // e1500 lives in the second input, not yet left out.
+                assert!(db.delete("e1500").unwrap());
+                assert!(db.delete("e7").unwrap());
+                deleted_midway = true;
+            }
+        })
+        .unwrap();
+    assert!(deleted_midway);
+    assert_eq!(
+        report.events_removed, 1,
+        "only e5 was deleted when it began"
+    );
+    for id in ["e5", "e1500", "e7"] {
+        assert!(db.get(id).unwrap().is_none(), "{id} came back");
+    }
+    assert_eq!(db.stats(&Query::default()).unwrap().total, 1997);
+    db.close().unwrap();
+    drop(db);
+    let db = Db::open(dir.path(), config()).unwrap();
+    for id in ["e5", "e1500", "e7"] {
+        assert!(db.get(id).unwrap().is_none(), "{id} came back after reopen");
+    }
+    assert_eq!(db.stats(&Query::default()).unwrap().total, 1997);
+    // The next compaction removes the late ones too.
+    assert_eq!(db.compact(&force(), |_| {}).unwrap().events_removed, 2);
+    assert_eq!(db.stats(&Query::default()).unwrap().total, 1997);
+}
+
+#[test]
+fn small_segments_merge_and_cursors_hold_across_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store(dir.path(), 600, 12);
+    assert_eq!(db.log().segments().sealed.len(), 12);
+    let q = Query {
+        limit: 50,
+        order: Order::Asc,
+        ..Query::default()
+    };
+    let want = ids(&db, &q);
+    // First page, then a merge, then the rest of the pages.
+    let first = db.query(&q).unwrap();
+    let report = db.compact(&CompactOptions::default(), |_| {}).unwrap();
+    assert_eq!((report.segments_in, report.segments_out), (12, 1));
+    assert_eq!(db.log().segments().sealed.len(), 1);
+    let mut got: Vec<String> = first.events.into_iter().map(|e| e.id).collect();
+    let mut q2 = q.clone();
+    q2.cursor = first.next_cursor;
+    while let Some(c) = q2.cursor.take() {
+        q2.cursor = Some(c);
+        let page = db.query(&q2).unwrap();
+        got.extend(page.events.into_iter().map(|e| e.id));
+        q2.cursor = page.next_cursor;
+    }
+    assert_eq!(got, want, "no event repeated or skipped");
+}
+
+#[test]
+fn the_deletion_bound_decides_under_a_chosen_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store(dir.path(), 1000, 1);
+    assert!(db.delete("e1").unwrap());
+    let policy = CompactionPolicy {
+        small_segment_bytes: 0,
+        ..CompactionPolicy::default()
+    };
+    // 0.1 % deleted, deleted just now: nothing to do yet.
+    let now = CompactOptions {
+        policy: policy.clone(),
+        now: Timestamp::now(),
+        force: false,
+    };
+    assert_eq!(db.compact(&now, |_| {}).unwrap().segments_in, 0);
+    // A day and a bit later the bound (24 h) has passed.
+    let later = CompactOptions {
+        now: Timestamp(Timestamp::now().as_micros() + 25 * 3600 * 1_000_000),
+        ..now
+    };
+    let report = db.compact(&later, |_| {}).unwrap();
+    assert_eq!((report.segments_in, report.events_removed), (1, 1));
+    // A fraction over the threshold goes at once.
+    let q = Query {
+        sources: vec!["odd".into()],
+        ..Query::default()
+    };
+    db.delete_matching(&q).unwrap();
+    let report = db
+        .compact(
+            &CompactOptions {
+                policy,
+                now: Timestamp::now(),
+                force: false,
+            },
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(report.events_removed, 499);
+}
+
+#[test]
+fn a_fully_deleted_segment_is_dropped_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store(dir.path(), 200, 2);
+    let first: Vec<u64> = db.log().segments().sealed.iter().map(|s| s.id).collect();
+    for i in 0..100 {
+        assert!(db.delete(&format!("e{i}")).unwrap());
+    }
+    let no_merge = CompactOptions {
+        policy: CompactionPolicy {
+            small_segment_bytes: 0,
+            ..CompactionPolicy::default()
+        },
+        ..force()
+    };
+    let report = db.compact(&no_merge, |_| {}).unwrap();
+    assert_eq!((report.segments_in, report.segments_out), (1, 0));
+    let now: Vec<u64> = db.log().segments().sealed.iter().map(|s| s.id).collect();
+    assert_eq!(now, vec![first[1]]);
+    assert_eq!(db.stats(&Query::default()).unwrap().total, 100);
+}
+
+#[test]
+fn evdb_compact_now_on_a_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        let db = store(&data, 300, 3);
+        db.delete_matching(&Query {
+            severity: Some(Severity::Error),
+            ..Query::default()
+        })
+        .unwrap();
+        db.close().unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_evdb"))
+        .args(["compact", "--now", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["compaction"]["events_removed"], 100);
+    assert_eq!(v["compaction"]["segments_out"], 1);
+    assert!(v["retention"].is_null());
+    let out = Command::new(env!("CARGO_BIN_EXE_evdb"))
+        .args(["verify", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let db = Db::open(&data, config()).unwrap();
+    assert_eq!(db.stats(&Query::default()).unwrap().total, 200);
+}
+
+#[tokio::test]
+async fn compact_over_http_and_grpc() {
+    use evdb::api::proto::evdb::v1 as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let client = reqwest::Client::new();
+    {
+        let mut d = common::Daemon::start_in(&data, &[]);
+        let events: Vec<serde_json::Value> = (0..50)
+            .map(|i| serde_json::json!({"event_id": format!("x{i}"), "source_system": "s", "event_type": "t"}))
+            .collect();
+        let r = client
+            .post(d.url("/events/batch"))
+            .json(&events)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        // A clean stop seals the segment.
+        tokio::task::spawn_blocking(move || d.stop()).await.unwrap();
+    }
+    let mut d = common::Daemon::start_in(&data, &[]);
+    let r = client.delete(d.url("/events/x3")).send().await.unwrap();
+    assert!(r.status().is_success());
+    let r = client
+        .post(d.url("/admin/compact?now=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["compaction"]["segments_in"], 1, "{v}");
+    assert_eq!(v["compaction"]["events_removed"], 1, "{v}");
+    let r = client
+        .post(d.url("/admin/compact?now=maybe"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("now"), "{v}");
+
+    let r = client.delete(d.url("/events/x4")).send().await.unwrap();
+    assert!(r.status().is_success());
+    let mut grpc = pb::evdb_client::EvdbClient::connect(format!("http://{}", d.grpc))
+        .await
+        .unwrap();
+    let r = grpc
+        .compact(pb::CompactRequest { now: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.segments_in, r.events_removed), (1, 1));
+    assert!(r.retention.is_none());
+    drop(grpc);
+    for id in ["x3", "x4"] {
+        let r = client
+            .get(d.url(&format!("/events/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
+    let r = client.get(d.url("/events/x5")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = client
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("evdb_compaction_events_removed_total 2"),
+        "{text}"
+    );
+    tokio::task::spawn_blocking(move || d.stop()).await.unwrap();
+}
