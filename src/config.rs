@@ -748,6 +748,8 @@ mod tests {
         assert!(c.rate_limit.is_some());
         assert!(!c.http.ip().is_loopback());
         assert_eq!(c.numeric_fields, ["/latency_ms"]);
+        assert_eq!(c.retention.unwrap().policy.max_bytes, Some(20 << 30));
+        assert_eq!(c.min_free_bytes, 1 << 30);
     }
 
     #[test]
@@ -803,5 +805,76 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("--insecure-listen"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("x", "1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("x", "64KiB").unwrap(), 64 << 10);
+        assert_eq!(parse_bytes("x", "10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_bytes("x", "500MB").unwrap(), 500_000_000);
+        for bad in ["", "MiB", "10 parsecs", "-1GiB", "99999999999TiB"] {
+            assert!(parse_bytes("x", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn retention_compaction_and_the_floor() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evdb.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            ServeConfig::resolve(ServeArgs {
+                config: Some(path.clone()),
+                ..ServeArgs::default()
+            })
+        };
+        let c = resolve("").unwrap();
+        assert_eq!(c.retention, None);
+        assert_eq!(
+            c.compaction.policy,
+            crate::maintenance::CompactionPolicy::default()
+        );
+        assert!(c.compaction.enabled);
+        assert_eq!(c.min_free_bytes, MIN_FREE_BYTES_DEFAULT);
+        let c = resolve(
+            "[retention]\nmax_bytes = \"2GiB\"\n[retention.sources]\naudit = \"365d\"\n\
+             [compaction]\ndeleted_ratio = 0.5\ndeleted_max_age = \"1h\"\nio_limit = \"64MiB\"\nenabled = false\n\
+             [storage]\nmin_free_bytes = 0\n",
+        )
+        .unwrap();
+        let r = c.retention.unwrap();
+        assert_eq!(r.policy.max_age, None);
+        assert_eq!(r.policy.max_bytes, Some(2 << 30));
+        assert_eq!(r.policy.sources["audit"], Duration::from_secs(365 * 86_400));
+        assert_eq!(c.compaction.policy.deleted_ratio, 0.5);
+        assert_eq!(
+            c.compaction.policy.deleted_max_age,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(c.compaction.policy.io_bytes_per_sec, 64 << 20);
+        assert!(!c.compaction.enabled);
+        assert_eq!(c.min_free_bytes, 0);
+        for (bad, names) in [
+            ("[retention]\n", "retention"),
+            ("[retention]\nmax_bytes = \"lots\"\n", "retention.max_bytes"),
+            (
+                "[retention.sources]\naudit = \"forever\"\n",
+                "retention.sources.audit",
+            ),
+            (
+                "[compaction]\ndeleted_ratio = 0\n",
+                "compaction.deleted_ratio",
+            ),
+            (
+                "[compaction]\nmax_segment_bytes = 0\n",
+                "compaction.max_segment_bytes",
+            ),
+            ("[storage]\nmin_free = 1\n", "min_free"),
+        ] {
+            let err = resolve(bad).unwrap_err().to_string();
+            assert!(err.contains(names), "{bad}: {err}");
+        }
     }
 }

@@ -182,6 +182,18 @@ impl Db {
     ) -> Result<CompactReport, DbError> {
         let _one_job = self.maintenance_lock().lock();
         let started = Instant::now();
+        // Deleted rows of the open segments are due too: seal them first
+        // (a quiet store may take weeks to fill a segment).
+        let bound = cutoff(opts.now, opts.policy.deleted_max_age);
+        let since: BTreeMap<u64, i64> = self.log().deleted_since()?.into_iter().collect();
+        let open_due = self.log().segments().iter().any(|s| {
+            matches!(s, crate::storage::SegmentRef::Open(_))
+                && self.deleted_rows(s.id()).is_some_and(|d| !d.is_empty())
+                && (opts.force || since.get(&s.id()).is_some_and(|&t| t <= bound))
+        });
+        if open_due {
+            self.seal()?;
+        }
         let runs = self.compaction_plan(opts)?;
         let bytes_total: u64 = runs.iter().flatten().map(|i| i.segment.file_bytes()).sum();
         let mut report = CompactReport::default();

@@ -233,6 +233,23 @@ fn the_deletion_bound_decides_under_a_chosen_clock() {
 }
 
 #[test]
+fn compact_now_seals_an_open_segment_with_deletions() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), config()).unwrap();
+    db.append_batch((0..100).map(event).collect()).unwrap();
+    assert!(db.delete("e7").unwrap());
+    assert!(db.log().segments().sealed.is_empty());
+    // Not due yet without --now.
+    let report = db.compact(&CompactOptions::default(), |_| {}).unwrap();
+    assert_eq!(report.segments_in, 0);
+    assert!(db.log().segments().sealed.is_empty());
+    let report = db.compact(&force(), |_| {}).unwrap();
+    assert_eq!(report.events_removed, 1);
+    assert_eq!(db.log().segments().total_rows(), 99);
+    assert!(db.log().find("e7").unwrap().is_none(), "the bytes are gone");
+}
+
+#[test]
 fn a_fully_deleted_segment_is_dropped_whole() {
     let dir = tempfile::tempdir().unwrap();
     let db = store(dir.path(), 200, 2);
