@@ -535,6 +535,14 @@ pub struct Dataset {
     pub sqlite_bytes_per_event: f64,
 }
 
+impl Dataset {
+    /// The store, the SQLite baseline, the store's path, and the guard
+    /// that removes both directories when dropped.
+    pub fn split(self) -> (Db, Connection, PathBuf, Box<dyn std::any::Any>) {
+        (self.db, self.sqlite, self.evdb_path, Box::new(self._dirs))
+    }
+}
+
 /// Builds the query dataset: `opts.events` events in at least 40 segments,
 /// loaded in batches of 10,000 (`--fsync never` for evdb and
 /// `synchronous=OFF` for SQLite: durability of loading is not measured

@@ -96,6 +96,95 @@ impl SealHook for IndexSealer {
     fn sealed(&self, segment: &SealedSegment) -> Result<(), String> {
         build_index_file(&self.dir, segment, &self.fields)
     }
+
+    /// The index of a compacted segment comes from its inputs' index
+    /// files, renumbered, instead of from decoding every record again.
+    /// With numeric fields declared (their summaries are per segment), or
+    /// when an input's index cannot be read, it is built from the records.
+    fn compacted(
+        &self,
+        segment: &SealedSegment,
+        inputs: &[(&SealedSegment, &RoaringBitmap)],
+    ) -> Result<(), String> {
+        if !self.fields.is_empty() {
+            return build_index_file(&self.dir, segment, &self.fields);
+        }
+        match remap_index(&self.dir, segment, inputs) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(segment = segment.id, error = %e, "indexing the compacted segment from its records");
+                build_index_file(&self.dir, segment, &self.fields)
+            }
+        }
+    }
+}
+
+/// Writes the index of `segment` from its inputs' index files: each input
+/// row that was kept moves to its new row number, in order.
+fn remap_index(
+    dir: &Path,
+    segment: &SealedSegment,
+    inputs: &[(&SealedSegment, &RoaringBitmap)],
+) -> Result<(), IndexError> {
+    let mut timestamps: Vec<i64> = Vec::with_capacity(segment.rows as usize);
+    let mut terms: HashMap<(Dim, String), RoaringBitmap> = HashMap::new();
+    for (input, drop) in inputs {
+        let old = SealedIndex::open(&index_path(dir, input.id), input.id)?;
+        if old.rows() != input.rows {
+            return Err(IndexError::Corrupted {
+                segment: input.id,
+                offset: 0,
+                reason: "index and segment disagree on rows".into(),
+            });
+        }
+        // Old row -> new row (u32::MAX: left out).
+        let base = timestamps.len() as u32;
+        let mut next = base;
+        let mut map = Vec::with_capacity(input.rows as usize);
+        for row in 0..input.rows {
+            if drop.contains(row) {
+                map.push(u32::MAX);
+            } else {
+                map.push(next);
+                next += 1;
+                timestamps.push(old.timestamp(row)?);
+            }
+        }
+        for dim in Dim::ALL {
+            for (term, rows) in old.terms(dim)? {
+                let moved = RoaringBitmap::from_sorted_iter(
+                    rows.iter()
+                        .filter_map(|r| map.get(r as usize).copied())
+                        .filter(|&r| r != u32::MAX),
+                )
+                .map_err(|e| IndexError::Corrupted {
+                    segment: input.id,
+                    offset: 0,
+                    reason: format!("renumbered rows out of order: {e}"),
+                })?;
+                if !moved.is_empty() {
+                    *terms.entry((dim, term)).or_default() |= moved;
+                }
+            }
+        }
+    }
+    // Invariant: the index covers exactly the segment's rows.
+    assert_eq!(
+        timestamps.len(),
+        segment.rows as usize,
+        "compacted index and segment disagree on rows"
+    );
+    let mut sorted: Vec<(Dim, &str, &RoaringBitmap)> = terms
+        .iter()
+        .map(|((d, t), b)| (*d, t.as_str(), b))
+        .collect();
+    sorted.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    write_index_file(
+        &index_path(dir, segment.id),
+        segment.id,
+        &timestamps,
+        &sorted,
+    )
 }
 
 /// The sealed-time summaries of each declared field: over every row, and

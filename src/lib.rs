@@ -35,6 +35,7 @@ pub mod bench;
 pub mod bench_analytics;
 pub mod bench_grpc;
 pub mod bench_http;
+pub mod bench_maintenance;
 pub mod client;
 pub mod config;
 pub mod db;

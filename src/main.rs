@@ -192,7 +192,7 @@ enum Command {
     },
     /// Reproduce the figures of docs/PERFORMANCE.md next to their baselines.
     Bench {
-        /// ingest | recovery | compression | query | stats | query,stats | http | grpc | http,grpc | all
+        /// ingest | recovery | compression | query | stats | query,stats | analytics | maintenance | http | grpc | http,grpc | all
         suite: String,
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
@@ -661,6 +661,7 @@ fn run_bench(
             bench::query_suites(&opts, ds, "all")?
         }
         "analytics" => evdb::bench_analytics::analytics(&opts)?,
+        "maintenance" => evdb::bench_maintenance::maintenance(&opts)?,
         "http" => evdb::bench_http::http(&opts)?,
         "grpc" => evdb::bench_grpc::grpc(&opts)?,
         "http,grpc" | "grpc,http" => {
@@ -676,10 +677,11 @@ fn run_bench(
             f.extend(evdb::bench_http::http(&opts)?);
             f.extend(evdb::bench_grpc::grpc(&opts)?);
             f.extend(evdb::bench_analytics::analytics(&opts)?);
+            f.extend(evdb::bench_maintenance::maintenance(&opts)?);
             f
         }
         other => anyhow::bail!(
-            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats, analytics, http, grpc or all"
+            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats, analytics, maintenance, http, grpc or all"
         ),
     };
     if json_out {

@@ -178,7 +178,7 @@ impl Db {
     pub fn compact(
         &self,
         opts: &CompactOptions,
-        mut progress: impl FnMut(CompactProgress),
+        mut progress: impl FnMut(CompactProgress) + Send,
     ) -> Result<CompactReport, DbError> {
         let _one_job = self.maintenance_lock().lock();
         let started = Instant::now();
@@ -417,7 +417,7 @@ impl Db {
         policies: &Policies,
         now: Timestamp,
         force: bool,
-        progress: impl FnMut(CompactProgress),
+        progress: impl FnMut(CompactProgress) + Send,
     ) -> Result<MaintenanceReport, DbError> {
         let retention = policies
             .retention

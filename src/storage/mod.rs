@@ -70,6 +70,18 @@ pub enum StorageError {
 /// unsealed and the store refusing writes.
 pub trait SealHook: Send + Sync {
     fn sealed(&self, segment: &SealedSegment) -> Result<(), String>;
+
+    /// `segment` was written by compaction from `inputs` (each sealed
+    /// segment with the rows left out, in order). By default it is treated
+    /// as a newly sealed segment.
+    fn compacted(
+        &self,
+        segment: &SealedSegment,
+        inputs: &[(&SealedSegment, &roaring::RoaringBitmap)],
+    ) -> Result<(), String> {
+        let _ = inputs;
+        self.sealed(segment)
+    }
 }
 
 impl StorageError {
