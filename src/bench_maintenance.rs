@@ -9,7 +9,8 @@
 //! * compaction rewriting every segment (after those deletes, `--now`):
 //!   input bytes per second, next to the 200 MB/s target;
 //! * append latency (100-event batches, `--fsync always`, one every 5 ms)
-//!   while compaction runs, next to the same appends without it (p99).
+//!   while compaction runs, next to the same appends without it (p99): at
+//!   full speed, and again (after as many deletes) under a 16 MiB/s limit.
 
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ use rusqlite::params;
 use crate::bench::{BenchOptions, Figure, build_dataset, percentile, progress};
 use crate::event::{Severity, Timestamp};
 use crate::generator::{Generator, SOURCES};
-use crate::maintenance::{CompactOptions, CompactReport};
+use crate::maintenance::{CompactOptions, CompactReport, CompactionPolicy};
 use crate::query::Query;
 use crate::storage::FsyncMode;
 use crate::{Config, Db};
@@ -48,6 +49,35 @@ fn paced_appends(
         }
     }
     Ok(latencies)
+}
+
+/// Compacts (`--now`) under `io_limit` while appending at a steady pace;
+/// returns the report and each append's latency.
+fn compact_with_appends(
+    db: &Db,
+    io_limit: u64,
+    seed: u64,
+) -> anyhow::Result<(CompactReport, Vec<f64>)> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let appender = s.spawn(|| paced_appends(db, seed, Duration::from_secs(1), &stop));
+        let report = db.compact(
+            &CompactOptions {
+                force: true,
+                policy: CompactionPolicy {
+                    io_bytes_per_sec: io_limit,
+                    ..CompactionPolicy::default()
+                },
+                ..CompactOptions::default()
+            },
+            |_| {},
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let latencies = appender
+            .join()
+            .map_err(|_| anyhow::anyhow!("the appender panicked"))?;
+        Ok((report?, latencies?))
+    })
 }
 
 pub fn maintenance(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
@@ -126,51 +156,121 @@ pub fn maintenance(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         percentile(&mut sqlite_ms, 0.5),
     ));
 
-    // Append latency without, then with, compaction.
+    // Append latency without, then with, compaction: at full speed, then
+    // (after deleting as much again) under a 16 MiB/s I/O limit.
     progress(opts, "appends without compaction");
     let idle = std::sync::atomic::AtomicBool::new(true);
     let mut quiet = paced_appends(&db, 77, Duration::from_secs(3), &idle)?;
-    progress(opts, "compaction with appends");
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (report, mut busy): (CompactReport, Vec<f64>) = std::thread::scope(|s| {
-        let appender = s.spawn(|| paced_appends(&db, 78, Duration::from_secs(1), &stop));
-        let report = db.compact(
-            &CompactOptions {
-                force: true,
-                ..CompactOptions::default()
-            },
-            |_| {},
+    let quiet_p99 = percentile(&mut quiet, 0.99);
+    for (round, io_limit) in [(0u64, 0u64), (1, 16 << 20)] {
+        if round == 1 {
+            for source in SOURCES.iter().skip(5) {
+                db.delete_matching(&Query {
+                    sources: vec![(*source).to_owned()],
+                    min_severity: Some(Severity::Warning),
+                    ..Query::default()
+                })?;
+            }
+        }
+        progress(
+            opts,
+            &format!("compaction with appends, io_limit {io_limit}"),
         );
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let latencies = appender
-            .join()
-            .map_err(|_| anyhow::anyhow!("the appender panicked"))?;
-        Ok::<_, anyhow::Error>((report?, latencies?))
-    })?;
-    let secs = report.elapsed_ms.max(1) as f64 / 1e3;
-    figures.push(Figure::new(
-        "maintenance",
-        &format!(
-            "compaction rewrite ({} segments, {} MiB in)",
-            report.segments_in,
-            report.bytes_before >> 20
-        ),
-        n,
-        "mb_per_s",
-        report.bytes_before as f64 / 1e6 / secs,
-        "target",
-        200.0,
-    ));
-    figures.push(Figure::new(
-        "maintenance",
-        "append p99 while compaction runs (100-event batches, fsync always)",
-        n,
-        "ms_p99",
-        percentile(&mut busy, 0.99),
-        "without compaction",
-        percentile(&mut quiet, 0.99),
-    ));
+        let (report, mut busy) = compact_with_appends(&db, io_limit, 78 + round)?;
+        let limit = match io_limit {
+            0 => "no I/O limit".to_owned(),
+            l => format!("io_limit {} MiB/s", l >> 20),
+        };
+        if round == 0 {
+            let secs = report.elapsed_ms.max(1) as f64 / 1e3;
+            figures.push(Figure::new(
+                "maintenance",
+                &format!(
+                    "compaction rewrite ({} segments, {} MiB in, {limit})",
+                    report.segments_in,
+                    report.bytes_before >> 20
+                ),
+                n,
+                "mb_per_s",
+                report.bytes_before as f64 / 1e6 / secs,
+                "target",
+                200.0,
+            ));
+        }
+        figures.push(Figure::new(
+            "maintenance",
+            &format!("append p99 while compaction runs ({limit}; 100-event batches, fsync always)"),
+            n,
+            "ms_p99",
+            percentile(&mut busy, 0.99),
+            "without compaction",
+            quiet_p99,
+        ));
+    }
     db.close()?;
     drop(keep_dirs);
     Ok(figures)
+}
+
+/// `evdb bench snapshot`: a snapshot of a big data directory. `events`
+/// events of about 4 KiB each (`data` padded, blocks uncompressed, so the
+/// directory is as large as the events: 2.6 M events make about 10 GiB)
+/// in 128 MiB segments; the median of three snapshots, next to the 1 s
+/// target. Sealed segments are hard-linked, so the time grows with the
+/// number of segments, not their bytes.
+pub fn snapshot(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
+    let n = opts.events;
+    let dir = tempfile::Builder::new()
+        .prefix("evdb-bench-snapshot-")
+        .tempdir_in(&opts.dir)?;
+    let mut config = Config::default();
+    config.storage.fsync = FsyncMode::Never;
+    config.storage.compression = crate::storage::Compression::None;
+    let db = Db::open(dir.path(), config)?;
+    let mut generator = Generator::new(crate::bench::SEED, crate::bench::START, 100);
+    let pad = "x".repeat(3800);
+    let mut done = 0u64;
+    while done < n {
+        let k = (n - done).min(2_000) as usize;
+        let mut events = generator.batch(k);
+        for e in &mut events {
+            e.data = crate::event::JsonObject::parse(&format!("{{\"pad\":\"{pad}\"}}"))?;
+        }
+        db.append_batch(events)?;
+        done += k as u64;
+        if done % 200_000 < 2_000 {
+            progress(opts, &format!("loading {done}/{n}"));
+        }
+    }
+    db.sync()?;
+    let set = db.log().segments();
+    let bytes: u64 = set.sealed.iter().map(|s| s.file_bytes()).sum::<u64>()
+        + set
+            .sealing
+            .iter()
+            .chain([&set.active])
+            .map(|o| o.file_bytes())
+            .sum::<u64>();
+    let segments = set.iter().count();
+    drop(set);
+    let mut ms = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let info = db.snapshot()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        db.delete_snapshot(&info.id)?;
+    }
+    db.close()?;
+    Ok(vec![Figure::new(
+        "snapshot",
+        &format!(
+            "snapshot of {:.1} GiB in {segments} segments",
+            bytes as f64 / f64::from(1u32 << 30)
+        ),
+        n,
+        "ms_p50",
+        percentile(&mut ms, 0.5),
+        "target",
+        1000.0,
+    )])
 }

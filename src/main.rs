@@ -192,7 +192,7 @@ enum Command {
     },
     /// Reproduce the figures of docs/PERFORMANCE.md next to their baselines.
     Bench {
-        /// ingest | recovery | compression | query | stats | query,stats | analytics | maintenance | http | grpc | http,grpc | all
+        /// ingest | recovery | compression | query | stats | query,stats | analytics | maintenance | snapshot | http | grpc | http,grpc | all
         suite: String,
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
@@ -662,6 +662,7 @@ fn run_bench(
         }
         "analytics" => evdb::bench_analytics::analytics(&opts)?,
         "maintenance" => evdb::bench_maintenance::maintenance(&opts)?,
+        "snapshot" => evdb::bench_maintenance::snapshot(&opts)?,
         "http" => evdb::bench_http::http(&opts)?,
         "grpc" => evdb::bench_grpc::grpc(&opts)?,
         "http,grpc" | "grpc,http" => {
@@ -681,7 +682,7 @@ fn run_bench(
             f
         }
         other => anyhow::bail!(
-            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats, analytics, maintenance, http, grpc or all"
+            "bench suite {other:?} is not available in this build: ingest, recovery, compression, query, stats, analytics, maintenance, snapshot, http, grpc or all"
         ),
     };
     if json_out {
