@@ -85,6 +85,7 @@ impl Server {
             fsync,
             insecure_listen: false,
             limits: Limits::default(),
+            load: crate::api::load::LoadLimits::default(),
             tokens: Vec::new(),
             rate_limit: None,
             tls: None,

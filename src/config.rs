@@ -433,6 +433,12 @@ pub struct LimitsFile {
     pub batch_events_max: Option<usize>,
     pub batch_size_max: Option<usize>,
     pub query_decode_max: Option<u64>,
+    /// Open connections per listener (1024).
+    pub max_connections: Option<usize>,
+    /// Longest a request may take (`60s`).
+    pub request_timeout: Option<String>,
+    /// Queries, stats and aggregations at once (twice the cores, at least 4).
+    pub max_concurrent_queries: Option<usize>,
 }
 
 /// The TOML file as written (every key optional).
@@ -504,6 +510,8 @@ pub struct ServeConfig {
     pub fsync: FsyncMode,
     pub insecure_listen: bool,
     pub limits: Limits,
+    /// Connections, request deadline, concurrent queries.
+    pub load: crate::api::load::LoadLimits,
     /// Bearer tokens; empty: no authentication (loopback only, unless
     /// `insecure_listen`).
     pub tokens: Vec<TokenConfig>,
@@ -560,6 +568,25 @@ impl ServeConfig {
             .or(file.fsync)
             .unwrap_or_else(|| "always".to_owned());
         let mut limits = Limits::default();
+        let mut load = crate::api::load::LoadLimits::default();
+        if let Some(l) = &file.limits {
+            load.max_connections = l.max_connections.unwrap_or(load.max_connections);
+            load.max_concurrent_queries = l
+                .max_concurrent_queries
+                .unwrap_or(load.max_concurrent_queries);
+            if let Some(t) = &l.request_timeout {
+                load.request_timeout = parse_duration("limits.request_timeout", t)?;
+            }
+            if load.max_connections == 0 {
+                return Err(invalid("limits.max_connections", "must be at least 1"));
+            }
+            if load.max_concurrent_queries == 0 {
+                return Err(invalid(
+                    "limits.max_concurrent_queries",
+                    "must be at least 1",
+                ));
+            }
+        }
         if let Some(l) = file.limits {
             limits.event_size_max = l.event_size_max.unwrap_or(limits.event_size_max);
             limits.batch_events_max = l.batch_events_max.unwrap_or(limits.batch_events_max);
@@ -614,6 +641,7 @@ impl ServeConfig {
             fsync: FsyncMode::parse(&fsync).map_err(|e| invalid("fsync", e))?,
             insecure_listen: args.insecure_listen || file.insecure_listen.unwrap_or(false),
             limits,
+            load,
             tokens,
             rate_limit,
             tls,

@@ -223,6 +223,12 @@ pub async fn serve(
         compaction: config.compaction.policy.clone(),
     });
     state.policies = policies.clone();
+    let queries = Arc::new(crate::api::load::QueryGate::new(
+        config.load.max_concurrent_queries,
+    ));
+    state.queries = queries.clone();
+    state.request_timeout = config.load.request_timeout;
+    let max_connections = config.load.max_connections;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -241,17 +247,23 @@ pub async fn serve(
                     }
                 })?;
             tokio::spawn(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped(stop_rx.clone()))
-                    .into_future(),
+                axum::serve(
+                    crate::api::load::LimitedListener::new(listener, max_connections),
+                    app,
+                )
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
             )
         }
         None => tokio::spawn(
             axum::serve(
-                http_listener.tap_io(|tcp| {
-                    // Small answers go out at once (no Nagle delay).
-                    let _ = tcp.set_nodelay(true);
-                }),
+                crate::api::load::LimitedListener::new(
+                    http_listener.tap_io(|tcp| {
+                        // Small answers go out at once (no Nagle delay).
+                        let _ = tcp.set_nodelay(true);
+                    }),
+                    max_connections,
+                ),
                 app,
             )
             .with_graceful_shutdown(stopped(stop_rx.clone()))
@@ -303,8 +315,10 @@ pub async fn serve(
     })
     .max_decoding_message_size(grpc::REQUEST_BYTES_MAX)
     .max_encoding_message_size(grpc::RESPONSE_BYTES_MAX);
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let incoming = Box::pin(crate::api::load::limited_incoming(
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+        max_connections,
+    ));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         let pem = tls.pem().map_err(ServeError::Tls)?;
@@ -321,10 +335,14 @@ pub async fn serve(
         builder
             .layer(tower::layer::layer_fn({
                 let metrics = metrics.clone();
+                let queries = queries.clone();
+                let request_timeout = config.load.request_timeout;
                 move |inner| grpc::Observe {
                     inner,
                     metrics: metrics.clone(),
                     auth: auth.clone(),
+                    queries: queries.clone(),
+                    request_timeout,
                 }
             }))
             .add_service(health_service)

@@ -6,6 +6,7 @@ pub mod chaukas;
 pub mod grpc;
 pub mod http;
 pub mod json;
+pub mod load;
 pub mod metrics;
 pub mod proto;
 pub mod ratelimit;

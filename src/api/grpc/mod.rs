@@ -131,7 +131,28 @@ pub struct Observe<S> {
     pub inner: S,
     pub metrics: Arc<crate::api::metrics::Metrics>,
     pub auth: Arc<crate::api::auth::Auth>,
+    /// Query slots shared with the HTTP listener.
+    pub queries: Arc<crate::api::load::QueryGate>,
+    /// The deadline of unary calls.
+    pub request_timeout: std::time::Duration,
 }
+
+/// Methods that run a query, a stats or an aggregation: they take a slot.
+const QUERY_METHODS: &[&str] = &[
+    "/evdb.v1.Evdb/Query",
+    "/evdb.v1.Evdb/Stats",
+    "/evdb.v1.Evdb/Aggregate",
+    "/chaukas.spec.server.v1.ChaukasServerService/QueryEvents",
+    "/chaukas.spec.server.v1.ChaukasServerService/GetEventStats",
+];
+
+/// Streaming methods: no deadline (they last as long as the client wants).
+const STREAMING_METHODS: &[&str] = &[
+    "/evdb.v1.Evdb/IngestStream",
+    "/evdb.v1.Evdb/Tail",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+];
 
 /// The caller the edge layer authenticated (None: open access).
 pub fn principal<T>(req: &tonic::Request<T>) -> Option<crate::api::auth::Principal> {
@@ -223,9 +244,40 @@ where
                 return Box::pin(async move { Ok(resp) });
             }
         }
+        let gate = QUERY_METHODS.contains(&route).then(|| self.queries.clone());
+        let deadline = (!STREAMING_METHODS.contains(&route)).then_some(self.request_timeout);
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let resp = fut.await;
+            let _slot = match gate {
+                Some(gate) => match gate.enter().await {
+                    Ok(slot) => Some(slot),
+                    Err(busy) => {
+                        let resp = Status::resource_exhausted(busy.to_string()).into_http();
+                        metrics.observe_request(
+                            crate::api::metrics::RouteLabels {
+                                protocol: "grpc",
+                                method: "POST".to_owned(),
+                                route: route.to_owned(),
+                                status: Code::ResourceExhausted as u16,
+                            },
+                            started.elapsed(),
+                        );
+                        return Ok(resp);
+                    }
+                },
+                None => None,
+            };
+            let resp = match deadline {
+                Some(limit) => match tokio::time::timeout(limit, fut).await {
+                    Ok(resp) => resp,
+                    Err(_) => Ok(Status::deadline_exceeded(format!(
+                        "the call took longer than request_timeout ({} s)",
+                        limit.as_secs_f64()
+                    ))
+                    .into_http()),
+                },
+                None => fut.await,
+            };
             if let Ok(r) = &resp {
                 // Trailers-only answers (errors) carry grpc-status in the
                 // headers; a successful unary call's status is 0.

@@ -49,6 +49,9 @@ pub struct AppState {
     pub limiter: Option<Arc<crate::api::ratelimit::RateLimiter>>,
     /// Retention and compaction, for `POST /admin/compact`.
     pub policies: Arc<crate::maintenance::Policies>,
+    /// Query slots shared with the gRPC listener.
+    pub queries: Arc<crate::api::load::QueryGate>,
+    pub request_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -70,6 +73,10 @@ impl AppState {
                 auth,
                 limiter: None,
                 policies: Arc::default(),
+                queries: Arc::new(crate::api::load::QueryGate::new(
+                    crate::api::load::LoadLimits::default().max_concurrent_queries,
+                )),
+                request_timeout: crate::api::load::LoadLimits::default().request_timeout,
             },
             tx,
         )
@@ -100,11 +107,59 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), bound))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(CompressionLayer::new())
         .layer(RequestDecompressionLayer::new())
         .with_state(state)
+}
+
+/// Routes that run a query, a stats or an aggregation: they take a slot.
+const QUERY_ROUTES: &[&str] = &[
+    "/events",
+    "/events/stats",
+    "/events/aggregate",
+    "/events/correlation/{id}",
+];
+
+/// Holds each request to the deadline (`[limits] request_timeout`, body
+/// included; the WebSocket tail is exempt) and each query to a slot
+/// (`max_concurrent_queries`, waiting up to a second for one).
+async fn bound(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    if route == "/events/stream" {
+        return next.run(req).await;
+    }
+    let _slot = if req.method() == axum::http::Method::GET && QUERY_ROUTES.contains(&route.as_str())
+    {
+        match state.queries.enter().await {
+            Ok(slot) => Some(slot),
+            Err(busy) => {
+                let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, busy.to_string());
+                e.retry_after_s = Some(1);
+                return e.into_response();
+            }
+        }
+    } else {
+        None
+    };
+    let limit = state.request_timeout;
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request took longer than request_timeout ({} s)",
+                limit.as_secs_f64()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// Records each request's latency by route and status.
