@@ -111,6 +111,27 @@ fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Reloads the TLS certificate, key and client CA from their files on each
+/// SIGHUP; open connections keep theirs, a failed reload keeps the old ones.
+/// Without TLS a SIGHUP is logged and ignored (it does not stop the daemon).
+async fn reload_certificates_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    tls: Option<Arc<crate::api::tls::TlsReloader>>,
+) {
+    while hangups.recv().await.is_some() {
+        let Some(tls) = &tls else {
+            tracing::warn!("SIGHUP: no TLS configured, nothing to reload");
+            continue;
+        };
+        match tls.reload() {
+            Ok(()) => tracing::warn!("SIGHUP: TLS certificates reloaded"),
+            Err(e) => {
+                tracing::error!("SIGHUP: TLS certificates not reloaded, keeping the old ones: {e}")
+            }
+        }
+    }
+}
+
 /// Applies `[retention]` at start and every `check_interval`.
 async fn enforce_retention(
     db: Arc<Db>,
@@ -235,41 +256,57 @@ pub async fn serve(
     };
 
     let app = router(state);
-    let http = match &config.tls {
-        Some(tls) => {
-            let rustls = tls.server_config().map_err(ServeError::Tls)?;
-            let listener =
-                crate::api::tls::TlsListener::new(http_listener, rustls).map_err(|cause| {
-                    ServeError::Bind {
+    let reloader = config
+        .tls
+        .as_ref()
+        .map(|tls| crate::api::tls::TlsReloader::new(tls.clone()))
+        .transpose()
+        .map_err(ServeError::Tls)?;
+    // Registered before the ready line, so that no SIGHUP can stop us.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let reload_task = match hangups {
+        Ok(h) => Some(tokio::spawn(reload_certificates_on_sighup(
+            h,
+            reloader.clone(),
+        ))),
+        Err(e) => {
+            tracing::warn!("cannot watch SIGHUP ({e}): certificates will not be reloaded");
+            None
+        }
+    };
+    let http =
+        match &reloader {
+            Some(tls) => {
+                let listener = crate::api::tls::TlsListener::new(http_listener, tls.clone())
+                    .map_err(|cause| ServeError::Bind {
                         what: "HTTP",
                         addr: config.http,
                         cause,
-                    }
-                })?;
-            tokio::spawn(
+                    })?;
+                tokio::spawn(
+                    axum::serve(
+                        crate::api::load::LimitedListener::new(listener, max_connections),
+                        app,
+                    )
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+                )
+            }
+            None => tokio::spawn(
                 axum::serve(
-                    crate::api::load::LimitedListener::new(listener, max_connections),
+                    crate::api::load::LimitedListener::new(
+                        http_listener.tap_io(|tcp| {
+                            // Small answers go out at once (no Nagle delay).
+                            let _ = tcp.set_nodelay(true);
+                        }),
+                        max_connections,
+                    ),
                     app,
                 )
                 .with_graceful_shutdown(stopped(stop_rx.clone()))
                 .into_future(),
-            )
-        }
-        None => tokio::spawn(
-            axum::serve(
-                crate::api::load::LimitedListener::new(
-                    http_listener.tap_io(|tcp| {
-                        // Small answers go out at once (no Nagle delay).
-                        let _ = tcp.set_nodelay(true);
-                    }),
-                    max_connections,
-                ),
-                app,
-            )
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
-        ),
-    };
+            ),
+        };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for name in [
         "",
@@ -315,22 +352,32 @@ pub async fn serve(
     })
     .max_decoding_message_size(grpc::REQUEST_BYTES_MAX)
     .max_encoding_message_size(grpc::RESPONSE_BYTES_MAX);
+    use crate::api::tls::Conn;
+    use futures_util::TryStreamExt;
+    type Incoming =
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<Conn>> + Send>>;
+    let incoming: Incoming = match &reloader {
+        Some(tls) => Box::pin(
+            crate::api::tls::TlsListener::new(grpc_listener, tls.clone())
+                .map_err(|cause| ServeError::Bind {
+                    what: "gRPC",
+                    addr: config.grpc,
+                    cause,
+                })?
+                .into_incoming()
+                .map_ok(|s| Conn::Tls(Box::new(s))),
+        ),
+        None => Box::pin(
+            tonic::transport::server::TcpIncoming::from(grpc_listener)
+                .with_nodelay(Some(true))
+                .map_ok(Conn::Plain),
+        ),
+    };
     let incoming = Box::pin(crate::api::load::limited_incoming(
-        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+        incoming,
         max_connections,
     ));
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.tls {
-        let pem = tls.pem().map_err(ServeError::Tls)?;
-        let mut tonic_tls = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(pem.cert, pem.key));
-        if let Some(ca) = pem.client_ca {
-            tonic_tls = tonic_tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
-        }
-        builder = builder
-            .tls_config(tonic_tls)
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-    }
+    let builder = tonic::transport::Server::builder();
     let grpc = tokio::spawn(
         builder
             .layer(tower::layer::layer_fn({
@@ -375,7 +422,10 @@ pub async fn serve(
     stop.await;
     tracing::info!("shutting down: draining in-flight requests");
     health_task.abort();
-    for t in [retention_task, compaction_task].into_iter().flatten() {
+    for t in [retention_task, compaction_task, reload_task]
+        .into_iter()
+        .flatten()
+    {
         t.abort();
     }
     for name in [

@@ -146,3 +146,66 @@ async fn mtls_requires_a_client_certificate() {
     grpc_health(&d.grpc, &pki, true).await.unwrap();
     assert!(grpc_health(&d.grpc, &pki, false).await.is_err());
 }
+
+fn hangup(d: &common::Daemon) {
+    let pid = d.child.as_ref().unwrap().id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificates_of_both_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = pki();
+    let d = start(dir.path(), &old, false);
+    assert_eq!(https_health(&d.http, &old, false).await, Ok(200));
+    // A connection opened before the reload keeps working after it.
+    let channel = {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+        Channel::from_shared(format!("https://{}", d.grpc))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&old.ca))
+                    .domain_name("localhost"),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    };
+    let new = pki();
+    std::fs::write(dir.path().join("server.pem"), &new.server_cert).unwrap();
+    std::fs::write(dir.path().join("server-key.pem"), &new.server_key).unwrap();
+    hangup(&d);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while https_health(&d.http, &new, false).await != Ok(200) {
+        assert!(std::time::Instant::now() < deadline, "never reloaded");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(https_health(&d.http, &old, false).await.is_err());
+    grpc_health(&d.grpc, &new, false).await.unwrap();
+    assert!(grpc_health(&d.grpc, &old, false).await.is_err());
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    // A broken file: the reload fails and the certificates in use stay.
+    std::fs::write(dir.path().join("server.pem"), "not a certificate").unwrap();
+    hangup(&d);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(https_health(&d.http, &new, false).await, Ok(200));
+    grpc_health(&d.grpc, &new, false).await.unwrap();
+}
+
+#[tokio::test]
+async fn sighup_without_tls_does_not_stop_the_daemon() {
+    let d = common::Daemon::start();
+    hangup(&d);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let r = reqwest::get(d.url("/health")).await.unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -40,24 +40,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// The PEM files' bytes, for tonic.
-#[derive(Debug)]
-pub struct Pem {
-    pub cert: Vec<u8>,
-    pub key: Vec<u8>,
-    pub client_ca: Option<Vec<u8>>,
-}
-
 impl TlsConfig {
-    /// The PEM bytes of the certificate chain, key and client CA.
-    pub fn pem(&self) -> Result<Pem, String> {
-        Ok(Pem {
-            cert: read(&self.cert)?,
-            key: read(&self.key)?,
-            client_ca: self.client_ca.as_deref().map(read).transpose()?,
-        })
-    }
-
     /// A rustls server configuration (ALPN: h2, http/1.1).
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
         let chain = certs(&self.cert)?;
@@ -91,6 +74,36 @@ impl TlsConfig {
     }
 }
 
+/// The certificate, key and client CA in use, reloaded from their files on
+/// demand (SIGHUP). A connection keeps the configuration it was accepted
+/// with; the next ones get the new one.
+pub struct TlsReloader {
+    files: TlsConfig,
+    current: parking_lot::RwLock<tokio_rustls::TlsAcceptor>,
+}
+
+impl TlsReloader {
+    pub fn new(files: TlsConfig) -> Result<Arc<TlsReloader>, String> {
+        let config = files.server_config()?;
+        Ok(Arc::new(TlsReloader {
+            files,
+            current: parking_lot::RwLock::new(tokio_rustls::TlsAcceptor::from(config)),
+        }))
+    }
+
+    /// The acceptor for the next connection.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.current.read().clone()
+    }
+
+    /// Reads the files again; on any error the configuration in use stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let config = self.files.server_config()?;
+        *self.current.write() = tokio_rustls::TlsAcceptor::from(config);
+        Ok(())
+    }
+}
+
 /// An axum listener that accepts TCP connections and completes their TLS
 /// handshakes on separate tasks.
 pub struct TlsListener {
@@ -100,9 +113,8 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+    pub fn new(listener: TcpListener, tls: Arc<TlsReloader>) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let task = tokio::spawn(async move {
             loop {
@@ -115,7 +127,7 @@ impl TlsListener {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
+                let acceptor = tls.acceptor();
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -129,6 +141,18 @@ impl TlsListener {
             }
         });
         Ok(TlsListener { rx, local, task })
+    }
+}
+
+impl TlsListener {
+    /// The handshaken connections as a stream (for tonic).
+    pub fn into_incoming(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
+        futures_util::stream::unfold(self, |mut listener| async move {
+            let (io, _) = axum::serve::Listener::accept(&mut listener).await;
+            Some((Ok(io), listener))
+        })
     }
 }
 
@@ -153,5 +177,69 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+/// A gRPC connection, with or without TLS (ours, so that SIGHUP can
+/// reload the certificates of both listeners).
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Conn::Plain(s) => s.connect_info(),
+            Conn::Tls(s) => s.get_ref().0.connect_info(),
+        }
     }
 }
