@@ -25,21 +25,47 @@ use crate::generator::{Generator, SOURCES, TAGS};
 use crate::limits::Limits;
 use crate::storage::FsyncMode;
 
+/// How a bench client reaches the daemon: TLS (trusting the bench's
+/// certificate) and a bearer token, or neither.
+#[derive(Clone, Default)]
+struct Client {
+    tls: Option<tokio_rustls::TlsConnector>,
+    token: Option<String>,
+}
+
 /// One keep-alive HTTP/1.1 connection.
 struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
     host: String,
+    authorization: Option<String>,
 }
 
 impl Conn {
     async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
+        Conn::open_as(addr, &Client::default()).await
+    }
+
+    async fn open_as(addr: SocketAddr, client: &Client) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
+        let sender = match &client.tls {
+            Some(connector) => {
+                let name = rustls_pki_types::ServerName::try_from("localhost")?;
+                let tls = connector.connect(name, stream).await?;
+                let (sender, conn) = http1::handshake(TokioIo::new(tls)).await?;
+                tokio::spawn(conn);
+                sender
+            }
+            None => {
+                let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                sender
+            }
+        };
         Ok(Conn {
             sender,
             host: addr.to_string(),
+            authorization: client.token.as_ref().map(|t| format!("Bearer {t}")),
         })
     }
 
@@ -59,6 +85,9 @@ impl Conn {
         if let Some(c) = ctype {
             req = req.header("content-type", c);
         }
+        if let Some(a) = &self.authorization {
+            req = req.header("authorization", a);
+        }
         let resp = self.sender.send_request(req.body(Full::new(body))?).await?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();
@@ -76,6 +105,16 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) async fn start(data_dir: &Path, fsync: FsyncMode) -> anyhow::Result<Server> {
+        Server::start_with(data_dir, fsync, None, Vec::new()).await
+    }
+
+    /// A daemon with TLS and tokens.
+    async fn start_with(
+        data_dir: &Path,
+        fsync: FsyncMode,
+        tls: Option<crate::api::tls::TlsConfig>,
+        tokens: Vec<crate::config::TokenConfig>,
+    ) -> anyhow::Result<Server> {
         let config = ServeConfig {
             data_dir: data_dir.to_owned(),
             http: "127.0.0.1:0".parse()?,
@@ -86,9 +125,9 @@ impl Server {
             insecure_listen: false,
             limits: Limits::default(),
             load: crate::api::load::LoadLimits::default(),
-            tokens: Vec::new(),
+            tokens,
             rate_limit: None,
-            tls: None,
+            tls,
             retention: None,
             compaction: crate::config::resolve_compaction(&Default::default())?,
             min_free_bytes: 0,
@@ -156,6 +195,11 @@ fn collected(body: &[u8]) -> u64 {
 
 /// `n` events in 1,000-event NDJSON bodies from 4 concurrent clients.
 async fn bulk_ingest(addr: SocketAddr, n: u64) -> anyhow::Result<f64> {
+    bulk_ingest_as(addr, n, &Client::default()).await
+}
+
+/// [`bulk_ingest`] as `client` (TLS, token).
+async fn bulk_ingest_as(addr: SocketAddr, n: u64, client: &Client) -> anyhow::Result<f64> {
     const CLIENTS: usize = 4;
     const PER_BODY: usize = 1000;
     let bodies = Arc::new(ndjson_bodies(16, PER_BODY));
@@ -166,8 +210,9 @@ async fn bulk_ingest(addr: SocketAddr, n: u64) -> anyhow::Result<f64> {
     for _ in 0..CLIENTS {
         let bodies = bodies.clone();
         let next = next.clone();
+        let client = client.clone();
         tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::open(addr).await?;
+            let mut conn = Conn::open_as(addr, &client).await?;
             let mut stored = 0u64;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -455,4 +500,111 @@ pub fn http(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         sqlite_single,
     ));
     Ok(figures)
+}
+
+/// `evdb bench http --tls --auth`: NDJSON bulk ingest (`n` events in
+/// 1,000-event bodies, 4 clients) against a daemon with TLS and/or a
+/// bearer token required, next to the same against a plain daemon, in
+/// the same run: two rounds each, alternating, medians compared.
+pub fn http_secure(opts: &BenchOptions, tls: bool, auth: bool) -> anyhow::Result<Vec<Figure>> {
+    let n = opts.events.min(2_000_000);
+    let dir = tempfile::Builder::new()
+        .prefix("evdb-bench-secure-")
+        .tempdir_in(&opts.dir)?;
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, key.cert.pem())?;
+    std::fs::write(&key_path, key.signing_key.serialize_pem())?;
+    let tls_files = tls.then(|| crate::api::tls::TlsConfig {
+        cert: cert_path.clone(),
+        key: key_path.clone(),
+        client_ca: None,
+    });
+    let token = "bench-ingest-token";
+    let tokens = if auth {
+        vec![crate::config::TokenConfig {
+            name: "bench".into(),
+            sha256: crate::api::auth::sha256(token),
+            role: crate::config::Role::Ingest,
+            sources: None,
+        }]
+    } else {
+        Vec::new()
+    };
+    let client = Client {
+        tls: if tls {
+            let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+            roots.add(key.cert.der().clone())?;
+            let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+                tokio_rustls::rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        } else {
+            None
+        },
+        token: auth.then(|| token.to_owned()),
+    };
+    let what = match (tls, auth) {
+        (true, true) => "TLS + auth",
+        (true, false) => "TLS",
+        (false, true) => "auth",
+        (false, false) => "neither",
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (mut plain, mut secure) = (Vec::new(), Vec::new());
+    for round in 0..2 {
+        for secured in [false, true] {
+            progress(
+                opts,
+                &format!(
+                    "round {round}: NDJSON bulk ingest, {}",
+                    if secured { what } else { "plain" }
+                ),
+            );
+            let data = tempfile::Builder::new()
+                .prefix("evdb-bench-secure-data-")
+                .tempdir_in(&opts.dir)?;
+            let rate = runtime.block_on(async {
+                let server = if secured {
+                    Server::start_with(
+                        data.path(),
+                        FsyncMode::Always,
+                        tls_files.clone(),
+                        tokens.clone(),
+                    )
+                    .await?
+                } else {
+                    Server::start(data.path(), FsyncMode::Always).await?
+                };
+                let as_client = if secured {
+                    client.clone()
+                } else {
+                    Client::default()
+                };
+                let rate = bulk_ingest_as(server.http, n, &as_client).await;
+                server.stop().await?;
+                rate
+            })?;
+            if secured {
+                secure.push(rate);
+            } else {
+                plain.push(rate);
+            }
+        }
+    }
+    Ok(vec![Figure::new(
+        "http",
+        &format!("ndjson_bulk_1000_per_body_4_clients with {what}"),
+        n,
+        "events_per_s",
+        percentile(&mut secure, 0.5),
+        "same without TLS and auth",
+        percentile(&mut plain, 0.5),
+    )])
 }

@@ -202,6 +202,13 @@ enum Command {
         /// Where the bench creates its temporary stores.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// `http` only: NDJSON bulk ingest over TLS, next to plain HTTP.
+        #[arg(long)]
+        tls: bool,
+        /// `http` only: NDJSON bulk ingest with a bearer token required,
+        /// next to none.
+        #[arg(long)]
+        auth: bool,
     },
 }
 
@@ -396,7 +403,9 @@ fn main() -> ExitCode {
             events,
             json,
             data_dir,
-        } => run_bench(&suite, events, json, data_dir),
+            tls,
+            auth,
+        } => run_bench(&suite, events, json, data_dir, (tls, auth)),
         Command::Snapshot { action } => run_snapshot(action),
         Command::Compact {
             data_dir,
@@ -634,6 +643,7 @@ fn run_bench(
     events: u64,
     json_out: bool,
     data_dir: Option<PathBuf>,
+    (tls, auth): (bool, bool),
 ) -> anyhow::Result<ExitCode> {
     let dir = data_dir.unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&dir)?;
@@ -648,7 +658,11 @@ fn run_bench(
         println!("{:.3}", bench::memory_probe(&dir)?);
         return Ok(ExitCode::SUCCESS);
     }
+    if (tls || auth) && suite != "http" {
+        anyhow::bail!("--tls and --auth apply to the http suite only");
+    }
     let figures = match suite {
+        "http" if tls || auth => evdb::bench_http::http_secure(&opts, tls, auth)?,
         "ingest" | "recovery" => bench::ingest(&opts)?,
         "compression" => bench::compression(&opts)?,
         "query" | "stats" => {

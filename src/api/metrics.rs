@@ -82,16 +82,46 @@ impl Sources {
     }
 
     pub fn of(events: &[crate::event::Event]) -> Sources {
+        // A batch rarely has more than a few sources: look them up in the
+        // list until there are `LINEAR_MAX`, then through a map.
+        const LINEAR_MAX: usize = 16;
         let mut out = Sources {
             distinct: Vec::new(),
             of: Vec::with_capacity(events.len()),
         };
-        let mut seen: rustc_hash::FxHashMap<&str, u32> = Default::default();
-        for e in events {
-            let i = *seen.entry(e.source.as_str()).or_insert_with(|| {
-                out.distinct.push(e.source.clone());
-                u32::try_from(out.distinct.len() - 1).unwrap_or(u32::MAX)
-            });
+        let mut seen: Option<rustc_hash::FxHashMap<&str, u32>> = None;
+        for (k, e) in events.iter().enumerate() {
+            let source = e.source.as_str();
+            let found = match &seen {
+                Some(map) => map.get(source).copied(),
+                None => out
+                    .distinct
+                    .iter()
+                    .position(|d| d == source)
+                    .map(|i| i as u32),
+            };
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    out.distinct.push(e.source.clone());
+                    let i = u32::try_from(out.distinct.len() - 1).unwrap_or(u32::MAX);
+                    match &mut seen {
+                        Some(map) => {
+                            map.insert(source, i);
+                        }
+                        None if out.distinct.len() > LINEAR_MAX => {
+                            let mut map: rustc_hash::FxHashMap<&str, u32> = Default::default();
+                            for (j, earlier) in events[..k].iter().enumerate() {
+                                map.entry(earlier.source.as_str()).or_insert(out.of[j]);
+                            }
+                            map.insert(source, i);
+                            seen = Some(map);
+                        }
+                        None => {}
+                    }
+                    i
+                }
+            };
             out.of.push(i);
         }
         out
@@ -401,4 +431,31 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod sources_tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_counted_with_few_and_with_many() {
+        for distinct in [1usize, 3, 16, 17, 40] {
+            let events: Vec<crate::event::Event> = (0..200)
+                .map(|i| crate::event::Event::new(format!("s{}", (i * 7) % distinct), "t"))
+                .collect();
+            let sources = Sources::of(&events);
+            let mut counts: Vec<(String, u64)> = sources
+                .counts()
+                .into_iter()
+                .map(|(s, n)| (s.to_owned(), n))
+                .collect();
+            counts.sort();
+            let mut want: std::collections::BTreeMap<String, u64> = Default::default();
+            for e in &events {
+                *want.entry(e.source.clone()).or_default() += 1;
+            }
+            let want: Vec<(String, u64)> = want.into_iter().collect();
+            assert_eq!(counts, want, "{distinct} sources");
+        }
+    }
 }

@@ -151,13 +151,17 @@ impl RateLimiter {
             });
             let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
             let tokens = (b.tokens + elapsed * rate.per_s).min(rate.burst);
-            buckets.insert(
-                source.to_owned(),
-                Bucket {
-                    tokens: tokens - n as f64,
-                    at: now,
-                },
-            );
+            let next = Bucket {
+                tokens: tokens - n as f64,
+                at: now,
+            };
+            // Known sources are updated in place (no allocation).
+            match buckets.get_mut(source) {
+                Some(b) => *b = next,
+                None => {
+                    buckets.insert(source.to_owned(), next);
+                }
+            }
         }
         if buckets.len() > BUCKETS_MAX {
             let config = &self.config;
