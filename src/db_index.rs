@@ -389,7 +389,9 @@ impl Indexes {
     }
 
     /// Removes index files of segments that are not sealed (left by a seal
-    /// interrupted before its catalog commit).
+    /// or a compaction interrupted before its catalog commit). Files of
+    /// segments still being sealed are left alone: the sealer, already
+    /// running, may be writing them right now (and rewrites them anyway).
     pub fn remove_stale_files(&self, set: &SegmentSet) -> std::io::Result<()> {
         for entry in std::fs::read_dir(&self.dir)? {
             let path = entry?.path();
@@ -398,10 +400,17 @@ impl Indexes {
                 .and_then(|s| s.to_str())
                 .and_then(|s| s.split('.').next())
                 .and_then(|s| s.parse::<u64>().ok());
+            if id.is_some_and(|id| set.sealing.iter().any(|s| s.id == id)) {
+                continue;
+            }
             let sealed = id.is_some_and(|id| set.sealed.iter().any(|s| s.id == id));
             let is_idx = path.extension().is_some_and(|e| e == "idx" || e == "num");
             if !(sealed && is_idx) {
-                std::fs::remove_file(&path)?;
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(())
