@@ -146,8 +146,10 @@ const QUERY_METHODS: &[&str] = &[
     "/chaukas.spec.server.v1.ChaukasServerService/GetEventStats",
 ];
 
-/// Streaming methods: no deadline (they last as long as the client wants).
+/// Streaming methods (they last as long as the client wants) and
+/// compaction (as long as the data needs): no deadline.
 const STREAMING_METHODS: &[&str] = &[
+    "/evdb.v1.Evdb/Compact",
     "/evdb.v1.Evdb/IngestStream",
     "/evdb.v1.Evdb/Tail",
     "/grpc.health.v1.Health/Watch",

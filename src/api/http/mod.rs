@@ -124,7 +124,7 @@ const QUERY_ROUTES: &[&str] = &[
 ];
 
 /// Holds each request to the deadline (`[limits] request_timeout`, body
-/// included; the WebSocket tail is exempt) and each query to a slot
+/// included; the WebSocket tail, compaction and snapshots are exempt) and each query to a slot
 /// (`max_concurrent_queries`, waiting up to a second for one).
 async fn bound(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
@@ -132,7 +132,12 @@ async fn bound(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
-    if route == "/events/stream" {
+    // The tail lives as long as the client wants; compaction and
+    // snapshots take as long as the data needs.
+    if matches!(
+        route.as_str(),
+        "/events/stream" | "/admin/compact" | "/admin/snapshots"
+    ) {
         return next.run(req).await;
     }
     let _slot = if req.method() == axum::http::Method::GET && QUERY_ROUTES.contains(&route.as_str())
