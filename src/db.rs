@@ -703,32 +703,7 @@ impl Db {
     /// Deletes every event whose timestamp is before `before`; returns how
     /// many. Durable when this returns.
     pub fn delete_before(&self, before: Timestamp) -> Result<u64, DbError> {
-        let _one_at_a_time = self.delete_lock.lock();
-        let cut = before.as_micros();
-        let set = self.log.segments();
-        let held = self.indexes.hold_all(&set)?;
-        let mut changes = Vec::new();
-        let mut total = 0u64;
-        for (segment, h) in &held {
-            let index = h.view();
-            match index.time_bounds() {
-                Some((min, _)) if min < cut => {}
-                _ => continue,
-            }
-            let mut rows = roaring::RoaringBitmap::new();
-            for row in index.live().iter() {
-                if index.timestamp(row)? < cut {
-                    rows.insert(row);
-                }
-            }
-            if !rows.is_empty() {
-                total += rows.len();
-                changes.push((*segment, rows));
-            }
-        }
-        drop(held);
-        self.apply_deletes(changes)?;
-        Ok(total)
+        self.delete_older(Some(before.as_micros()), &[])
     }
 
     /// Retention by age: every event older than `cutoff` goes. Sealed

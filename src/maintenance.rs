@@ -343,6 +343,17 @@ impl Db {
             .iter()
             .map(|(s, a)| (s.as_str(), cutoff(now, *a)))
             .collect();
+        self.delete_older(default_cut, &source_cuts)
+    }
+
+    /// Deletes every live event with a timestamp before its source's cut
+    /// (`source_cuts`), or before `default_cut` for other sources (none:
+    /// they stay); returns how many. Durable when this returns.
+    pub(crate) fn delete_older(
+        &self,
+        default_cut: Option<i64>,
+        source_cuts: &[(&str, i64)],
+    ) -> Result<u64, DbError> {
         // No event at or after this can be past any cutoff.
         let latest_cut = source_cuts
             .iter()
@@ -364,7 +375,7 @@ impl Db {
             let live = index.live().into_owned();
             let mut rows = RoaringBitmap::new();
             let mut overridden = RoaringBitmap::new();
-            for (source, cut) in &source_cuts {
+            for (source, cut) in source_cuts {
                 if let Some(b) = index.bitmap(Dim::Source, source)? {
                     let b = b.as_ref() & &live;
                     for row in b.iter() {
