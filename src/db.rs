@@ -61,7 +61,10 @@ struct SpaceGuard {
     floor: u64,
     refusing: std::sync::atomic::AtomicBool,
     free: std::sync::atomic::AtomicU64,
-    checked_at: parking_lot::Mutex<Option<std::time::Instant>>,
+    /// When it was last measured: ms since `started` (0: never). One
+    /// writer wins each measurement; the others read the verdict.
+    started: std::time::Instant,
+    checked_at_ms: std::sync::atomic::AtomicU64,
 }
 
 impl SpaceGuard {
@@ -69,15 +72,16 @@ impl SpaceGuard {
         if self.floor == 0 {
             return Ok(());
         }
-        let due = {
-            let mut at = self.checked_at.lock();
-            let due = at.is_none_or(|t| t.elapsed() >= SPACE_CHECK_EVERY);
-            if due {
-                *at = Some(std::time::Instant::now());
-            }
-            due
-        };
-        if due {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let last = self.checked_at_ms.load(Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= SPACE_CHECK_EVERY.as_millis() as u64;
+        if due
+            && self
+                .checked_at_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
             self.refresh();
         }
         match self.refused() {
@@ -280,7 +284,8 @@ impl Db {
             floor: config.min_free_bytes,
             refusing: std::sync::atomic::AtomicBool::new(false),
             free: std::sync::atomic::AtomicU64::new(0),
-            checked_at: parking_lot::Mutex::new(None),
+            started: std::time::Instant::now(),
+            checked_at_ms: std::sync::atomic::AtomicU64::new(0),
         };
         let indexes = Indexes::new(index_dir, fields);
         let set = log.segments();
