@@ -63,6 +63,10 @@ async fn a_request_past_the_deadline_is_answered_408() {
         .unwrap()
         .unwrap();
     assert_eq!(r.status(), 408);
+    assert_eq!(
+        r.headers().get("connection").map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
     let v: serde_json::Value = r.json().await.unwrap();
     assert!(
         v["error"].as_str().unwrap().contains("request_timeout"),

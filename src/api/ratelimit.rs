@@ -33,7 +33,8 @@ impl RateLimitConfig {
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
     tokens: f64,
-    at: Instant,
+    /// When it was last updated: µs on the limiter's timeline.
+    at_us: u64,
 }
 
 /// Why a request was refused.
@@ -80,6 +81,20 @@ pub struct RateLimiter {
     /// foldhash (hashbrown's default): fast on short keys and seeded per
     /// process, so clients cannot pick colliding sources.
     buckets: Mutex<hashbrown::HashMap<String, Bucket>>,
+    /// The timeline's origin, for [`RateLimiter::admit_at`].
+    base: Instant,
+    /// The same origin on the coarse monotonic clock, for `admit`.
+    base_coarse_us: u64,
+}
+
+/// The coarse monotonic clock in µs: a few ns to read (the precise one
+/// costs more than the rest of an admission), ticking every few ms, which
+/// only delays a refill by that much.
+fn coarse_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000)
+        .saturating_add(t.tv_nsec as u64 / 1_000)
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -95,6 +110,8 @@ impl RateLimiter {
         RateLimiter {
             config,
             buckets: Mutex::new(hashbrown::HashMap::new()),
+            base: Instant::now(),
+            base_coarse_us: coarse_us(),
         }
     }
 
@@ -103,13 +120,22 @@ impl RateLimiter {
         &self,
         counts: impl IntoIterator<Item = (&'a str, u64)>,
     ) -> Result<(), Limited> {
-        self.admit_at(Instant::now(), counts)
+        self.admit_us(coarse_us().saturating_sub(self.base_coarse_us), counts)
     }
 
     /// [`RateLimiter::admit`] at a given instant (tests drive time).
     pub fn admit_at<'a>(
         &self,
         now: Instant,
+        counts: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<(), Limited> {
+        let us = now.saturating_duration_since(self.base).as_micros();
+        self.admit_us(u64::try_from(us).unwrap_or(u64::MAX), counts)
+    }
+
+    fn admit_us<'a>(
+        &self,
+        now: u64,
         counts: impl IntoIterator<Item = (&'a str, u64)>,
     ) -> Result<(), Limited> {
         // Up to 8 sources on the stack (a request rarely has more), the
@@ -149,9 +175,9 @@ impl RateLimiter {
         for &(source, n, rate) in wanted {
             let b = buckets.get(source).copied().unwrap_or(Bucket {
                 tokens: rate.burst,
-                at: now,
+                at_us: now,
             });
-            let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+            let elapsed = now.saturating_sub(b.at_us) as f64 / 1e6;
             let tokens = (b.tokens + elapsed * rate.per_s).min(rate.burst);
             let n = n as f64;
             if n > rate.burst {
@@ -176,11 +202,11 @@ impl RateLimiter {
         for &(source, n, rate) in wanted {
             match buckets.get_mut(source) {
                 Some(b) => {
-                    let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+                    let elapsed = now.saturating_sub(b.at_us) as f64 / 1e6;
                     let tokens = (b.tokens + elapsed * rate.per_s).min(rate.burst);
                     *b = Bucket {
                         tokens: tokens - n as f64,
-                        at: now,
+                        at_us: now,
                     };
                 }
                 None => {
@@ -188,7 +214,7 @@ impl RateLimiter {
                         source.to_owned(),
                         Bucket {
                             tokens: rate.burst - n as f64,
-                            at: now,
+                            at_us: now,
                         },
                     );
                 }
@@ -198,7 +224,7 @@ impl RateLimiter {
             let config = &self.config;
             buckets.retain(|source, b| {
                 config.rate(source).is_some_and(|rate| {
-                    let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+                    let elapsed = now.saturating_sub(b.at_us) as f64 / 1e6;
                     b.tokens + elapsed * rate.per_s < rate.burst
                 })
             });

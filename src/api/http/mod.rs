@@ -156,14 +156,21 @@ async fn bound(State(state): State<AppState>, req: Request, next: Next) -> Respo
     let limit = state.request_timeout;
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(resp) => resp,
-        Err(_) => ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the request took longer than request_timeout ({} s)",
-                limit.as_secs_f64()
-            ),
-        )
-        .into_response(),
+        Err(_) => {
+            let mut resp = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request took longer than request_timeout ({} s)",
+                    limit.as_secs_f64()
+                ),
+            )
+            .into_response();
+            // The body may be half read: the connection cannot be reused,
+            // and the client must not try.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
     }
 }
 
