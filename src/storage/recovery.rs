@@ -39,12 +39,26 @@ fn lock_dir(dir: &Path) -> Result<File, StorageError> {
         .write(true)
         .open(&path)
         .map_err(|e| StorageError::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(StorageError::Locked(dir.to_owned())),
-        Err(fs::TryLockError::Error(e)) => Err(StorageError::io(&path, e)),
+    // A process that forks (to run a command) while we close and reopen
+    // the store lends its child a copy of our lock until the child execs:
+    // give such a copy a moment to go before calling the directory taken.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StorageError::Locked(dir.to_owned()));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(StorageError::io(&path, e)),
+        }
     }
 }
+
+/// How long opening waits for a lock held by someone else.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Creates an empty log file with its header, durably.
 pub(crate) fn create_log(dir: &Path, id: u64) -> Result<(), StorageError> {
