@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use evdb::maintenance::{CompactOptions, CompactionPolicy};
 use evdb::query::{Order, Query};
 use evdb::{AppendOutcome, Config, Db, Event, Severity, Timestamp};
@@ -284,30 +282,13 @@ fn evdb_compact_now_on_a_data_directory() {
         .unwrap();
         db.close().unwrap();
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_evdb"))
-        .args(["compact", "--now", "--json", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let data_arg = data.to_str().unwrap();
+    let out = common::evdb_ok(&["compact", "--now", "--json", "--data-dir", data_arg]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["compaction"]["events_removed"], 100);
     assert_eq!(v["compaction"]["segments_out"], 1);
     assert!(v["retention"].is_null());
-    let out = Command::new(env!("CARGO_BIN_EXE_evdb"))
-        .args(["verify", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    common::evdb_ok(&["verify", "--data-dir", data_arg]);
     let db = Db::open(&data, config()).unwrap();
     assert_eq!(db.stats(&Query::default()).unwrap().total, 200);
 }

@@ -5,6 +5,8 @@
 //! the same input stores only what is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -234,29 +236,19 @@ fn sigkill_during_retention_and_compaction_keeps_the_store_consistent() {
         );
         db.close().unwrap();
         drop(db);
-        let out = Command::new(env!("CARGO_BIN_EXE_evdb"))
-            .args(["verify", "--data-dir"])
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "round {round}: verify: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        let data_arg = data.to_str().unwrap();
+        common::evdb_ok(&["verify", "--data-dir", data_arg]);
         // Finishing the job leaves exactly the live events.
-        let out = Command::new(env!("CARGO_BIN_EXE_evdb"))
-            .args(["compact", "--now", "--json", "--config"])
-            .arg(&cfg)
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let cfg_arg = cfg.to_str().unwrap();
+        common::evdb_ok(&[
+            "compact",
+            "--now",
+            "--json",
+            "--config",
+            cfg_arg,
+            "--data-dir",
+            data_arg,
+        ]);
         let db = Db::open(&data, config.clone()).unwrap();
         assert_eq!(
             db.stats(&evdb::query::Query::default()).unwrap().total,

@@ -106,3 +106,20 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// Runs `evdb ARGS` to completion and returns its standard output; fails
+/// the test, showing both outputs, when it exits non-zero.
+pub fn evdb_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_evdb"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "evdb {:?} failed: {stdout}{}",
+        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
