@@ -12,7 +12,7 @@ use crate::event::{Event, Timestamp};
 use crate::index::IndexError;
 use crate::limits::{self, Invalid, Limits};
 use crate::query::aggregate::{AggregateResult, Aggregation, GroupBy, Metric};
-use crate::query::{self, Cursor, Page, Query, QueryError, SegmentInput, Seqs, Stats};
+use crate::query::{self, Cursor, Hit, Page, Query, QueryError, SegmentInput, Seqs, Stats};
 use crate::storage::dir::{FileSystem, RealFs};
 use crate::storage::{
     self, Appended, Log, Position, Prepared, RowReader, SegmentRef, StorageConfig, StorageError,
@@ -31,6 +31,10 @@ pub struct Config {
     /// space than this (0: never). The daemon's default is 256 MiB.
     pub min_free_bytes: u64,
 }
+
+/// Below this many blocks to decompress a query decodes its rows on its
+/// own thread: handing runs to the pool costs more than it saves.
+const PARALLEL_DECODE_MIN: usize = 16;
 
 /// Errors of the library API.
 #[derive(Debug, thiserror::Error)]
@@ -521,30 +525,8 @@ impl Db {
             Ok(rows_with_text(&mut reader, segment, candidates, &needle)?)
         })?;
         drop(held);
-        // Decode in arrival order (each block once), then restore the
-        // result order.
-        let mut by_position: Vec<usize> = (0..selection.hits.len()).collect();
-        by_position.sort_unstable_by_key(|&i| (selection.hits[i].segment, selection.hits[i].row));
-        let mut slots: Vec<Option<Event>> = vec![None; selection.hits.len()];
-        for i in by_position {
-            let hit = &selection.hits[i];
-            let pos = Position {
-                segment: hit.segment,
-                row: hit.row,
-            };
-            match reader.event(pos)? {
-                Some(e) => slots[i] = Some(e),
-                None => {
-                    return Err(StorageError::corrupted(
-                        pos.segment,
-                        0,
-                        "an indexed row is missing from its segment",
-                    )
-                    .into());
-                }
-            }
-        }
-        let events: Vec<Event> = slots.into_iter().flatten().collect();
+        drop(reader);
+        let events = self.decode_hits(&set, &selection.hits)?;
         let next_cursor = match (selection.more, selection.hits.last()) {
             (true, Some(last)) => Some(Cursor {
                 timestamp_us: last.timestamp_us,
@@ -558,6 +540,64 @@ impl Db {
             events,
             next_cursor,
         })
+    }
+
+    /// Decodes the events of `hits`, in their order. Rows are read in
+    /// arrival order (each block once); when they span many blocks the
+    /// reading is shared between the worker threads, each taking one run
+    /// of positions (block decompression is most of a query's time).
+    fn decode_hits(&self, set: &Arc<storage::SegmentSet>, hits: &[Hit]) -> Result<Vec<Event>, DbError> {
+        use rayon::prelude::*;
+        let mut by_position: Vec<usize> = (0..hits.len()).collect();
+        by_position.sort_unstable_by_key(|&i| (hits[i].segment, hits[i].row));
+        let decode = |run: &[usize]| -> Result<Vec<(usize, Event)>, StorageError> {
+            let mut reader = RowReader::with_cache(set.clone(), self.blocks.clone());
+            let mut out = Vec::with_capacity(run.len());
+            for &i in run {
+                let pos = Position {
+                    segment: hits[i].segment,
+                    row: hits[i].row,
+                };
+                let event = reader.event(pos)?.ok_or_else(|| {
+                    StorageError::corrupted(
+                        pos.segment,
+                        0,
+                        "an indexed row is missing from its segment",
+                    )
+                })?;
+                out.push((i, event));
+            }
+            Ok(out)
+        };
+        let threads = rayon::current_num_threads().max(1);
+        // Sealed blocks to decompress, not in the cache (rows of the open
+        // segments and cached blocks are cheap).
+        let mut blocks = 0usize;
+        let mut last = None;
+        for &i in &by_position {
+            if let Some(SegmentRef::Sealed(s)) = set.get(hits[i].segment)
+                && let Some(block) = s.block_of(hits[i].row)
+                && last != Some((s.id, block))
+            {
+                last = Some((s.id, block));
+                blocks += usize::from(!self.blocks.contains(s.id, block));
+            }
+        }
+        let decoded: Vec<(usize, Event)> = if blocks < PARALLEL_DECODE_MIN || threads == 1 {
+            decode(&by_position)?
+        } else {
+            let run = by_position.len().div_ceil(threads);
+            let runs: Vec<Vec<(usize, Event)>> = by_position
+                .par_chunks(run)
+                .map(decode)
+                .collect::<Result<_, _>>()?;
+            runs.into_iter().flatten().collect()
+        };
+        let mut slots: Vec<Option<Event>> = vec![None; hits.len()];
+        for (i, event) in decoded {
+            slots[i] = Some(event);
+        }
+        Ok(slots.into_iter().flatten().collect())
     }
 
     /// Counts by source, type and severity of the events matching `query`

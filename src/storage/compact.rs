@@ -279,8 +279,12 @@ impl Log {
                             if input.drop.contains(row) {
                                 continue;
                             }
-                            let frame = block.frame(row).ok_or_else(|| {
-                                StorageError::corrupted(seg.id, 0, "row missing from its block")
+                            let frame = block.checked_frame(row).ok_or_else(|| {
+                                StorageError::corrupted(
+                                    seg.id,
+                                    0,
+                                    "row missing from its block or failing its checksum",
+                                )
                             })?;
                             writer.push_verified(frame, seq_of(row)?)?;
                         }

@@ -88,6 +88,36 @@ pub fn seal_in_place(kind: FrameKind, buf: &mut [u8]) {
     buf[KIND_OFFSET] = kind as u8;
 }
 
+/// The total size of the frame at the start of `buf`, from its header
+/// alone: the length is bounded and in `buf`, the kind is known; the
+/// checksum is not computed. For walking a block whose bytes were already
+/// checked as a whole (each frame is verified again when it is served).
+pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
+    if buf.len() < FRAME_HEADER_SIZE {
+        return Err(FrameError::Truncated {
+            needed: FRAME_HEADER_SIZE,
+            available: buf.len(),
+        });
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > FRAME_PAYLOAD_MAX {
+        return Err(FrameError::Oversized {
+            len,
+            max: FRAME_PAYLOAD_MAX,
+        });
+    }
+    let total = FRAME_HEADER_SIZE + len;
+    if buf.len() < total {
+        return Err(FrameError::Truncated {
+            needed: total,
+            available: buf.len(),
+        });
+    }
+    let kind_byte = buf[KIND_OFFSET];
+    FrameKind::from_u8(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
+    Ok(total)
+}
+
 /// Decodes the frame at the start of `buf`; returns it and its total size.
 pub fn decode(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
     if buf.len() < FRAME_HEADER_SIZE {
@@ -174,10 +204,38 @@ mod tests {
         assert_eq!(decode(&unknown), Err(FrameError::UnknownKind(9)));
     }
 
+    #[test]
+    fn frame_len_reads_the_header_only() {
+        let mut buf = Vec::new();
+        encode(FrameKind::EventV1, b"payload", &mut buf);
+        assert_eq!(frame_len(&buf), Ok(buf.len()));
+        // A payload flip passes the header walk; decode catches it.
+        let mut flipped = buf.clone();
+        flipped[FRAME_HEADER_SIZE] ^= 1;
+        assert_eq!(frame_len(&flipped), Ok(buf.len()));
+        assert_eq!(decode(&flipped), Err(FrameError::Checksum));
+        for cut in 0..buf.len() {
+            assert!(matches!(
+                frame_len(&buf[..cut]),
+                Err(FrameError::Truncated { .. })
+            ));
+        }
+        let mut huge = buf.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(frame_len(&huge), Err(FrameError::Oversized { .. })));
+        let mut unknown = buf.clone();
+        unknown[KIND_OFFSET] = 9;
+        assert_eq!(frame_len(&unknown), Err(FrameError::UnknownKind(9)));
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = decode(&bytes);
+            // Whatever decode accepts, the header walk measures alike.
+            if let Ok((_, used)) = decode(&bytes) {
+                prop_assert_eq!(frame_len(&bytes), Ok(used));
+            }
         }
 
         #[test]

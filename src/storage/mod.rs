@@ -737,6 +737,11 @@ impl BlockCache {
         }
     }
 
+    /// Whether block `index` of segment `segment` is cached now.
+    pub fn contains(&self, segment: u64, index: usize) -> bool {
+        self.inner.lock().map.contains_key(&(segment, index))
+    }
+
     /// The block `index` of `segment`, decompressed (and cached) if needed.
     pub fn get(
         &self,
@@ -808,9 +813,20 @@ impl RowReader {
 
     /// The record payload at `pos`, if the row exists and is visible.
     pub fn payload(&mut self, pos: Position) -> Result<Option<Vec<u8>>, StorageError> {
+        self.with_payload(pos, <[u8]>::to_vec)
+    }
+
+    /// Calls `f` on the record payload at `pos` (borrowed from the open
+    /// segment's copy or the decompressed block), if the row exists and is
+    /// visible.
+    fn with_payload<R>(
+        &mut self,
+        pos: Position,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, StorageError> {
         let sealed = match self.set.get(pos.segment) {
             None => return Ok(None),
-            Some(SegmentRef::Open(s)) => return s.read_payload(pos.row),
+            Some(SegmentRef::Open(s)) => return Ok(s.read_payload(pos.row)?.map(|p| f(&p))),
             Some(SegmentRef::Sealed(s)) => s.clone(),
         };
         let Some(index) = sealed.block_of(pos.row) else {
@@ -825,7 +841,7 @@ impl RowReader {
             .block
             .as_ref()
             .and_then(|(_, _, b)| b.payload(pos.row))
-            .map(|(_, p)| p.to_vec()))
+            .map(|(_, p)| f(p)))
     }
 
     /// Whether `pos` lies in a sealed block whose bytes do not contain
@@ -854,10 +870,7 @@ impl RowReader {
 
     /// The decoded event at `pos`.
     pub fn event(&mut self, pos: Position) -> Result<Option<Event>, StorageError> {
-        match self.payload(pos)? {
-            Some(p) => decode_at(pos, &p).map(Some),
-            None => Ok(None),
-        }
+        self.with_payload(pos, |p| decode_at(pos, p))?.transpose()
     }
 }
 

@@ -495,7 +495,7 @@ impl SealedWriter {
         for row in block.first_row..block.first_row + block.rows() {
             let at = u64::from(self.rows);
             let payload = block
-                .frame(row)
+                .checked_frame(row)
                 .and_then(|f| f.get(frame::FRAME_HEADER_SIZE..))
                 .ok_or_else(|| {
                     StorageError::corrupted(self.segment, at, "row missing from its block")
@@ -521,9 +521,8 @@ impl SealedWriter {
         self.smooth_writeback()
     }
 
-    /// Appends one frame already checked (it comes from a block that
-    /// [`SealedSegment::read_block`] verified): its checksum is not
-    /// computed again.
+    /// Appends one frame already checked (by [`Block::checked_frame`]):
+    /// its checksum is not computed again.
     pub fn push_verified(
         &mut self,
         frame_bytes: &[u8],
@@ -973,10 +972,12 @@ impl SealedSegment {
         if raw.len() != entry.raw_len as usize {
             return Err(corrupt("block decompressed to the wrong size".into()));
         }
+        // The compressed bytes passed their checksum: walk the frame
+        // headers only. `Block::payload` verifies each frame it serves.
         let mut offsets = Vec::with_capacity(entry.rows as usize);
         let mut at = 0usize;
         while at < raw.len() {
-            let (_, used) = frame::decode(&raw[at..])
+            let used = frame::frame_len(&raw[at..])
                 .map_err(|e| corrupt(format!("frame {} in block: {e}", offsets.len())))?;
             offsets.push(at as u32);
             at += used;
@@ -1074,8 +1075,8 @@ impl Block {
     pub fn payload(&self, row: u32) -> Option<(FrameKind, &[u8])> {
         let i = row.checked_sub(self.first_row)? as usize;
         let at = *self.offsets.get(i)? as usize;
-        // Frames were decoded once in `read_block`; decoding again is cheap and
-        // keeps this accessor free of unchecked slicing.
+        // `read_block` walked the headers only: the frame's checksum is
+        // verified here, on every row served.
         frame::decode(&self.raw[at..])
             .ok()
             .map(|(f, _)| (f.kind, f.payload))
@@ -1094,6 +1095,12 @@ impl Block {
             .get(i + 1)
             .map_or(self.raw.len(), |&e| e as usize);
         self.raw.get(start..end)
+    }
+
+    /// [`Block::frame`] with the frame's checksum verified.
+    pub fn checked_frame(&self, row: u32) -> Option<&[u8]> {
+        let f = self.frame(row)?;
+        frame::decode(f).ok().map(|_| f)
     }
 
     /// The block's frames, back to back.
