@@ -36,6 +36,10 @@ pub struct Config {
 /// own thread: handing runs to the pool costs more than it saves.
 const PARALLEL_DECODE_MIN: usize = 16;
 
+/// Below this many candidate rows of one segment a `text` filter reads
+/// them on the query's own thread.
+const PARALLEL_TEXT_ROWS_MIN: u64 = 4096;
+
 /// Errors of the library API.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -163,7 +167,48 @@ impl std::fmt::Debug for Db {
 /// The candidate rows of `segment` whose `data` contains `needle`. A row
 /// whose record bytes lack the needle cannot match, so only byte hits are
 /// decoded; a sealed block without the needle is skipped whole.
+/// The rows of `candidates` (rows of `segment`) whose `data` contains
+/// `needle`. Many candidates are cut into one run of rows per core, read
+/// in parallel on the `rayon` pool and around the block cache (a full scan
+/// decompresses every block; caching them would only evict hot ones).
 fn rows_with_text(
+    reader: &mut RowReader,
+    segment: u64,
+    candidates: &roaring::RoaringBitmap,
+    needle: &str,
+) -> Result<roaring::RoaringBitmap, StorageError> {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads() as u64;
+    let rows = candidates.len();
+    if threads < 2 || rows < PARALLEL_TEXT_ROWS_MIN {
+        return rows_with_text_on(reader, segment, candidates, needle);
+    }
+    // Cut at the rows of rank rows/threads, 2·rows/threads, …
+    let mut cuts: Vec<u32> = (1..threads)
+        .filter_map(|k| candidates.select((rows * k / threads) as u32))
+        .collect();
+    cuts.push(u32::MAX);
+    let mut runs = Vec::with_capacity(cuts.len());
+    let mut from = 0u32;
+    for &to in &cuts {
+        let mut run = candidates.clone();
+        run.remove_range(..from);
+        if to != u32::MAX {
+            run.remove_range(to..);
+        }
+        runs.push(run);
+        from = to;
+    }
+    let found = runs
+        .par_iter()
+        .map(|run| rows_with_text_on(&mut reader.fork_uncached(), segment, run, needle))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(found
+        .into_iter()
+        .fold(roaring::RoaringBitmap::new(), |a, b| a | b))
+}
+
+fn rows_with_text_on(
     reader: &mut RowReader,
     segment: u64,
     candidates: &roaring::RoaringBitmap,
@@ -546,7 +591,11 @@ impl Db {
     /// arrival order (each block once); when they span many blocks the
     /// reading is shared between the worker threads, each taking one run
     /// of positions (block decompression is most of a query's time).
-    fn decode_hits(&self, set: &Arc<storage::SegmentSet>, hits: &[Hit]) -> Result<Vec<Event>, DbError> {
+    fn decode_hits(
+        &self,
+        set: &Arc<storage::SegmentSet>,
+        hits: &[Hit],
+    ) -> Result<Vec<Event>, DbError> {
         use rayon::prelude::*;
         let mut by_position: Vec<usize> = (0..hits.len()).collect();
         by_position.sort_unstable_by_key(|&i| (hits[i].segment, hits[i].row));

@@ -471,6 +471,92 @@ fn top_k_across_time_zones_equals_the_model() {
     }
 }
 
+/// Pages whose rows span many uncached blocks and `text` filters over many
+/// candidates are read on several threads; the answers are the model's.
+#[test]
+fn parallel_reads_equal_the_model() {
+    // At least two workers, whatever the machine (the pool is global to
+    // this test binary: the first builder wins).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build_global();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.storage.segment_size_bytes = 512 << 10;
+    cfg.storage.block_size_bytes = 2048;
+    let db = Db::open(dir.path(), cfg).unwrap();
+    let mut rng = evdb::generator::Rng::new(11);
+    let events: Vec<Event> = (0..24_000)
+        .map(|i| Event {
+            id: format!("p{i}"),
+            timestamp: Timestamp(i64::from(i) * 10 + rng.below(50_000) as i64),
+            source: SOURCES[rng.below(3) as usize].into(),
+            event_type: TYPES[rng.below(3) as usize].into(),
+            severity: Severity::ALL[rng.below(5) as usize],
+            correlation_id: Some(format!("c{}", rng.below(40))),
+            tags: vec![TAGS[rng.below(4) as usize].to_owned()],
+            data: JsonObject::parse(&format!(
+                r#"{{"word":"{}","n":{i}}}"#,
+                WORDS[rng.below(3) as usize]
+            ))
+            .unwrap(),
+            native: None,
+        })
+        .collect();
+    for chunk in events.chunks(1000) {
+        db.append_batch(chunk.to_vec()).unwrap();
+    }
+    db.seal().unwrap();
+    let rows: Vec<u32> = db.log().segments().sealed.iter().map(|s| s.rows).collect();
+    // Several segments, each with more rows than the parallel text path
+    // needs (4,096 candidates).
+    assert!(
+        rows.len() >= 3 && rows.iter().all(|&r| r > 4096),
+        "{rows:?}"
+    );
+    for order in [Order::Desc, Order::Asc] {
+        for q in [
+            Query {
+                min_severity: Some(Severity::Warning),
+                limit: 1000,
+                order,
+                ..Query::default()
+            },
+            Query {
+                correlation_id: Some("c7".into()),
+                limit: 1000,
+                order,
+                ..Query::default()
+            },
+            Query {
+                text: Some("banana".into()),
+                limit: 1000,
+                order,
+                ..Query::default()
+            },
+            Query {
+                text: Some("\"n\":1234}".into()),
+                limit: 10,
+                order,
+                ..Query::default()
+            },
+        ] {
+            let want: Vec<Event> = model_query(&events, &q).into_iter().take(q.limit).collect();
+            assert_eq!(db.query(&q).unwrap().events, want, "{q:?}");
+        }
+    }
+    let q = Query {
+        text: Some("cherry".into()),
+        ..Query::default()
+    };
+    let got = db.stats(&q).unwrap();
+    let want = model_stats(&events, &q);
+    assert_eq!(
+        (got.total, &got.by_source, &got.by_severity),
+        (want.total, &want.by_source, &want.by_severity)
+    );
+}
+
 /// Queries racing appends, rolls and seals never miss an acknowledged event
 /// and never see one twice.
 #[test]

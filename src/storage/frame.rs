@@ -222,7 +222,10 @@ mod tests {
         }
         let mut huge = buf.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(frame_len(&huge), Err(FrameError::Oversized { .. })));
+        assert!(matches!(
+            frame_len(&huge),
+            Err(FrameError::Oversized { .. })
+        ));
         let mut unknown = buf.clone();
         unknown[KIND_OFFSET] = 9;
         assert_eq!(frame_len(&unknown), Err(FrameError::UnknownKind(9)));

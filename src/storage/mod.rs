@@ -800,6 +800,12 @@ impl RowReader {
         }
     }
 
+    /// A reader of the same segments for another thread, without the
+    /// shared cache (for scans, which would only churn it).
+    pub fn fork_uncached(&self) -> RowReader {
+        RowReader::new(self.set.clone())
+    }
+
     fn load(
         &self,
         sealed: &SealedSegment,
