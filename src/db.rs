@@ -322,9 +322,11 @@ impl Db {
         let dir = path.as_ref();
         let index_dir = dir.join("index");
         std::fs::create_dir_all(&index_dir).map_err(|e| StorageError::io(&index_dir, e))?;
+        let indexes = Indexes::new(index_dir.clone(), fields.clone());
         let hook = Arc::new(IndexSealer {
-            dir: index_dir.clone(),
-            fields: fields.clone(),
+            dir: index_dir,
+            fields,
+            mems: indexes.map(),
         });
         let log = Log::open_with(dir, config.storage.clone(), fs.clone(), Some(hook))?;
         let space = SpaceGuard {
@@ -336,7 +338,6 @@ impl Db {
             started: std::time::Instant::now(),
             checked_at_ms: std::sync::atomic::AtomicU64::new(0),
         };
-        let indexes = Indexes::new(index_dir, fields);
         let set = log.segments();
         indexes
             .remove_stale_files(&set)

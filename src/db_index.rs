@@ -90,10 +90,36 @@ pub(crate) struct IndexSealer {
     pub dir: PathBuf,
     /// Declared numeric fields (JSON pointers).
     pub fields: Arc<[String]>,
+    /// The in-memory indexes of open segments (shared with [`Indexes`]).
+    pub mems: IndexMap,
 }
 
 impl SealHook for IndexSealer {
+    /// Written from the segment's in-memory index when it holds every row
+    /// (appenders index what they stored before the sealer gets there,
+    /// almost always); from the records otherwise.
     fn sealed(&self, segment: &SealedSegment) -> Result<(), String> {
+        let mem = match self.mems.read().get(&segment.id) {
+            Some(Entry::Mem(m)) => Some(m.clone()),
+            _ => None,
+        };
+        if let Some(mem) = mem {
+            let mem = mem.read();
+            if mem.rows() == u64::from(segment.rows)
+                && mem.timestamps().len() == segment.rows as usize
+            {
+                if !self.fields.is_empty() {
+                    write_numeric(&self.dir, segment, &mem)?;
+                }
+                return write_index_file(
+                    &index_path(&self.dir, segment.id),
+                    segment.id,
+                    mem.timestamps(),
+                    &mem.sorted_terms(),
+                )
+                .map_err(|e| e.to_string());
+            }
+        }
         build_index_file(&self.dir, segment, &self.fields)
     }
 
@@ -225,10 +251,13 @@ fn build_numeric_file(
 }
 
 #[derive(Clone)]
-enum Entry {
+pub(crate) enum Entry {
     Mem(Arc<RwLock<MemIndex>>),
     Sealed(Arc<SealedIndex>),
 }
+
+/// Each segment's index: in memory while open, its file once sealed.
+pub(crate) type IndexMap = Arc<RwLock<HashMap<u64, Entry>>>;
 
 enum HeldIndex {
     Mem(ArcRwLockReadGuard<RawRwLock, MemIndex>),
@@ -305,7 +334,7 @@ impl IndexView for Held {
 
 pub(crate) struct Indexes {
     dir: PathBuf,
-    map: RwLock<HashMap<u64, Entry>>,
+    map: IndexMap,
     /// Segments whose in-memory index was dropped because they are sealed:
     /// never index them in memory again, even for a reader whose older
     /// snapshot still shows them open (their index file is complete).
@@ -322,10 +351,15 @@ pub(crate) struct Indexes {
 }
 
 impl Indexes {
+    /// The map of indexes, for the seal hook.
+    pub fn map(&self) -> IndexMap {
+        self.map.clone()
+    }
+
     pub fn new(dir: PathBuf, fields: Arc<[String]>) -> Indexes {
         Indexes {
             dir,
-            map: RwLock::new(HashMap::new()),
+            map: Arc::new(RwLock::new(HashMap::new())),
             retired: parking_lot::Mutex::new(std::collections::HashSet::new()),
             deleted: RwLock::new(HashMap::new()),
             fields,
@@ -564,5 +598,47 @@ impl Indexes {
                 Entry::Sealed(s) => s.memory_bytes(),
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::generator::Generator;
+    use crate::{Config, Db, Timestamp};
+
+    /// The seal hook writes index and numeric files from the in-memory
+    /// index; they must be byte for byte what decoding the segment gives.
+    #[test]
+    fn files_from_memory_equal_files_from_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.numeric_fields = vec!["/latency_ms".into()];
+        let db = Db::open(dir.path(), config.clone()).unwrap();
+        let mut generator = Generator::new(3, Timestamp(1_700_000_000_000_000), 100);
+        for _ in 0..4 {
+            db.append_batch(generator.batch(500)).unwrap();
+        }
+        db.seal().unwrap();
+        let set = db.log().segments();
+        assert!(!set.sealed.is_empty());
+        let index_dir = dir.path().join("index");
+        let fields: Vec<String> = config.numeric_fields.clone();
+        for seg in &set.sealed {
+            let from_memory = std::fs::read(index_path(&index_dir, seg.id)).unwrap();
+            let numbers_from_memory = std::fs::read(numeric_path(&index_dir, seg.id)).unwrap();
+            let other = tempfile::tempdir().unwrap();
+            build_index_file(other.path(), seg, &fields).unwrap();
+            assert_eq!(
+                from_memory,
+                std::fs::read(index_path(other.path(), seg.id)).unwrap()
+            );
+            assert_eq!(
+                numbers_from_memory,
+                std::fs::read(numeric_path(other.path(), seg.id)).unwrap()
+            );
+        }
+        db.close().unwrap();
     }
 }
