@@ -613,8 +613,10 @@ mod tests {
     #[test]
     fn files_from_memory_equal_files_from_records() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.numeric_fields = vec!["/latency_ms".into()];
+        let config = Config {
+            numeric_fields: vec!["/latency_ms".into()],
+            ..Config::default()
+        };
         let db = Db::open(dir.path(), config.clone()).unwrap();
         let mut generator = Generator::new(3, Timestamp(1_700_000_000_000_000), 100);
         for _ in 0..4 {
