@@ -168,8 +168,8 @@ impl std::fmt::Debug for Db {
 /// whose record bytes lack the needle cannot match, so only byte hits are
 /// decoded; a sealed block without the needle is skipped whole.
 /// The rows of `candidates` (rows of `segment`) whose `data` contains
-/// `needle`. Many candidates are cut into one run of rows per core, read
-/// in parallel on the `rayon` pool and around the block cache (a full scan
+/// `needle`. Many candidates are cut into runs of rows shared with an idle
+/// core (`par::help_from_pool`), read around the block cache (a full scan
 /// decompresses every block; caching them would only evict hot ones).
 fn rows_with_text(
     reader: &mut RowReader,
@@ -177,35 +177,44 @@ fn rows_with_text(
     candidates: &roaring::RoaringBitmap,
     needle: &str,
 ) -> Result<roaring::RoaringBitmap, StorageError> {
-    use rayon::prelude::*;
-    let threads = rayon::current_num_threads() as u64;
     let rows = candidates.len();
-    if threads < 2 || rows < PARALLEL_TEXT_ROWS_MIN {
+    if rows < PARALLEL_TEXT_ROWS_MIN {
         return rows_with_text_on(reader, segment, candidates, needle);
     }
-    // Cut at the rows of rank rows/threads, 2·rows/threads, …
-    let mut cuts: Vec<u32> = (1..threads)
-        .filter_map(|k| candidates.select((rows * k / threads) as u32))
-        .collect();
-    cuts.push(u32::MAX);
-    let mut runs = Vec::with_capacity(cuts.len());
+    // At least two runs, of at most 16,384 candidates, cut at the rows of
+    // those ranks.
+    let parts = rows.div_ceil(16_384).max(2);
+    let mut runs = Vec::with_capacity(parts as usize);
     let mut from = 0u32;
-    for &to in &cuts {
+    for k in 1..=parts {
+        let to = if k == parts {
+            None
+        } else {
+            candidates.select((rows * k / parts) as u32)
+        };
         let mut run = candidates.clone();
         run.remove_range(..from);
-        if to != u32::MAX {
+        if let Some(to) = to {
             run.remove_range(to..);
+            from = to;
         }
         runs.push(run);
-        from = to;
+        if to.is_none() {
+            break;
+        }
     }
-    let found = runs
-        .par_iter()
-        .map(|run| rows_with_text_on(&mut reader.fork_uncached(), segment, run, needle))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(found
-        .into_iter()
-        .fold(roaring::RoaringBitmap::new(), |a, b| a | b))
+    let runs = Arc::new(runs);
+    let fork = reader.fork_uncached();
+    let needle: Arc<str> = needle.into();
+    let count = runs.len();
+    let found = crate::par::help_from_pool(count, move |k| {
+        rows_with_text_on(&mut fork.fork_uncached(), segment, &runs[k], &needle)
+    });
+    let mut out = roaring::RoaringBitmap::new();
+    for part in found {
+        out |= part?;
+    }
+    Ok(out)
 }
 
 fn rows_with_text_on(
@@ -232,6 +241,29 @@ fn rows_with_text_on(
         if event.data.as_str().contains(needle) {
             out.insert(row);
         }
+    }
+    Ok(out)
+}
+
+/// Decodes the rows `hits[i]` for each `i` of `run` (in that order): each
+/// block once, through `cache`.
+fn decode_run(
+    set: &Arc<storage::SegmentSet>,
+    cache: &Arc<storage::BlockCache>,
+    hits: &[Hit],
+    run: &[usize],
+) -> Result<Vec<(usize, Event)>, StorageError> {
+    let mut reader = RowReader::with_cache(set.clone(), cache.clone());
+    let mut out = Vec::with_capacity(run.len());
+    for &i in run {
+        let pos = Position {
+            segment: hits[i].segment,
+            row: hits[i].row,
+        };
+        let event = reader.event(pos)?.ok_or_else(|| {
+            StorageError::corrupted(pos.segment, 0, "an indexed row is missing from its segment")
+        })?;
+        out.push((i, event));
     }
     Ok(out)
 }
@@ -589,37 +621,17 @@ impl Db {
     }
 
     /// Decodes the events of `hits`, in their order. Rows are read in
-    /// arrival order (each block once); when they span many blocks the
-    /// reading is shared between the worker threads, each taking one run
-    /// of positions (block decompression is most of a query's time).
+    /// arrival order (each block once); when they span many uncached
+    /// blocks, runs of positions are shared with an idle core
+    /// (`par::help_from_pool`: block decompression is most of a query's
+    /// time, and the caller never waits for a busy one).
     fn decode_hits(
         &self,
         set: &Arc<storage::SegmentSet>,
         hits: &[Hit],
     ) -> Result<Vec<Event>, DbError> {
-        use rayon::prelude::*;
         let mut by_position: Vec<usize> = (0..hits.len()).collect();
         by_position.sort_unstable_by_key(|&i| (hits[i].segment, hits[i].row));
-        let decode = |run: &[usize]| -> Result<Vec<(usize, Event)>, StorageError> {
-            let mut reader = RowReader::with_cache(set.clone(), self.blocks.clone());
-            let mut out = Vec::with_capacity(run.len());
-            for &i in run {
-                let pos = Position {
-                    segment: hits[i].segment,
-                    row: hits[i].row,
-                };
-                let event = reader.event(pos)?.ok_or_else(|| {
-                    StorageError::corrupted(
-                        pos.segment,
-                        0,
-                        "an indexed row is missing from its segment",
-                    )
-                })?;
-                out.push((i, event));
-            }
-            Ok(out)
-        };
-        let threads = rayon::current_num_threads().max(1);
         // Sealed blocks to decompress, not in the cache (rows of the open
         // segments and cached blocks are cheap).
         let mut blocks = 0usize;
@@ -633,15 +645,23 @@ impl Db {
                 blocks += usize::from(!self.blocks.contains(s.id, block));
             }
         }
-        let decoded: Vec<(usize, Event)> = if blocks < PARALLEL_DECODE_MIN || threads == 1 {
-            decode(&by_position)?
+        let decoded: Vec<(usize, Event)> = if blocks < PARALLEL_DECODE_MIN {
+            decode_run(set, &self.blocks, hits, &by_position)?
         } else {
-            let run = by_position.len().div_ceil(threads);
-            let runs: Vec<Vec<(usize, Event)>> = by_position
-                .par_chunks(run)
-                .map(decode)
-                .collect::<Result<_, _>>()?;
-            runs.into_iter().flatten().collect()
+            // Runs of about eight blocks, shared with an idle core.
+            let run = by_position.len().div_ceil(blocks.div_ceil(8)).max(1);
+            let runs = by_position.len().div_ceil(run);
+            let (set, cache) = (set.clone(), self.blocks.clone());
+            let (hits, order) = (Arc::new(hits.to_vec()), Arc::new(by_position));
+            let decoded = crate::par::help_from_pool(runs, move |k| {
+                let part = order.get(k * run..((k + 1) * run).min(order.len()));
+                decode_run(&set, &cache, &hits, part.unwrap_or_default())
+            });
+            let mut all = Vec::new();
+            for part in decoded {
+                all.extend(part?);
+            }
+            all
         };
         let mut slots: Vec<Option<Event>> = vec![None; hits.len()];
         for (i, event) in decoded {

@@ -45,6 +45,7 @@ pub mod generator;
 pub mod index;
 pub mod limits;
 pub mod maintenance;
+pub mod par;
 pub mod query;
 pub mod server;
 pub mod snapshot;

@@ -1,0 +1,134 @@
+//! Sharing one request's work with an idle core, without ever waiting for
+//! one that is busy.
+//!
+//! [`help_from_pool`] runs items on the calling thread and lets one task of
+//! a small `rayon` pool (one thread fewer than the cores) take items too,
+//! whenever it gets a core. The caller
+//! claims items until none is left and then waits only for the items the
+//! helper has already started: on a busy machine the helper may never run
+//! and the caller does everything itself, at the cost of one atomic per
+//! item (a plain `par_iter` from outside the pool would block the caller
+//! until pool threads were scheduled, which showed up as tail latency when
+//! the daemon shared its cores with clients).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Condvar, Mutex};
+
+/// The helpers: one thread fewer than the machine has cores, so that the
+/// callers plus their helpers never outnumber the cores (a pool of one per
+/// core kept an extra thread spinning for work). None on one core.
+fn helpers() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores < 2 {
+            return None;
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cores - 1)
+            .thread_name(|i| format!("evdb-read-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+struct State<T> {
+    next: AtomicUsize,
+    results: Mutex<Vec<Option<T>>>,
+    /// Items the helper has claimed and not yet finished.
+    helping: Mutex<usize>,
+    done: Condvar,
+}
+
+impl<T> State<T> {
+    fn put(&self, i: usize, value: T) {
+        if let Some(slot) = self.results.lock().get_mut(i) {
+            *slot = Some(value);
+        }
+    }
+}
+
+/// Runs `work(i)` for every `i` in `0..n` and returns the results in
+/// order; items run on the calling thread and on at most one helper.
+pub fn help_from_pool<T, F>(n: usize, work: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> T + Send + Sync + 'static,
+{
+    let state = Arc::new(State {
+        next: AtomicUsize::new(0),
+        results: Mutex::new((0..n).map(|_| None).collect()),
+        helping: Mutex::new(0),
+        done: Condvar::new(),
+    });
+    let work = Arc::new(work);
+    if n > 1
+        && let Some(pool) = helpers()
+    {
+        let state = state.clone();
+        let work = work.clone();
+        pool.spawn(move || {
+            loop {
+                // Claim and count under the lock, so that the caller, once
+                // it holds the lock, sees every claimed item counted.
+                let i = {
+                    let mut helping = state.helping.lock();
+                    let i = state.next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    *helping += 1;
+                    i
+                };
+                let value = work(i);
+                state.put(i, value);
+                let mut helping = state.helping.lock();
+                *helping -= 1;
+                if *helping == 0 {
+                    state.done.notify_all();
+                }
+            }
+        });
+    }
+    loop {
+        let i = state.next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        let value = work(i);
+        state.put(i, value);
+    }
+    {
+        let mut helping = state.helping.lock();
+        while *helping > 0 {
+            state.done.wait(&mut helping);
+        }
+    }
+    let mut results = state.results.lock();
+    std::mem::take(&mut *results)
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_item_once_in_order() {
+        for n in [0, 1, 2, 7, 100] {
+            let seen = Arc::new(AtomicUsize::new(0));
+            let counter = seen.clone();
+            let out = help_from_pool(n, move |i| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                i * 2
+            });
+            assert_eq!(out, (0..n).map(|i| i * 2).collect::<Vec<_>>());
+            assert_eq!(seen.load(Ordering::Relaxed), n);
+        }
+    }
+}
