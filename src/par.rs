@@ -44,9 +44,33 @@ struct State<T> {
 }
 
 impl<T> State<T> {
-    fn put(&self, i: usize, value: T) {
-        if let Some(slot) = self.results.lock().get_mut(i) {
-            *slot = Some(value);
+    /// Claims and runs items until none is left. The helper claims and
+    /// counts each item under the `helping` lock, so that the caller, once
+    /// it holds that lock, sees every item the helper started.
+    fn work_through(&self, n: usize, work: &dyn Fn(usize) -> T, helper: bool) {
+        loop {
+            let i = {
+                let mut helping = helper.then(|| self.helping.lock());
+                let i = self.next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                if let Some(h) = helping.as_mut() {
+                    **h += 1;
+                }
+                i
+            };
+            let value = work(i);
+            if let Some(slot) = self.results.lock().get_mut(i) {
+                *slot = Some(value);
+            }
+            if helper {
+                let mut helping = self.helping.lock();
+                *helping -= 1;
+                if *helping == 0 {
+                    self.done.notify_all();
+                }
+            }
         }
     }
 }
@@ -70,37 +94,9 @@ where
     {
         let state = state.clone();
         let work = work.clone();
-        pool.spawn(move || {
-            loop {
-                // Claim and count under the lock, so that the caller, once
-                // it holds the lock, sees every claimed item counted.
-                let i = {
-                    let mut helping = state.helping.lock();
-                    let i = state.next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        return;
-                    }
-                    *helping += 1;
-                    i
-                };
-                let value = work(i);
-                state.put(i, value);
-                let mut helping = state.helping.lock();
-                *helping -= 1;
-                if *helping == 0 {
-                    state.done.notify_all();
-                }
-            }
-        });
+        pool.spawn(move || state.work_through(n, &*work, true));
     }
-    loop {
-        let i = state.next.fetch_add(1, Ordering::Relaxed);
-        if i >= n {
-            break;
-        }
-        let value = work(i);
-        state.put(i, value);
-    }
+    state.work_through(n, &*work, false);
     {
         let mut helping = state.helping.lock();
         while *helping > 0 {

@@ -88,11 +88,9 @@ pub fn seal_in_place(kind: FrameKind, buf: &mut [u8]) {
     buf[KIND_OFFSET] = kind as u8;
 }
 
-/// The total size of the frame at the start of `buf`, from its header
-/// alone: the length is bounded and in `buf`, the kind is known; the
-/// checksum is not computed. For walking a block whose bytes were already
-/// checked as a whole (each frame is verified again when it is served).
-pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
+/// The total size the header at the start of `buf` announces, checked to
+/// be bounded and to lie within `buf`.
+fn sized(buf: &[u8]) -> Result<usize, FrameError> {
     if buf.len() < FRAME_HEADER_SIZE {
         return Err(FrameError::Truncated {
             needed: FRAME_HEADER_SIZE,
@@ -113,6 +111,15 @@ pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
             available: buf.len(),
         });
     }
+    Ok(total)
+}
+
+/// The total size of the frame at the start of `buf`, from its header
+/// alone: the length is bounded and in `buf`, the kind is known; the
+/// checksum is not computed. For walking a block whose bytes were already
+/// checked as a whole (each frame is verified again when it is served).
+pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
+    let total = sized(buf)?;
     let kind_byte = buf[KIND_OFFSET];
     FrameKind::from_u8(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
     Ok(total)
@@ -120,27 +127,8 @@ pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
 
 /// Decodes the frame at the start of `buf`; returns it and its total size.
 pub fn decode(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
-    if buf.len() < FRAME_HEADER_SIZE {
-        return Err(FrameError::Truncated {
-            needed: FRAME_HEADER_SIZE,
-            available: buf.len(),
-        });
-    }
+    let total = sized(buf)?;
     let len_bytes: [u8; 4] = [buf[0], buf[1], buf[2], buf[3]];
-    let len = u32::from_le_bytes(len_bytes) as usize;
-    if len > FRAME_PAYLOAD_MAX {
-        return Err(FrameError::Oversized {
-            len,
-            max: FRAME_PAYLOAD_MAX,
-        });
-    }
-    let total = FRAME_HEADER_SIZE + len;
-    if buf.len() < total {
-        return Err(FrameError::Truncated {
-            needed: total,
-            available: buf.len(),
-        });
-    }
     let stored_crc = u32::from_le_bytes([
         buf[CRC_OFFSET],
         buf[CRC_OFFSET + 1],
