@@ -161,17 +161,7 @@ async fn nasty_inputs_get_4xx_and_the_daemon_stays_healthy() {
         .unwrap();
     assert_eq!(r.status(), 413);
     // A slow body (a byte at a time) does not stop others from being served.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    let slow = tokio::spawn(
-        client
-            .post(d.url("/events"))
-            .header("content-type", "application/json")
-            .body(reqwest::Body::wrap_stream(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-            ))
-            .send(),
-    );
-    tx.send(Ok(b"{".to_vec())).await.unwrap();
+    let (tx, slow) = common::slow_post(&client, d.url("/events")).await;
     for _ in 0..5 {
         let r = client.get(d.url("/health")).send().await.unwrap();
         assert_eq!(r.status(), 200);

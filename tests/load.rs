@@ -46,17 +46,7 @@ async fn connections_beyond_the_limit_wait_for_a_free_one() {
 async fn a_request_past_the_deadline_is_answered_408() {
     let (mut d, _dir) = daemon_with("request_timeout = \"300ms\"\n");
     let client = reqwest::Client::new();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    let slow = tokio::spawn(
-        client
-            .post(d.url("/events"))
-            .header("content-type", "application/json")
-            .body(reqwest::Body::wrap_stream(
-                tokio_stream::wrappers::ReceiverStream::new(rx),
-            ))
-            .send(),
-    );
-    tx.send(Ok(b"{".to_vec())).await.unwrap();
+    let (tx, slow) = common::slow_post(&client, d.url("/events")).await;
     let r = tokio::time::timeout(Duration::from_secs(10), slow)
         .await
         .expect("the deadline never fired")

@@ -123,3 +123,27 @@ pub fn evdb_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     );
     stdout
 }
+
+/// Starts a `POST /events` whose JSON body arrives only as fast as the
+/// test sends chunks into the returned sender (it starts with `{`);
+/// dropping the sender ends the body.
+pub async fn slow_post(
+    client: &reqwest::Client,
+    url: String,
+) -> (
+    tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let slow = tokio::spawn(
+        client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+            .send(),
+    );
+    tx.send(Ok(b"{".to_vec())).await.unwrap();
+    (tx, slow)
+}
