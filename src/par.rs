@@ -29,6 +29,11 @@ fn helpers() -> Option<&'static rayon::ThreadPool> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(cores - 1)
             .thread_name(|i| format!("evdb-read-{i}"))
+            // A failed item is run again by its caller (without a handler a
+            // panicking job would abort the process).
+            .panic_handler(|_| {
+                tracing::error!("a read helper panicked; its caller redoes the item")
+            })
             .build()
             .ok()
     })
@@ -60,17 +65,26 @@ impl<T> State<T> {
                 }
                 i
             };
+            // Counted down even if `work` panics, so the caller never waits
+            // for an item that will not finish (it runs that item itself).
+            let _finished = helper.then_some(Finished(&self.helping, &self.done));
             let value = work(i);
             if let Some(slot) = self.results.lock().get_mut(i) {
                 *slot = Some(value);
             }
-            if helper {
-                let mut helping = self.helping.lock();
-                *helping -= 1;
-                if *helping == 0 {
-                    self.done.notify_all();
-                }
-            }
+        }
+    }
+}
+
+/// Counts one helper item down when dropped.
+struct Finished<'a>(&'a Mutex<usize>, &'a Condvar);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        let mut helping = self.0.lock();
+        *helping = helping.saturating_sub(1);
+        if *helping == 0 {
+            self.1.notify_all();
         }
     }
 }
@@ -103,10 +117,12 @@ where
             state.done.wait(&mut helping);
         }
     }
-    let mut results = state.results.lock();
-    std::mem::take(&mut *results)
+    let results = std::mem::take(&mut *state.results.lock());
+    // An item is missing only if the helper panicked on it: run it here.
+    results
         .into_iter()
-        .flatten()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|| work(i)))
         .collect()
 }
 
@@ -126,5 +142,20 @@ mod tests {
             assert_eq!(out, (0..n).map(|i| i * 2).collect::<Vec<_>>());
             assert_eq!(seen.load(Ordering::Relaxed), n);
         }
+    }
+
+    // Release builds abort on panic: there is nothing to recover from.
+    #[cfg(panic = "unwind")]
+    #[test]
+    fn a_panicking_helper_neither_hangs_nor_loses_items() {
+        let out = help_from_pool(40, |i| {
+            let on_helper = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("evdb-read"));
+            assert!(!on_helper, "the helper fails every item it takes");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            i
+        });
+        assert_eq!(out, (0..40).collect::<Vec<_>>());
     }
 }
