@@ -16,6 +16,10 @@ use evdb::generator::Generator;
 use evdb::storage::Prepared;
 use evdb::{Config, Db, Timestamp};
 
+/// The allocator the `evdb` binary uses, so that figures match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn append(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = Arc::new(Db::open(dir.path(), Config::default()).expect("open"));

@@ -21,6 +21,10 @@ use evdb::query::{Order, Query};
 use evdb::storage::FsyncMode;
 use evdb::{Config, Db, Timestamp};
 
+/// The allocator the `evdb` binary uses, so that figures match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn events() -> u64 {
     std::env::var("EVDB_BENCH_QUERY_EVENTS")
         .ok()

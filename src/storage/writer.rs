@@ -78,7 +78,14 @@ pub(crate) struct Writer {
     dirty: bool,
     last_sync: Instant,
     seal_tx: Option<Sender<Arc<OpenSegment>>>,
+    /// The frames of the group being written, kept between groups so that
+    /// each group does not fault in freshly mapped pages.
+    stage: Vec<u8>,
 }
+
+/// Capacity of the staging buffer kept between groups; a larger group's
+/// buffer is released after its write.
+const STAGE_KEEP_BYTES: usize = 8 << 20;
 
 impl Writer {
     pub fn new(
@@ -96,6 +103,7 @@ impl Writer {
             fs,
             log: file,
             active,
+            stage: Vec::new(),
             end: log.end,
             rows,
             opened_at: Instant::now(),
@@ -286,7 +294,9 @@ impl Writer {
     ) -> Result<Vec<Vec<Appended>>, StorageError> {
         let set = self.shared.set.read().clone();
         let total: usize = appends.iter().map(|(e, _)| e.bytes()).sum();
-        let mut buf = Vec::with_capacity(total);
+        let mut buf = std::mem::take(&mut self.stage);
+        buf.clear();
+        buf.reserve(total);
         // Staged rows, in row order: (request, event) of each.
         let mut staged: Vec<(usize, usize)> = Vec::new();
         let mut outcomes = Vec::with_capacity(appends.len());
@@ -341,23 +351,33 @@ impl Writer {
                 outcomes.push(out);
             }
         }
-        if buf.is_empty() {
+        let written = buf.len();
+        if written == 0 {
+            self.keep_stage(buf);
             return Ok(outcomes);
         }
         let path = self.shared.log_path(active_id);
         // A failed write or sync poisons the store (the caller does it), so
         // staged rows that never reached the disk are never published.
-        self.log
-            .append(&buf)
-            .map_err(|e| StorageError::io(&path, e))?;
+        let result = self.log.append(&buf);
+        self.keep_stage(buf);
+        result.map_err(|e| StorageError::io(&path, e))?;
         self.dirty = true;
-        self.end += buf.len() as u64;
+        self.end += written as u64;
         self.rows += staged.len() as u32;
         if self.shared.config.fsync == FsyncMode::Always {
             self.sync()?;
         }
         self.active.publish(self.rows);
         Ok(outcomes)
+    }
+
+    /// Keeps `buf` for the next group unless it grew past
+    /// `STAGE_KEEP_BYTES`.
+    fn keep_stage(&mut self, buf: Vec<u8>) {
+        if buf.capacity() <= STAGE_KEEP_BYTES {
+            self.stage = buf;
+        }
     }
 
     fn roll_if_rows(&mut self) -> Result<(), StorageError> {
