@@ -296,6 +296,26 @@ impl query::aggregate::RowSource for Records<'_> {
     }
 }
 
+/// The stored events of a batch grouped by segment, as (row, event), in
+/// the writer's order.
+fn stored_by_segment<'e>(
+    events: &'e [Event],
+    outcomes: &[Option<AppendOutcome>],
+    appended: &[Appended],
+) -> Vec<(u64, Vec<(u32, &'e Event)>)> {
+    let mut by_segment: Vec<(u64, Vec<(u32, &Event)>)> = Vec::new();
+    let valid = events.iter().zip(outcomes).filter(|(_, o)| o.is_none());
+    for ((event, _), outcome) in valid.zip(appended) {
+        if let Appended::Stored(pos) = outcome {
+            match by_segment.last_mut() {
+                Some((seg, rows)) if *seg == pos.segment => rows.push((pos.row, event)),
+                _ => by_segment.push((pos.segment, vec![(pos.row, event)])),
+            }
+        }
+    }
+    by_segment
+}
+
 fn inputs<'a>(
     set: &'a storage::SegmentSet,
     held: &'a [(u64, crate::db_index::Held)],
@@ -428,8 +448,10 @@ impl Db {
     pub fn append_batch(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, DbError> {
         self.space.check()?;
         let (outcomes, prepared) = self.prepare(&events)?;
-        let appended = self.log.append(prepared)?;
-        self.finish(events, outcomes, appended)
+        let (appended, staged) = self.log.append_staged(prepared, |positions| {
+            self.stage_stored(&events, &outcomes, positions)
+        })?;
+        self.finish(events, outcomes, appended, staged)
     }
 
     /// [`Db::append_batch`] for async callers: the task awaits the group
@@ -441,8 +463,29 @@ impl Db {
     ) -> Result<Vec<AppendOutcome>, DbError> {
         self.space.check()?;
         let (outcomes, prepared) = self.prepare(&events)?;
-        let appended = self.log.append_async(prepared).await?;
-        self.finish(events, outcomes, appended)
+        let (appended, staged) = self
+            .log
+            .append_staged_async(prepared, |positions| {
+                self.stage_stored(&events, &outcomes, positions)
+            })
+            .await?;
+        self.finish(events, outcomes, appended, staged)
+    }
+
+    /// [`Db::append_batch_async`] on a task of its own, so that an append
+    /// the writer has taken is indexed and published even when the
+    /// caller's future is dropped midway (a client that disconnects while
+    /// its request is written). Without it, such events would be stored
+    /// but invisible to queries until the next open, and a retry would
+    /// only be told they are duplicates.
+    pub async fn append_batch_detached(
+        self: &Arc<Self>,
+        events: Vec<Event>,
+    ) -> Result<Vec<AppendOutcome>, DbError> {
+        let db = Arc::clone(self);
+        tokio::spawn(async move { db.append_batch_async(events).await })
+            .await
+            .map_err(|e| DbError::Unavailable(format!("the append task stopped: {e}")))?
     }
 
     /// Validates and encodes a batch: `None` for each event to store, the
@@ -470,14 +513,21 @@ impl Db {
         Ok((outcomes, prepared))
     }
 
-    /// Indexes and publishes what the writer stored; one outcome per event.
+    /// Indexes (or, when `staged`, makes visible what was indexed while
+    /// the writer synced) and publishes what the writer stored; one outcome
+    /// per event.
     fn finish(
         &self,
         events: Vec<Event>,
         outcomes: Vec<Option<AppendOutcome>>,
         appended: Vec<Appended>,
+        staged: bool,
     ) -> Result<Vec<AppendOutcome>, DbError> {
-        self.index_stored(&events, &outcomes, &appended);
+        if staged {
+            self.commit_stored(&events, &outcomes, &appended);
+        } else {
+            self.index_stored(&events, &outcomes, &appended);
+        }
         self.publish_stored(events, &outcomes, &appended);
         let mut appended = appended.into_iter();
         let mut out = Vec::with_capacity(outcomes.len());
@@ -509,18 +559,36 @@ impl Db {
         appended: &[Appended],
     ) {
         let set = self.log.segments();
-        let mut by_segment: Vec<(u64, Vec<(u32, &Event)>)> = Vec::new();
-        let valid = events.iter().zip(outcomes).filter(|(_, o)| o.is_none());
-        for ((event, _), outcome) in valid.zip(appended) {
-            if let Appended::Stored(pos) = outcome {
-                match by_segment.last_mut() {
-                    Some((seg, rows)) if *seg == pos.segment => rows.push((pos.row, event)),
-                    _ => by_segment.push((pos.segment, vec![(pos.row, event)])),
-                }
-            }
-        }
-        for (segment, rows) in by_segment {
+        for (segment, rows) in stored_by_segment(events, outcomes, appended) {
             self.indexes.insert(&set, segment, &rows);
+        }
+    }
+
+    /// Indexes the stored events of a batch while the writer syncs them,
+    /// without making them visible ([`Db::commit_stored`] does, once they
+    /// are durable).
+    fn stage_stored(
+        &self,
+        events: &[Event],
+        outcomes: &[Option<AppendOutcome>],
+        appended: &[Appended],
+    ) {
+        let set = self.log.segments();
+        for (segment, rows) in stored_by_segment(events, outcomes, appended) {
+            self.indexes.stage(&set, segment, &rows);
+        }
+    }
+
+    /// Makes the staged rows of a durable batch visible.
+    fn commit_stored(
+        &self,
+        events: &[Event],
+        outcomes: &[Option<AppendOutcome>],
+        appended: &[Appended],
+    ) {
+        for (segment, rows) in stored_by_segment(events, outcomes, appended) {
+            let rows: Vec<u32> = rows.iter().map(|(row, _)| *row).collect();
+            self.indexes.commit(segment, &rows);
         }
     }
 

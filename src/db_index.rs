@@ -454,15 +454,52 @@ impl Indexes {
     /// is sealed meanwhile need nothing: its index file was built from its
     /// records.
     pub fn insert(&self, set: &SegmentSet, segment: u64, rows: &[(u32, &Event)]) {
+        if let Some(mem) = self.open_mem(set, segment) {
+            let mut mem = mem.write();
+            for (row, event) in rows {
+                mem.insert(*row, event);
+            }
+        }
+    }
+
+    /// Indexes stored events of an open segment without making them
+    /// visible (their bytes may not be durable yet): see
+    /// [`MemIndex::stage`]. [`Indexes::commit`] makes them visible.
+    pub fn stage(&self, set: &SegmentSet, segment: u64, rows: &[(u32, &Event)]) {
+        if let Some(mem) = self.open_mem(set, segment) {
+            let mut mem = mem.write();
+            for (row, event) in rows {
+                mem.stage(*row, event);
+            }
+        }
+    }
+
+    /// Makes staged rows visible. Rows of a segment sealed meanwhile need
+    /// nothing: its index file was built from its records (the in-memory
+    /// index did not hold every row).
+    pub fn commit(&self, segment: u64, rows: &[u32]) {
+        let mem = match self.map.read().get(&segment) {
+            Some(Entry::Mem(m)) => m.clone(),
+            _ => return,
+        };
+        let mut mem = mem.write();
+        for row in rows {
+            mem.commit(*row);
+        }
+    }
+
+    /// The in-memory index of open segment `segment`, created if needed;
+    /// `None` once the segment is sealed.
+    fn open_mem(&self, set: &SegmentSet, segment: u64) -> Option<Arc<RwLock<MemIndex>>> {
         let entry = self.map.read().get(&segment).cloned();
         let mem = match entry {
             Some(Entry::Mem(m)) => m,
-            Some(Entry::Sealed(_)) => return,
+            Some(Entry::Sealed(_)) => return None,
             None => {
                 if !matches!(set.get(segment), Some(SegmentRef::Open(_)))
                     || self.retired.lock().contains(&segment)
                 {
-                    return;
+                    return None;
                 }
                 let mut map = self.map.write();
                 // A new open segment means an earlier one rolled: drop the
@@ -481,14 +518,11 @@ impl Indexes {
                 drop(retired);
                 match map.entry(segment).or_insert_with(|| self.new_mem()) {
                     Entry::Mem(m) => m.clone(),
-                    Entry::Sealed(_) => return,
+                    Entry::Sealed(_) => return None,
                 }
             }
         };
-        let mut mem = mem.write();
-        for (row, event) in rows {
-            mem.insert(*row, event);
-        }
+        Some(mem)
     }
 
     /// Forgets dropped segments: their in-memory entries, deleted rows and

@@ -16,6 +16,8 @@ pub struct MemIndex {
     /// from `present` (concurrent appends may index rows out of order).
     timestamps: Vec<i64>,
     present: RoaringBitmap,
+    /// Rows indexed but not yet visible (see [`MemIndex::stage`]).
+    staged: RoaringBitmap,
     deleted: RoaringBitmap,
     zones: Vec<(i64, i64)>,
     min_ts: i64,
@@ -49,8 +51,19 @@ impl MemIndex {
             .collect()
     }
 
-    /// Indexes `event` at `row`. Re-indexing a row is harmless.
+    /// Indexes `event` at `row` and makes the row visible. Re-indexing a
+    /// row is harmless.
     pub fn insert(&mut self, row: u32, event: &Event) {
+        self.stage(row, event);
+        self.commit(row);
+    }
+
+    /// Indexes `event` at `row` without making the row visible: it joins
+    /// its terms' bitmaps, the timestamp and numeric columns and the time
+    /// zones, but not `present` (which every reader intersects with) nor
+    /// the segment's time bounds, until [`MemIndex::commit`]. Appenders
+    /// stage their rows while the writer syncs them.
+    pub fn stage(&mut self, row: u32, event: &Event) {
         terms_of(event, |dim, term| {
             let map = &mut self.terms[dim as usize];
             // Look up by the borrowed term first: most terms already exist.
@@ -80,6 +93,15 @@ impl MemIndex {
             self.zones.resize(z + 1, (i64::MAX, i64::MIN));
         }
         self.zones[z] = (self.zones[z].0.min(ts), self.zones[z].1.max(ts));
+        self.staged.insert(row);
+    }
+
+    /// Makes a staged row visible; a row never staged is ignored.
+    pub fn commit(&mut self, row: u32) {
+        if !self.staged.remove(row) {
+            return;
+        }
+        let ts = self.timestamps.get(row as usize).copied().unwrap_or(0);
         if self.present.is_empty() {
             (self.min_ts, self.max_ts) = (ts, ts);
         } else {
@@ -175,5 +197,44 @@ impl IndexView for MemIndex {
             .sum();
         let numbers: usize = self.numbers.iter().map(|(_, v)| v.len() * 8).sum();
         bitmaps + self.timestamps.len() * 8 + self.present.serialized_size() + numbers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::event::{Event, Timestamp};
+
+    fn event(ts: i64, source: &str) -> Event {
+        let mut e = Event::new(source, "t");
+        e.timestamp = Timestamp(ts);
+        e
+    }
+
+    #[test]
+    fn staged_rows_are_invisible_until_committed() {
+        let mut m = MemIndex::new();
+        m.insert(0, &event(10, "a"));
+        m.stage(1, &event(5, "a"));
+        m.stage(2, &event(50, "b"));
+        // Staged rows are in the term bitmaps but not live, and the time
+        // bounds are those of the committed rows.
+        assert_eq!(m.live().iter().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(m.time_bounds(), Some((10, 10)));
+        assert_eq!(m.rows_indexed(), 1);
+        let a = m.bitmap(Dim::Source, "a").unwrap().unwrap().into_owned();
+        assert_eq!((a & m.live().as_ref()).len(), 1);
+        m.commit(2);
+        assert_eq!(m.live().iter().collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(m.time_bounds(), Some((10, 50)));
+        // A row never staged is ignored; committing twice changes nothing.
+        m.commit(7);
+        m.commit(2);
+        assert_eq!(m.rows_indexed(), 2);
+        m.commit(1);
+        assert_eq!(m.time_bounds(), Some((5, 50)));
+        assert_eq!(m.live().len(), 3);
     }
 }

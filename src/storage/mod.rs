@@ -471,12 +471,47 @@ impl Log {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let (reply, rx) = bounded(1);
-        let reply = writer::AppendReply::Blocking(reply);
+        let (done, rx) = bounded(1);
+        let reply = writer::AppendReply::Blocking { done, staged: None };
         self.sender()?
             .send(writer::Command::Append { events, reply })
             .map_err(|_| StorageError::Closed)?;
         rx.recv().map_err(|_| StorageError::Closed)?
+    }
+
+    /// [`Log::append`] that also calls `on_staged` with the outcomes as soon
+    /// as the frames are written, while they are being synced (under
+    /// `--fsync always`; not at all otherwise). The stored rows are not
+    /// visible yet: the caller may index them before they are durable, and
+    /// must make them visible only after this returns `Ok`. Returns the
+    /// outcomes and whether `on_staged` was called.
+    pub fn append_staged(
+        &self,
+        events: Prepared,
+        on_staged: impl FnOnce(&[Appended]),
+    ) -> Result<(Vec<Appended>, bool), StorageError> {
+        self.shared.check_poisoned()?;
+        if events.is_empty() {
+            return Ok((Vec::new(), false));
+        }
+        let (done, rx) = bounded(1);
+        let (staged_tx, staged_rx) = bounded(1);
+        let reply = writer::AppendReply::Blocking {
+            done,
+            staged: Some(staged_tx),
+        };
+        self.sender()?
+            .send(writer::Command::Append { events, reply })
+            .map_err(|_| StorageError::Closed)?;
+        // The writer sends the positions or drops the sender, at the
+        // latest with the final outcome.
+        let staged = staged_rx.recv().ok();
+        let called = staged.is_some();
+        if let Some(positions) = staged {
+            on_staged(&positions);
+        }
+        let outcomes = rx.recv().map_err(|_| StorageError::Closed)??;
+        Ok((outcomes, called))
     }
 
     /// [`Log::append`] for async callers: the task awaits the writer's
@@ -487,12 +522,40 @@ impl Log {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let reply = writer::AppendReply::Async(reply);
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let reply = writer::AppendReply::Async { done, staged: None };
         self.sender()?
             .send(writer::Command::Append { events, reply })
             .map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// [`Log::append_staged`] for async callers.
+    pub async fn append_staged_async(
+        &self,
+        events: Prepared,
+        on_staged: impl FnOnce(&[Appended]),
+    ) -> Result<(Vec<Appended>, bool), StorageError> {
+        self.shared.check_poisoned()?;
+        if events.is_empty() {
+            return Ok((Vec::new(), false));
+        }
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let (staged_tx, staged_rx) = tokio::sync::oneshot::channel();
+        let reply = writer::AppendReply::Async {
+            done,
+            staged: Some(staged_tx),
+        };
+        self.sender()?
+            .send(writer::Command::Append { events, reply })
+            .map_err(|_| StorageError::Closed)?;
+        let staged = staged_rx.await.ok();
+        let called = staged.is_some();
+        if let Some(positions) = staged {
+            on_staged(&positions);
+        }
+        let outcomes = rx.await.map_err(|_| StorageError::Closed)??;
+        Ok((outcomes, called))
     }
 
     /// Makes everything appended so far durable.

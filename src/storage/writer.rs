@@ -41,10 +41,20 @@ pub(crate) enum Command {
     },
 }
 
-/// Where the outcome of an append goes: a blocked thread or an awaiting task.
+/// Where the outcome of an append goes: a blocked thread or an awaiting
+/// task. `staged`, when present, first receives the positions as soon as
+/// the frames are written and before they are synced (`--fsync always`
+/// only), so that the caller can index them while the sync runs; it is
+/// dropped unsent otherwise, and always before or with the final outcome.
 pub(crate) enum AppendReply {
-    Blocking(Sender<AppendResult>),
-    Async(tokio::sync::oneshot::Sender<AppendResult>),
+    Blocking {
+        done: Sender<AppendResult>,
+        staged: Option<Sender<Vec<Appended>>>,
+    },
+    Async {
+        done: tokio::sync::oneshot::Sender<AppendResult>,
+        staged: Option<tokio::sync::oneshot::Sender<Vec<Appended>>>,
+    },
 }
 
 pub(crate) type AppendResult = Result<Vec<Appended>, StorageError>;
@@ -53,11 +63,28 @@ impl AppendReply {
     /// Delivers the outcome; a caller that went away is ignored.
     fn send(self, result: AppendResult) {
         match self {
-            AppendReply::Blocking(tx) => {
-                let _ = tx.send(result);
+            AppendReply::Blocking { done, .. } => {
+                let _ = done.send(result);
             }
-            AppendReply::Async(tx) => {
-                let _ = tx.send(result);
+            AppendReply::Async { done, .. } => {
+                let _ = done.send(result);
+            }
+        }
+    }
+
+    /// Tells a caller that asked for it where its events were written
+    /// (not yet durable).
+    fn send_staged(&mut self, positions: &[Appended]) {
+        match self {
+            AppendReply::Blocking { staged, .. } => {
+                if let Some(tx) = staged.take() {
+                    let _ = tx.send(positions.to_vec());
+                }
+            }
+            AppendReply::Async { staged, .. } => {
+                if let Some(tx) = staged.take() {
+                    let _ = tx.send(positions.to_vec());
+                }
             }
         }
     }
@@ -189,7 +216,7 @@ impl Writer {
 
     /// Handles one group; returns true when the writer must stop.
     fn process(&mut self, group: Vec<Command>) -> bool {
-        let mut appends = Vec::new();
+        let mut appends: Vec<PendingAppend> = Vec::new();
         let mut controls = Vec::new();
         for cmd in group {
             match cmd {
@@ -201,7 +228,7 @@ impl Writer {
             let result = self
                 .shared
                 .check_poisoned()
-                .and_then(|()| self.append_group(&appends));
+                .and_then(|()| self.append_group(&mut appends));
             match result {
                 Ok(outcomes) => {
                     for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
@@ -290,7 +317,7 @@ impl Writer {
     /// syncs and publishes them.
     fn append_group(
         &mut self,
-        appends: &[PendingAppend],
+        appends: &mut [PendingAppend],
     ) -> Result<Vec<Vec<Appended>>, StorageError> {
         let set = self.shared.set.read().clone();
         let total: usize = appends.iter().map(|(e, _)| e.bytes()).sum();
@@ -366,6 +393,11 @@ impl Writer {
         self.end += written as u64;
         self.rows += staged.len() as u32;
         if self.shared.config.fsync == FsyncMode::Always {
+            // Callers index their rows while the sync runs; the rows stay
+            // invisible until `publish` below and their callers' commit.
+            for ((_, reply), positions) in appends.iter_mut().zip(&outcomes) {
+                reply.send_staged(positions);
+            }
             self.sync()?;
         }
         self.active.publish(self.rows);

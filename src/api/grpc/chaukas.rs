@@ -123,7 +123,11 @@ impl ChaukasService {
         sources
             .admit(self.limiter.as_deref(), &self.metrics)
             .map_err(|e| super::limited_status(&e))?;
-        let outcomes = self.db.append_batch_async(events).await.map_err(status)?;
+        let outcomes = self
+            .db
+            .append_batch_detached(events)
+            .await
+            .map_err(status)?;
         self.metrics.count_outcomes(&sources, &outcomes);
         Ok(outcomes)
     }

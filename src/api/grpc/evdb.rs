@@ -213,7 +213,7 @@ impl EvdbService {
         } else {
             vec![String::new(); valid.len()]
         };
-        let outcomes = self.db.append_batch_async(valid).await.map_err(status)?;
+        let outcomes = self.db.append_batch_detached(valid).await.map_err(status)?;
         self.metrics.count_outcomes(&sources, &outcomes);
         for ((outcome, i), id) in outcomes.iter().zip(positions).zip(event_ids) {
             match outcome {

@@ -119,7 +119,7 @@ pub async fn one(
     let events = vec![event];
     let sources = Sources::of(&events);
     sources.admit(state.limiter.as_deref(), &state.metrics)?;
-    let outcome = state.db.append_batch_async(events).await?;
+    let outcome = state.db.append_batch_detached(events).await?;
     state.metrics.count_outcomes(&sources, &outcome);
     let (status, word) = match outcome.first() {
         Some(AppendOutcome::Stored(_)) => {
@@ -202,7 +202,7 @@ async fn store(
     } else {
         Vec::new()
     };
-    let outcomes = state.db.append_batch_async(events).await?;
+    let outcomes = state.db.append_batch_detached(events).await?;
     state.metrics.count_outcomes(&sources, &outcomes);
     let mut stored = 0;
     for (i, (outcome, index)) in outcomes.iter().zip(indexes).enumerate() {
