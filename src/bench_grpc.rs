@@ -300,7 +300,9 @@ pub fn grpc(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     drop(conn);
     drop(sqlite);
 
-    // Ingest and tail at --fsync always on fresh stores.
+    // Ingest and tail at --fsync always on fresh stores, once the loaded
+    // stores' pages are on disk.
+    crate::bench::settle_disk();
     let bulk_n = n.min(2_000_000);
     let dir = tempfile::Builder::new()
         .prefix("evdb-bench-grpc-ingest-")
