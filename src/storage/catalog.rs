@@ -80,9 +80,45 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Catalog, StorageError> {
+        if !path.exists() {
+            Catalog::create_new(path)?;
+        }
         let db = Database::create(path).map_err(catalog_err)?;
         let catalog = Catalog { db };
-        let txn = catalog.db.begin_write().map_err(catalog_err)?;
+        catalog.init()?;
+        Ok(catalog)
+    }
+
+    /// Creates a new, initialised catalog under a temporary name and
+    /// renames it into place: a kill while redb lays out a new file left a
+    /// catalog that no longer opened ("invalid data"); now there is either
+    /// no catalog (and the next open creates one) or a complete one.
+    fn create_new(path: &Path) -> Result<(), StorageError> {
+        let tmp = path.with_extension("redb.tmp");
+        let io = |p: &Path, e| StorageError::io(p, e);
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&tmp, e)),
+        }
+        {
+            let db = Database::create(&tmp).map_err(catalog_err)?;
+            Catalog { db }.init()?;
+        }
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+        if let Some(dir) = path.parent() {
+            super::dir::sync_dir(dir).map_err(|e| io(dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// Checks the format version (writing it into a new catalog) and
+    /// creates the tables.
+    fn init(&self) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(catalog_err)?;
         {
             let mut meta = txn.open_table(META).map_err(catalog_err)?;
             let version = meta
@@ -106,7 +142,7 @@ impl Catalog {
             txn.open_table(DELETED_SINCE).map_err(catalog_err)?;
         }
         txn.commit().map_err(catalog_err)?;
-        Ok(catalog)
+        Ok(())
     }
 
     /// Every segment, by id.
@@ -274,6 +310,25 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_catalog_whose_creation_was_cut_short_is_created_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.redb");
+        // What a kill during creation leaves now: a partial file under the
+        // temporary name, and no catalog.
+        std::fs::write(
+            path.with_extension("redb.tmp"),
+            b"redb\x1a\x0a\xa9\x0d\x0a partial",
+        )
+        .unwrap();
+        let catalog = Catalog::open(&path).unwrap();
+        assert!(catalog.segments().unwrap().is_empty());
+        assert!(!path.with_extension("redb.tmp").exists());
+        drop(catalog);
+        // The catalog is complete: it opens again.
+        assert!(Catalog::open(&path).unwrap().segments().unwrap().is_empty());
+    }
 
     #[test]
     fn manifest_round_trips_and_persists() {
