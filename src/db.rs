@@ -449,7 +449,7 @@ impl Db {
         self.space.check()?;
         let (outcomes, prepared) = self.prepare(&events)?;
         let (appended, staged) = self.log.append_staged(prepared, |positions| {
-            self.stage_stored(&events, &outcomes, positions)
+            self.index_stored(&events, &outcomes, positions, false)
         })?;
         self.finish(events, outcomes, appended, staged)
     }
@@ -466,7 +466,7 @@ impl Db {
         let (appended, staged) = self
             .log
             .append_staged_async(prepared, |positions| {
-                self.stage_stored(&events, &outcomes, positions)
+                self.index_stored(&events, &outcomes, positions, false)
             })
             .await?;
         self.finish(events, outcomes, appended, staged)
@@ -526,7 +526,7 @@ impl Db {
         if staged {
             self.commit_stored(&events, &outcomes, &appended);
         } else {
-            self.index_stored(&events, &outcomes, &appended);
+            self.index_stored(&events, &outcomes, &appended, true);
         }
         self.publish_stored(events, &outcomes, &appended);
         let mut appended = appended.into_iter();
@@ -551,31 +551,23 @@ impl Db {
     }
 
     /// Indexes the stored events of a batch before its caller is answered,
-    /// so an acknowledged event is visible to queries at once.
+    /// so an acknowledged event is visible to queries at once: visible at
+    /// once, or (`visible` false, while the writer syncs them) staged for
+    /// [`Db::commit_stored`] to make visible once they are durable.
     fn index_stored(
         &self,
         events: &[Event],
         outcomes: &[Option<AppendOutcome>],
         appended: &[Appended],
+        visible: bool,
     ) {
         let set = self.log.segments();
         for (segment, rows) in stored_by_segment(events, outcomes, appended) {
-            self.indexes.insert(&set, segment, &rows);
-        }
-    }
-
-    /// Indexes the stored events of a batch while the writer syncs them,
-    /// without making them visible ([`Db::commit_stored`] does, once they
-    /// are durable).
-    fn stage_stored(
-        &self,
-        events: &[Event],
-        outcomes: &[Option<AppendOutcome>],
-        appended: &[Appended],
-    ) {
-        let set = self.log.segments();
-        for (segment, rows) in stored_by_segment(events, outcomes, appended) {
-            self.indexes.stage(&set, segment, &rows);
+            if visible {
+                self.indexes.insert(&set, segment, &rows);
+            } else {
+                self.indexes.stage(&set, segment, &rows);
+            }
         }
     }
 
