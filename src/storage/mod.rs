@@ -465,23 +465,10 @@ impl Log {
     }
 
     /// Appends prepared events; returns one outcome per event, in order,
-    /// once they are acknowledged under the configured fsync mode.
-    pub fn append(&self, events: Prepared) -> Result<Vec<Appended>, StorageError> {
-        self.shared.check_poisoned()?;
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (done, rx) = bounded(1);
-        let reply = writer::AppendReply::Blocking { done, staged: None };
-        self.sender()?
-            .send(writer::Command::Append { events, reply })
-            .map_err(|_| StorageError::Closed)?;
-        rx.recv().map_err(|_| StorageError::Closed)?
-    }
-
-    /// [`Log::append`] that also calls `on_staged` with the outcomes as soon
-    /// as the frames are written, while they are being synced (under
-    /// `--fsync always`; not at all otherwise). The stored rows are not
+    /// once they are acknowledged under the configured fsync mode. Also
+    /// calls `on_staged` with the outcomes as soon as the frames are
+    /// written, while they are being synced (under `--fsync always`; not at
+    /// all otherwise). The stored rows are not
     /// visible yet: the caller may index them before they are durable, and
     /// must make them visible only after this returns `Ok`. Returns the
     /// outcomes and whether `on_staged` was called.
@@ -514,23 +501,10 @@ impl Log {
         Ok((outcomes, called))
     }
 
-    /// [`Log::append`] for async callers: the task awaits the writer's
-    /// answer instead of blocking its thread. (Handing the request over may
-    /// wait briefly when the writer's queue is full: that is backpressure.)
-    pub async fn append_async(&self, events: Prepared) -> Result<Vec<Appended>, StorageError> {
-        self.shared.check_poisoned()?;
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (done, rx) = tokio::sync::oneshot::channel();
-        let reply = writer::AppendReply::Async { done, staged: None };
-        self.sender()?
-            .send(writer::Command::Append { events, reply })
-            .map_err(|_| StorageError::Closed)?;
-        rx.await.map_err(|_| StorageError::Closed)?
-    }
-
-    /// [`Log::append_staged`] for async callers.
+    /// [`Log::append_staged`] for async callers: the task awaits the
+    /// writer's answer instead of blocking its thread. (Handing the request
+    /// over may wait briefly when the writer's queue is full: that is
+    /// backpressure.)
     pub async fn append_staged_async(
         &self,
         events: Prepared,
