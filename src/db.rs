@@ -168,7 +168,8 @@ impl std::fmt::Debug for Db {
 /// whose record bytes lack the needle cannot match, so only byte hits are
 /// decoded; a sealed block without the needle is skipped whole.
 /// The rows of `candidates` (rows of `segment`) whose `data` contains
-/// `needle`. Many candidates are cut into runs of rows shared with an idle
+/// `needle`. Block groups that the segment's text filter rules out are
+/// never read. Many candidates are cut into runs of rows shared with an idle
 /// core (`par::help_from_pool`), read around the block cache (a full scan
 /// decompresses every block; caching them would only evict hot ones).
 fn rows_with_text(
@@ -177,6 +178,7 @@ fn rows_with_text(
     candidates: &roaring::RoaringBitmap,
     needle: &str,
 ) -> Result<roaring::RoaringBitmap, StorageError> {
+    let candidates = &reader.rows_maybe_with(segment, candidates, needle);
     let rows = candidates.len();
     if rows < PARALLEL_TEXT_ROWS_MIN {
         return rows_with_text_on(reader, segment, candidates, needle);

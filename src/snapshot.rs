@@ -362,7 +362,7 @@ fn damage_of(dir: &Path, e: &StorageError) -> Damage {
 }
 
 /// Checks every checksum of an open store: each sealed segment's blocks,
-/// records and id table, each index file, each open segment's frames; the
+/// records, id table and text filter, each index file, each open segment's frames; the
 /// catalog's row counts were checked when it was opened. Returns the
 /// damages found (empty: the store is sound). `progress` is told each
 /// segment as it is checked.
@@ -376,6 +376,9 @@ pub fn verify(db: &Db, mut progress: impl FnMut(u64, usize, usize)) -> Vec<Damag
         match seg {
             crate::storage::SegmentRef::Sealed(s) => {
                 if let Err(e) = s.rows_with_hash(crate::storage::ids::IdHash(0)) {
+                    out.push(damage_of(&dir, &e));
+                }
+                if let Err(e) = s.check_text_filter() {
                     out.push(damage_of(&dir, &e));
                 }
                 let checked = s.for_each_payload(|row, payload| {

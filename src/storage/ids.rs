@@ -55,6 +55,41 @@ fn varint(buf: &[u8], at: &mut usize) -> Result<u64, RecordError> {
     Err(RecordError::Decode("varint too long".into()))
 }
 
+/// The `data` text (field 8) of a `RecordV1` without decoding the rest:
+/// the bytes a `text` filter searches (the last occurrence, as a decode
+/// would keep it); empty when the record has none.
+pub fn peek_data(payload: &[u8]) -> Result<&[u8], RecordError> {
+    let mut at = 0usize;
+    let mut data: &[u8] = &[];
+    while at < payload.len() {
+        let key = varint(payload, &mut at)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                varint(payload, &mut at)?;
+            }
+            2 => {
+                let len = varint(payload, &mut at)? as usize;
+                let end = at
+                    .checked_add(len)
+                    .filter(|&e| e <= payload.len())
+                    .ok_or(RecordError::Decode("length past the end".into()))?;
+                if field == 8 {
+                    data = &payload[at..end];
+                }
+                at = end;
+            }
+            1 => at += 8,
+            5 => at += 4,
+            _ => return Err(RecordError::Decode(format!("wire type {wire}"))),
+        }
+    }
+    if at > payload.len() {
+        return Err(RecordError::Decode("fixed field past the end".into()));
+    }
+    Ok(data)
+}
+
 /// Reads the id (field 1) and timestamp (field 2) of a `RecordV1` without
 /// decoding the rest.
 pub fn peek_id_and_timestamp(payload: &[u8]) -> Result<(&str, i64), RecordError> {
@@ -189,6 +224,22 @@ mod tests {
         assert_eq!(ts, -1_234_567);
         for cut in 0..buf.len() {
             let _ = peek_id_and_timestamp(&buf[..cut]);
+        }
+    }
+
+    #[test]
+    fn peek_data_reads_the_data_field_of_any_record() {
+        let mut e = crate::generator::Generator::new(3, crate::event::Timestamp(0), 1).next_event();
+        let mut buf = Vec::new();
+        crate::storage::record::encode(&e, &mut buf);
+        assert_eq!(peek_data(&buf).unwrap(), e.data.as_str().as_bytes());
+        e.data = crate::event::JsonObject::parse("{}").unwrap();
+        e.native = None;
+        buf.clear();
+        crate::storage::record::encode(&e, &mut buf);
+        assert_eq!(peek_data(&buf).unwrap(), b"{}");
+        for cut in 0..buf.len() {
+            let _ = peek_data(&buf[..cut]);
         }
     }
 

@@ -16,6 +16,7 @@ pub mod record;
 mod recovery;
 pub mod segment;
 pub mod snapshot;
+pub mod textfilter;
 mod writer;
 
 use std::fs::File;
@@ -885,6 +886,21 @@ impl RowReader {
             .as_ref()
             .and_then(|(_, _, b)| b.payload(pos.row))
             .map(|(_, p)| f(p)))
+    }
+
+    /// The rows of `candidates` (rows of `segment`) that may hold `needle`
+    /// in their `data` by the sealed segment's text filter: all of them
+    /// for an open segment or one without a usable filter.
+    pub fn rows_maybe_with(
+        &self,
+        segment: u64,
+        candidates: &roaring::RoaringBitmap,
+        needle: &str,
+    ) -> roaring::RoaringBitmap {
+        match self.set.get(segment) {
+            Some(SegmentRef::Sealed(s)) => s.rows_maybe_with(candidates, needle.as_bytes()),
+            _ => candidates.clone(),
+        }
     }
 
     /// Whether `pos` lies in a sealed block whose bytes do not contain

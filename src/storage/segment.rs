@@ -14,7 +14,8 @@ use memmap2::Mmap;
 
 use super::StorageError;
 use super::frame::{self, FrameError, FrameKind};
-use super::ids::{IdHash, hash_id, peek_id_and_timestamp};
+use super::ids::{IdHash, hash_id, peek_data, peek_id_and_timestamp};
+use super::textfilter::{Needle, TRAILER_SIZE, TextFilter, TextFilterBuilder, TextFilterShape};
 use crate::event::Timestamp;
 
 pub const LOG_MAGIC: [u8; 8] = *b"EVDBLOG\0";
@@ -31,6 +32,9 @@ const DICT_LEN_OFFSET: usize = FLAGS_OFFSET + 1;
 /// Header flag: the sealed segment ends with a seq table (a compacted
 /// segment, whose rows are not arrival-dense). Logs carry no flags.
 pub const FLAG_SEQS: u8 = 1;
+/// Header flag: the sealed segment has a text filter section (every
+/// segment this build writes).
+pub const FLAG_TEXT: u8 = 2;
 const SEGMENT_ID_OFFSET: usize = DICT_LEN_OFFSET + 4;
 const HEADER_CRC_OFFSET: usize = SEGMENT_ID_OFFSET + 8;
 pub const HEADER_SIZE: usize = HEADER_CRC_OFFSET + 8; // 4 reserved bytes
@@ -186,7 +190,7 @@ fn decode_header_flags(
         return Err("header names another segment");
     }
     let flags = bytes[FLAGS_OFFSET];
-    if flags & !FLAG_SEQS != 0 {
+    if flags & !(FLAG_SEQS | FLAG_TEXT) != 0 {
         return Err("unknown header flags");
     }
     let dict_len = read_u32(bytes, DICT_LEN_OFFSET);
@@ -368,6 +372,8 @@ pub struct SealedWriter {
     /// keeps explicit arrival offsets (a compacted segment).
     seqs: Option<Vec<u8>>,
     last_seq: Option<u32>,
+    /// The text filter's signatures, built as rows come.
+    text: TextFilterBuilder,
     /// Bytes written when the file was last synced.
     synced: u64,
 }
@@ -408,7 +414,7 @@ impl SealedWriter {
         };
         let file = File::create(path).map_err(io)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        let flags = if keep_seqs { FLAG_SEQS } else { 0 };
+        let flags = FLAG_TEXT | if keep_seqs { FLAG_SEQS } else { 0 };
         out.write_all(&encode_header_full(
             SEG_MAGIC,
             segment,
@@ -436,6 +442,7 @@ impl SealedWriter {
             max_ts: i64::MIN,
             seqs: keep_seqs.then(Vec::new),
             last_seq: None,
+            text: TextFilterBuilder::new(),
             synced: 0,
         })
     }
@@ -518,6 +525,7 @@ impl SealedWriter {
         self.out.write_all(compressed).map_err(|e| self.io(e))?;
         self.written += compressed.len() as u64;
         self.first_row = self.rows;
+        self.text.end_block();
         self.smooth_writeback()
     }
 
@@ -545,6 +553,9 @@ impl SealedWriter {
         let at = u64::from(self.rows);
         let (id, ts) = peek_id_and_timestamp(payload)
             .map_err(|e| StorageError::corrupted(self.segment, at, e.to_string()))?;
+        let data = peek_data(payload)
+            .map_err(|e| StorageError::corrupted(self.segment, at, e.to_string()))?;
+        self.text.add(data);
         if self.last_seq.is_some_and(|last| seq_offset <= last) {
             return Err(StorageError::corrupted(
                 self.segment,
@@ -604,6 +615,7 @@ impl SealedWriter {
         self.written += compressed.len() as u64;
         self.raw.clear();
         self.first_row = self.rows;
+        self.text.end_block();
         self.smooth_writeback()
     }
 
@@ -633,6 +645,9 @@ impl SealedWriter {
                 .map_err(|e| self.io(e))?;
             self.written += seqs.len() as u64 + 4;
         }
+        let text = std::mem::take(&mut self.text).finish();
+        self.out.write_all(&text).map_err(|e| self.io(e))?;
+        self.written += text.len() as u64;
         let rows = self.rows;
         let (min_ts, max_ts) = if rows == 0 {
             (0, 0)
@@ -733,6 +748,10 @@ pub struct SealedSegment {
     id_table_checked: OnceLock<Result<(), String>>,
     /// Offset of the seq table (`FLAG_SEQS`), checked at open.
     seq_table_offset: Option<usize>,
+    /// Offset and shape of the text filter (`FLAG_TEXT`); its checksum is
+    /// checked on first use.
+    text_filter: Option<(usize, TextFilterShape)>,
+    text_filter_checked: OnceLock<Result<(), &'static str>>,
 }
 
 impl std::fmt::Debug for SealedSegment {
@@ -784,15 +803,31 @@ impl SealedSegment {
         } else {
             0
         };
+        let text_shape = if flags & FLAG_TEXT != 0 {
+            let trailer = footer_at
+                .checked_sub(TRAILER_SIZE)
+                .and_then(|at| bytes.get(at..footer_at))
+                .ok_or_else(|| bad(footer_at, "file shorter than its text filter"))?;
+            Some(
+                TextFilterShape::decode(trailer, block_count)
+                    .map_err(|r| bad(footer_at - TRAILER_SIZE, r))?,
+            )
+        } else {
+            None
+        };
+        let text_len = text_shape.map_or(0, |s| s.section_len());
+        let seq_table_end = id_table_end.checked_add(seq_table_len);
         if block_index_end != id_table_offset
-            || id_table_end.checked_add(seq_table_len) != Some(footer_at)
+            || seq_table_end.and_then(|e| e.checked_add(text_len)) != Some(footer_at)
             || block_index_offset < data_start
         {
             return Err(bad(footer_at, "footer sections do not tile the file"));
         }
+        let text_filter = text_shape.map(|shape| (footer_at - text_len, shape));
         let seq_table_offset = if flags & FLAG_SEQS != 0 {
-            let table = &bytes[id_table_end..footer_at - 4];
-            if crc32c::crc32c(table) != read_u32(bytes, footer_at - 4) {
+            let crc_at = id_table_end + rows as usize * 4;
+            let table = &bytes[id_table_end..crc_at];
+            if crc32c::crc32c(table) != read_u32(bytes, crc_at) {
                 return Err(bad(id_table_end, "seq table checksum mismatch"));
             }
             let mut last: Option<u32> = None;
@@ -867,6 +902,8 @@ impl SealedSegment {
             id_table_crc: read_u32(footer, FOOTER_ID_TABLE_CRC),
             id_table_checked: OnceLock::new(),
             seq_table_offset,
+            text_filter,
+            text_filter_checked: OnceLock::new(),
             map,
         })
     }
@@ -998,6 +1035,60 @@ impl SealedSegment {
             return None;
         }
         Some(self.blocks.partition_point(|b| b.first_row + b.rows <= row))
+    }
+
+    /// The checked text filter, if the segment has one. `Err`: it is
+    /// damaged (derived data: searches then read every block).
+    pub fn text_filter(&self) -> Option<Result<TextFilter<'_>, &'static str>> {
+        let (at, shape) = self.text_filter?;
+        let section = &self.map[at..at + shape.section_len()];
+        let checked = self
+            .text_filter_checked
+            .get_or_init(|| TextFilter::check(section, shape).map(|_| ()));
+        Some(checked.and_then(|()| TextFilter::checked_before(section, shape)))
+    }
+
+    /// Checks the text filter's checksum: `Err` names the offset of a
+    /// damaged filter (`evdb verify`).
+    pub fn check_text_filter(&self) -> Result<(), StorageError> {
+        match self.text_filter() {
+            Some(Err(reason)) => Err(StorageError::corrupted(
+                self.id,
+                self.text_filter.map_or(0, |(at, _)| at as u64),
+                reason,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The rows of `candidates` that lie in block groups whose text filter
+    /// does not rule `needle` out (all of them without a usable filter or
+    /// a needle too short to probe with).
+    pub fn rows_maybe_with(
+        &self,
+        candidates: &roaring::RoaringBitmap,
+        needle: &[u8],
+    ) -> roaring::RoaringBitmap {
+        let (Some(Ok(filter)), Some(needle)) = (self.text_filter(), Needle::new(needle)) else {
+            return candidates.clone();
+        };
+        let shape = filter.shape();
+        let mut keep = roaring::RoaringBitmap::new();
+        let g = shape.group_blocks as usize;
+        for group in 0..shape.groups {
+            let first = group as usize * g;
+            let last = (first + g).min(self.blocks.len()) - 1;
+            let from = self.blocks[first].first_row;
+            let to = self.blocks[last].first_row + self.blocks[last].rows;
+            if candidates.range_cardinality(from..to) == 0 {
+                continue;
+            }
+            if filter.may_contain(group, &needle) {
+                keep.insert_range(from..to);
+            }
+        }
+        keep &= candidates;
+        keep
     }
 
     /// Rows whose id hashes to `hash` (usually none or one).
@@ -1134,6 +1225,10 @@ pub fn fuzz_sealed(data: &[u8]) -> Result<u32, StorageError> {
         }
     }
     seg.rows_with_hash(IdHash(0))?;
+    seg.check_text_filter()?;
+    let mut all = roaring::RoaringBitmap::new();
+    all.insert_range(0..seg.rows);
+    seg.rows_maybe_with(&all, b"\"user_id\"");
     Ok(rows)
 }
 
@@ -1192,6 +1287,35 @@ mod tests {
     }
 
     /// A compacted segment: rows 0, 2, 5, … of the arrivals survive.
+    #[test]
+    fn the_text_filter_keeps_every_row_that_holds_the_needle() {
+        let events = Generator::new(1, Timestamp(0), 10).batch(3_000);
+        let bytes = sealed_bytes(3_000, Compression::ZstdDict);
+        let map = super::super::dir::map_bytes(&bytes).unwrap();
+        let seg = SealedSegment::from_map(map, 7).unwrap();
+        assert_eq!(bytes[FLAGS_OFFSET], FLAG_TEXT);
+        assert!(seg.block_count() > 2 * super::super::textfilter::GROUP_BLOCKS as usize);
+        let mut all = roaring::RoaringBitmap::new();
+        all.insert_range(0..seg.rows);
+        let mut pruned_some = false;
+        for e in events.iter().step_by(97) {
+            // A whole `"user_id":"u-NNNNN"` pair, as a user would search it.
+            let data = e.data.as_str();
+            let at = data.find("\"user_id\"").unwrap();
+            let needle = &data[at..at + 19];
+            let maybe = seg.rows_maybe_with(&all, needle.as_bytes());
+            for (row, other) in events.iter().enumerate() {
+                if other.data.as_str().contains(needle) {
+                    assert!(maybe.contains(row as u32), "row {row} lost for {needle}");
+                }
+            }
+            pruned_some |= maybe.len() < all.len();
+        }
+        assert!(pruned_some, "the filter never ruled a group out");
+        // Too short to probe: nothing is ruled out.
+        assert_eq!(seg.rows_maybe_with(&all, b"u-0").len(), all.len());
+    }
+
     fn sealed_with_seqs(n: usize) -> (Vec<u8>, Vec<u32>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("9.seg");
@@ -1219,7 +1343,7 @@ mod tests {
     #[test]
     fn a_seq_table_round_trips_and_every_flip_is_caught() {
         let (bytes, seqs) = sealed_with_seqs(60);
-        assert_eq!(bytes[FLAGS_OFFSET], FLAG_SEQS);
+        assert_eq!(bytes[FLAGS_OFFSET], FLAG_SEQS | FLAG_TEXT);
         let map = super::super::dir::map_bytes(&bytes).unwrap();
         let seg = SealedSegment::from_map(map, 9).unwrap();
         for (row, want) in seqs.iter().enumerate() {
