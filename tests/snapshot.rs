@@ -195,7 +195,9 @@ fn cli_snapshots_and_verify_finds_a_flipped_byte() {
     assert!(out.contains("restored 3000 events"), "{out}");
     let (ok, out, _) = evdb(&["verify", "--data-dir", restored.to_str().unwrap()]);
     assert!(ok, "{out}");
-    // Flip one byte inside the first sealed segment's blocks.
+    // Flip one byte inside the sealed segment's blocks, and one in its
+    // text filter (the last signature byte: before the 16-byte trailer and
+    // the 64-byte footer).
     let seg = std::fs::read_dir(restored.join("segments"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -204,11 +206,18 @@ fn cli_snapshots_and_verify_finds_a_flipped_byte() {
     let mut bytes = std::fs::read(&seg).unwrap();
     let at = bytes.len() / 3;
     bytes[at] ^= 0x55;
+    let at = bytes.len() - (64 + 16 + 1);
+    bytes[at] ^= 0x55;
     std::fs::write(&seg, bytes).unwrap();
     let (ok, out, _) = evdb(&["verify", "--data-dir", restored.to_str().unwrap()]);
     assert!(!ok, "{out}");
     let seg_name = seg.file_name().unwrap().to_str().unwrap();
     assert!(out.contains(seg_name) && out.contains("offset"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains(seg_name) && l.contains("text filter")),
+        "{out}"
+    );
     let (ok, _, _) = evdb(&[
         "snapshot",
         "delete",
