@@ -55,6 +55,41 @@ fn varint(buf: &[u8], at: &mut usize) -> Result<u64, RecordError> {
     Err(RecordError::Decode("varint too long".into()))
 }
 
+/// One top-level field of a protobuf message.
+enum FieldValue<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+/// Reads the field at `*at` (its number and value) and moves past it.
+fn next_field<'a>(buf: &'a [u8], at: &mut usize) -> Result<(u64, FieldValue<'a>), RecordError> {
+    let key = varint(buf, at)?;
+    let (field, wire) = (key >> 3, key & 7);
+    let value = match wire {
+        0 => FieldValue::Varint(varint(buf, at)?),
+        2 => {
+            let len = varint(buf, at)? as usize;
+            let end = at
+                .checked_add(len)
+                .filter(|&e| e <= buf.len())
+                .ok_or(RecordError::Decode("length past the end".into()))?;
+            let bytes = &buf[*at..end];
+            *at = end;
+            FieldValue::Bytes(bytes)
+        }
+        1 | 5 => {
+            *at += if wire == 1 { 8 } else { 4 };
+            if *at > buf.len() {
+                return Err(RecordError::Decode("fixed field past the end".into()));
+            }
+            FieldValue::Fixed
+        }
+        _ => return Err(RecordError::Decode(format!("wire type {wire}"))),
+    };
+    Ok((field, value))
+}
+
 /// The `data` text (field 8) of a `RecordV1` without decoding the rest:
 /// the bytes a `text` filter searches (the last occurrence, as a decode
 /// would keep it); empty when the record has none.
@@ -62,30 +97,9 @@ pub fn peek_data(payload: &[u8]) -> Result<&[u8], RecordError> {
     let mut at = 0usize;
     let mut data: &[u8] = &[];
     while at < payload.len() {
-        let key = varint(payload, &mut at)?;
-        let (field, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => {
-                varint(payload, &mut at)?;
-            }
-            2 => {
-                let len = varint(payload, &mut at)? as usize;
-                let end = at
-                    .checked_add(len)
-                    .filter(|&e| e <= payload.len())
-                    .ok_or(RecordError::Decode("length past the end".into()))?;
-                if field == 8 {
-                    data = &payload[at..end];
-                }
-                at = end;
-            }
-            1 => at += 8,
-            5 => at += 4,
-            _ => return Err(RecordError::Decode(format!("wire type {wire}"))),
+        if let (8, FieldValue::Bytes(bytes)) = next_field(payload, &mut at)? {
+            data = bytes;
         }
-    }
-    if at > payload.len() {
-        return Err(RecordError::Decode("fixed field past the end".into()));
     }
     Ok(data)
 }
@@ -97,39 +111,20 @@ pub fn peek_id_and_timestamp(payload: &[u8]) -> Result<(&str, i64), RecordError>
     let mut id: &str = "";
     let mut ts = 0i64;
     while at < payload.len() {
-        let key = varint(payload, &mut at)?;
-        let (field, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => {
-                let v = varint(payload, &mut at)?;
-                if field == 2 {
-                    // sint64: zig-zag.
-                    ts = ((v >> 1) as i64) ^ -((v & 1) as i64);
-                }
+        let (field, value) = next_field(payload, &mut at)?;
+        match (field, value) {
+            // sint64: zig-zag.
+            (2, FieldValue::Varint(v)) => ts = ((v >> 1) as i64) ^ -((v & 1) as i64),
+            (1, FieldValue::Bytes(bytes)) => {
+                id = std::str::from_utf8(bytes)
+                    .map_err(|_| RecordError::Decode("id is not UTF-8".into()))?;
             }
-            2 => {
-                let len = varint(payload, &mut at)? as usize;
-                let end = at
-                    .checked_add(len)
-                    .filter(|&e| e <= payload.len())
-                    .ok_or(RecordError::Decode("length past the end".into()))?;
-                if field == 1 {
-                    id = std::str::from_utf8(&payload[at..end])
-                        .map_err(|_| RecordError::Decode("id is not UTF-8".into()))?;
-                }
-                at = end;
-            }
-            1 => at += 8,
-            5 => at += 4,
-            _ => return Err(RecordError::Decode(format!("wire type {wire}"))),
+            _ => {}
         }
         // Fields 1 and 2 come first in every record evdb writes; stop early.
         if field > 2 {
             break;
         }
-    }
-    if at > payload.len() {
-        return Err(RecordError::Decode("fixed field past the end".into()));
     }
     Ok((id, ts))
 }

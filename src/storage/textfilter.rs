@@ -209,18 +209,13 @@ impl<'a> TextFilter<'a> {
         section: &'a [u8],
         shape: TextFilterShape,
     ) -> Result<TextFilter<'a>, &'static str> {
-        if section.len() != shape.section_len() {
-            return Err("text filter length");
-        }
+        let filter = TextFilter::checked_before(section, shape)?;
         let (body, crc) = section.split_at(section.len() - 4);
         let stored = u32::from_le_bytes(crc.try_into().map_err(|_| "text filter length")?);
         if crc32c::crc32c(body) != stored {
             return Err("text filter checksum mismatch");
         }
-        Ok(TextFilter {
-            shape,
-            signatures: &body[..body.len() - (TRAILER_SIZE - 4)],
-        })
+        Ok(filter)
     }
 
     /// A section whose checksum [`TextFilter::check`] already verified.
