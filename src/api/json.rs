@@ -117,7 +117,10 @@ pub fn write_event(event: &Event, out: &mut String) {
         s(&event.source),
         s(&event.event_type),
         event.severity,
-        event.correlation_id.as_deref().map_or("null".to_owned(), s),
+        event
+            .correlation_id
+            .as_deref()
+            .map_or_else(|| "null".to_owned(), s),
         event.data.as_str(),
     );
     for (i, tag) in event.tags.iter().enumerate() {

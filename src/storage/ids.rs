@@ -40,19 +40,22 @@ pub fn hash_id(id: &str) -> IdHash {
     IdHash(xxhash_rust::xxh3::xxh3_64(id.as_bytes()))
 }
 
+#[inline]
 fn varint(buf: &[u8], at: &mut usize) -> Result<u64, RecordError> {
     let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *buf
-            .get(*at)
-            .ok_or(RecordError::Decode("truncated varint".into()))?;
+    let mut shift = 0u32;
+    while let Some(&byte) = buf.get(*at) {
         *at += 1;
         value |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
             return Ok(value);
         }
+        shift += 7;
+        if shift >= 64 {
+            return Err(RecordError::Decode("varint too long".into()));
+        }
     }
-    Err(RecordError::Decode("varint too long".into()))
+    Err(RecordError::Decode("truncated varint".into()))
 }
 
 /// One top-level field of a protobuf message.
@@ -63,6 +66,7 @@ enum FieldValue<'a> {
 }
 
 /// Reads the field at `*at` (its number and value) and moves past it.
+#[inline]
 fn next_field<'a>(buf: &'a [u8], at: &mut usize) -> Result<(u64, FieldValue<'a>), RecordError> {
     let key = varint(buf, at)?;
     let (field, wire) = (key >> 3, key & 7);
@@ -73,7 +77,7 @@ fn next_field<'a>(buf: &'a [u8], at: &mut usize) -> Result<(u64, FieldValue<'a>)
             let end = at
                 .checked_add(len)
                 .filter(|&e| e <= buf.len())
-                .ok_or(RecordError::Decode("length past the end".into()))?;
+                .ok_or_else(|| RecordError::Decode("length past the end".into()))?;
             let bytes = &buf[*at..end];
             *at = end;
             FieldValue::Bytes(bytes)
