@@ -354,7 +354,8 @@ impl ZstdEncoder {
 
 /// Writes a sealed segment one frame at a time: frames are grouped into
 /// compressed blocks as they come, so memory stays at about one block plus
-/// 16 bytes per row (id table, and the seq table when kept).
+/// 16 bytes per row (id table, and the seq table when kept) plus 4 KiB of
+/// text filter per 8 blocks (1/16 of the raw bytes, folded at the end).
 pub struct SealedWriter {
     path: std::path::PathBuf,
     segment: u64,
