@@ -654,7 +654,7 @@ impl Db {
         let set = self.log.segments();
         let held = self.indexes.hold_all(&set)?;
         let inputs = inputs(&set, &held);
-        self.check_text_cost(query, &inputs)?;
+        self.check_text_cost(&set, query, &inputs)?;
         let watermark = match &query.cursor {
             Some(c) => c.watermark,
             None => set.active.first_seq + u64::from(set.active.visible_rows()),
@@ -750,7 +750,7 @@ impl Db {
         let set = self.log.segments();
         let held = self.indexes.hold_all(&set)?;
         let inputs = inputs(&set, &held);
-        self.check_text_cost(query, &inputs)?;
+        self.check_text_cost(&set, query, &inputs)?;
         let mut reader = RowReader::with_cache(set.clone(), self.blocks.clone());
         let needle = query.text.clone().unwrap_or_default();
         let stats = query::stats(
@@ -782,7 +782,7 @@ impl Db {
             self.indexes.attach_numbers(&set, &mut held);
         }
         let inputs = inputs(&set, &held);
-        self.check_text_cost(&agg.filter, &inputs)?;
+        self.check_text_cost(&set, &agg.filter, &inputs)?;
         // A pointer no segment has a column for is read from the records.
         let undeclared = |p: &str| !self.config.numeric_fields.iter().any(|f| f == p);
         let field = if agg
@@ -807,6 +807,7 @@ impl Db {
                 &inputs,
                 self.config.limits.query_decode_max,
                 "narrow the filters, or declare the field ([analytics] numeric_fields)",
+                |_, candidates| candidates.len(),
             )?;
         }
         let needle = agg.filter.text.clone().unwrap_or_default();
@@ -817,15 +818,24 @@ impl Db {
         Ok(result)
     }
 
-    /// Refuses a `text` filter that would decode too many events.
-    fn check_text_cost(&self, query: &Query, inputs: &[SegmentInput<'_>]) -> Result<(), DbError> {
-        if query.text.is_some() {
+    /// Refuses a `text` filter that would decode too many events: the
+    /// candidates of the index filters, less the rows of the block groups
+    /// that sealed segments' text filters rule out.
+    fn check_text_cost(
+        &self,
+        set: &Arc<storage::SegmentSet>,
+        query: &Query,
+        inputs: &[SegmentInput<'_>],
+    ) -> Result<(), DbError> {
+        if let Some(needle) = &query.text {
+            let reader = RowReader::new(set.clone());
             query::check_decode_cost(
                 "text",
                 query,
                 inputs,
                 self.config.limits.query_decode_max,
                 "add filters (source, type, severity, tags, time range) to narrow the search",
+                |segment, candidates| reader.rows_maybe_with(segment, candidates, needle).len(),
             )?;
         }
         Ok(())

@@ -595,3 +595,48 @@ fn queries_during_rolls_and_seals_see_every_acknowledged_event() {
     });
     assert_eq!(db.stats(&Query::default()).unwrap().total, 6000);
 }
+
+/// The decode limit counts what a `text` search would really read: rows
+/// in block groups that sealed segments' text filters rule out are not
+/// counted, so a selective needle over many events is answered while a
+/// needle every event holds is refused.
+#[test]
+fn the_text_cost_limit_counts_only_groups_the_filter_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.storage.block_size_bytes = 2048;
+    cfg.limits.query_decode_max = 2_000;
+    let db = Db::open(dir.path(), cfg).unwrap();
+    let events: Vec<Event> = (0..20_000u32)
+        .map(|i| {
+            let mut e = Event::new(SOURCES[(i % 3) as usize], TYPES[0]);
+            e.id = format!("t{i}");
+            e.timestamp = Timestamp(i64::from(i));
+            e.data = JsonObject::parse(&format!(r#"{{"word":"apple","n":{i}}}"#)).unwrap();
+            e
+        })
+        .collect();
+    for chunk in events.chunks(1000) {
+        db.append_batch(chunk.to_vec()).unwrap();
+    }
+    db.seal().unwrap();
+    let selective = Query {
+        text: Some("\"n\":12345}".into()),
+        ..Query::default()
+    };
+    let got = db.query(&selective).unwrap();
+    assert_eq!(got.events.len(), 1);
+    assert_eq!(got.events[0].id, "t12345");
+    assert_eq!(db.stats(&selective).unwrap().total, 1);
+    let broad = Query {
+        text: Some("apple".into()),
+        ..Query::default()
+    };
+    match db.query(&broad) {
+        Err(evdb::DbError::Query(query::QueryError::Invalid { field, reason })) => {
+            assert_eq!(field, "text");
+            assert!(reason.contains("query_decode_max"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

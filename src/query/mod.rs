@@ -589,25 +589,29 @@ fn segment_matches(
 pub fn candidates_upper_bound(
     query: &Query,
     segments: &[SegmentInput<'_>],
+    mut narrow: impl FnMut(u64, &RoaringBitmap) -> u64,
 ) -> Result<u64, QueryError> {
     let mut n = 0;
     for seg in segments {
         if let SegmentPlan::Scan { candidates, .. } = plan_segment(query, seg.index)? {
-            n += candidates.len();
+            n += narrow(seg.segment, &candidates);
         }
     }
     Ok(n)
 }
 
-/// Refuses a request that would decode more than `max` events.
+/// Refuses a request that would decode more than `max` events. `narrow`
+/// counts the candidates of a segment that would really be decoded (all
+/// of them, or fewer when a text filter rules blocks out).
 pub fn check_decode_cost(
     field: &'static str,
     query: &Query,
     segments: &[SegmentInput<'_>],
     max: u64,
     hint: &str,
+    narrow: impl FnMut(u64, &RoaringBitmap) -> u64,
 ) -> Result<(), QueryError> {
-    let n = candidates_upper_bound(query, segments)?;
+    let n = candidates_upper_bound(query, segments, narrow)?;
     if n > max {
         return Err(invalid(
             field,
