@@ -164,21 +164,21 @@ impl std::fmt::Debug for Db {
     }
 }
 
-/// The candidate rows of `segment` whose `data` contains `needle`. A row
-/// whose record bytes lack the needle cannot match, so only byte hits are
-/// decoded; a sealed block without the needle is skipped whole.
 /// The rows of `candidates` (rows of `segment`) whose `data` contains
 /// `needle`. Block groups that the segment's text filter rules out are
-/// never read. Many candidates are cut into runs of rows shared with an idle
-/// core (`par::help_from_pool`), read around the block cache (a full scan
-/// decompresses every block; caching them would only evict hot ones).
+/// never read; a sealed block without the needle is skipped whole; a row
+/// whose record bytes lack it is not decoded. Many candidates are cut into
+/// runs of rows shared with an idle core (`par::help_from_pool`), read
+/// around the block cache (a full scan decompresses every block; caching
+/// them would only evict hot ones).
 fn rows_with_text(
     reader: &mut RowReader,
     segment: u64,
     candidates: &roaring::RoaringBitmap,
     needle: &str,
 ) -> Result<roaring::RoaringBitmap, StorageError> {
-    let candidates = &reader.rows_maybe_with(segment, candidates, needle);
+    let kept = reader.rows_maybe_with(segment, candidates, needle);
+    let candidates: &roaring::RoaringBitmap = &kept;
     let rows = candidates.len();
     if rows < PARALLEL_TEXT_ROWS_MIN {
         return rows_with_text_on(reader, segment, candidates, needle);

@@ -891,15 +891,15 @@ impl RowReader {
     /// The rows of `candidates` (rows of `segment`) that may hold `needle`
     /// in their `data` by the sealed segment's text filter: all of them
     /// for an open segment or one without a usable filter.
-    pub fn rows_maybe_with(
+    pub fn rows_maybe_with<'c>(
         &self,
         segment: u64,
-        candidates: &roaring::RoaringBitmap,
+        candidates: &'c roaring::RoaringBitmap,
         needle: &str,
-    ) -> roaring::RoaringBitmap {
+    ) -> std::borrow::Cow<'c, roaring::RoaringBitmap> {
         match self.set.get(segment) {
             Some(SegmentRef::Sealed(s)) => s.rows_maybe_with(candidates, needle.as_bytes()),
-            _ => candidates.clone(),
+            _ => std::borrow::Cow::Borrowed(candidates),
         }
     }
 

@@ -1068,17 +1068,36 @@ impl SealedSegment {
     /// The rows of `candidates` that lie in block groups whose text filter
     /// does not rule `needle` out (all of them without a usable filter or
     /// a needle too short to probe with).
-    pub fn rows_maybe_with(
+    pub fn rows_maybe_with<'c>(
         &self,
-        candidates: &roaring::RoaringBitmap,
+        candidates: &'c roaring::RoaringBitmap,
         needle: &[u8],
-    ) -> roaring::RoaringBitmap {
+    ) -> std::borrow::Cow<'c, roaring::RoaringBitmap> {
         let (Some(Ok(filter)), Some(needle)) = (self.text_filter(), Needle::new(needle)) else {
-            return candidates.clone();
+            return std::borrow::Cow::Borrowed(candidates);
         };
         let shape = filter.shape();
         let mut keep = roaring::RoaringBitmap::new();
         let g = shape.group_blocks as usize;
+        if candidates.len() < u64::from(shape.groups) {
+            // Few candidates (other filters narrowed them): probe only the
+            // groups they lie in, instead of walking every group.
+            let mut last: Option<(usize, bool)> = None;
+            for row in candidates {
+                let Some(group) = self.block_of(row).map(|b| b / g) else {
+                    continue;
+                };
+                let pass = match last {
+                    Some((l, pass)) if l == group => pass,
+                    _ => filter.may_contain(group as u32, &needle),
+                };
+                last = Some((group, pass));
+                if pass {
+                    keep.insert(row);
+                }
+            }
+            return std::borrow::Cow::Owned(keep);
+        }
         for group in 0..shape.groups {
             let first = group as usize * g;
             let last = (first + g).min(self.blocks.len()) - 1;
@@ -1092,7 +1111,7 @@ impl SealedSegment {
             }
         }
         keep &= candidates;
-        keep
+        std::borrow::Cow::Owned(keep)
     }
 
     /// Rows whose id hashes to `hash` (usually none or one).
@@ -1316,6 +1335,17 @@ mod tests {
             pruned_some |= maybe.len() < all.len();
         }
         assert!(pruned_some, "the filter never ruled a group out");
+        // Few candidates take the per-row path; it keeps the same rows.
+        let few: roaring::RoaringBitmap = (0..seg.rows).step_by(101).collect();
+        assert!(few.len() < seg.block_count().div_ceil(8) as u64);
+        for e in events.iter().step_by(101) {
+            let data = e.data.as_str();
+            let at = data.find("\"user_id\"").unwrap();
+            let needle = &data[at..at + 19];
+            let mut by_groups = seg.rows_maybe_with(&all, needle.as_bytes()).into_owned();
+            by_groups &= &few;
+            assert_eq!(*seg.rows_maybe_with(&few, needle.as_bytes()), by_groups);
+        }
         // Too short to probe: nothing is ruled out.
         assert_eq!(seg.rows_maybe_with(&all, b"u-0").len(), all.len());
     }
