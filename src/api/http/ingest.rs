@@ -9,8 +9,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use prost::Message;
-use serde_json::value::RawValue;
 
+use super::body::{Line, NdjsonLines, batch_items};
 use super::error::ApiError;
 use super::{AppState, json_text};
 use crate::api::auth::{Auth, Principal};
@@ -248,29 +248,7 @@ async fn json_batch(
     let bytes = read_body(body, limits.batch_size_max).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|e| ApiError::bad_request("body", format!("body: not UTF-8: {e}")))?;
-    let trimmed = text.trim_start();
-    let items: Vec<&RawValue> = if trimmed.starts_with('[') {
-        serde_json::from_str(trimmed).map_err(|e| {
-            ApiError::bad_request("body", format!("body: not a JSON array of events: {e}"))
-        })?
-    } else if trimmed.starts_with('{') {
-        #[derive(serde::Deserialize)]
-        struct Wrapped<'a> {
-            #[serde(borrow)]
-            events: Option<Vec<&'a RawValue>>,
-        }
-        let wrapped: Wrapped<'_> = serde_json::from_str(trimmed).map_err(|e| {
-            ApiError::bad_request("events", format!("body: not {{\"events\":[…]}}: {e}"))
-        })?;
-        wrapped.events.ok_or_else(|| {
-            ApiError::bad_request("events", "events: the object has no \"events\" array")
-        })?
-    } else {
-        return Err(ApiError::bad_request(
-            "body",
-            "body: expected a JSON array of events or {\"events\":[…]}",
-        ));
-    };
+    let items = batch_items(text)?;
     if items.len() > limits.batch_events_max {
         return Err(too_many(items.len(), limits.batch_events_max));
     }
@@ -300,9 +278,7 @@ async fn ndjson(
     let limits = state.db.config().limits.clone();
     let line_max = limits.event_size_max.saturating_mul(2);
     let mut stream = body.into_data_stream();
-    let mut line: Vec<u8> = Vec::new();
-    // True while skipping the rest of an overlong line.
-    let mut skipping = false;
+    let mut lines = NdjsonLines::new(line_max);
     let mut index = 0usize;
     let mut pending: Vec<(usize, Event)> = Vec::new();
     let mut pending_bytes = 0usize;
@@ -325,53 +301,36 @@ async fn ndjson(
         // Events without a timestamp get this chunk's receive time.
         let now = Timestamp::now();
         let mut rest: &[u8] = &chunk;
-        loop {
-            let (part, complete) = match memchr::memchr(b'\n', rest) {
-                Some(n) => (&rest[..n], true),
-                None if finished => (rest, true),
-                None => (rest, false),
-            };
-            if !skipping {
-                if line.len() + part.len() > line_max {
-                    skipping = true;
-                    line.clear();
-                } else {
-                    line.extend_from_slice(part);
+        while let Some(line) = lines.next_line(&mut rest, finished) {
+            match line {
+                Line::TooLong => {
+                    state.metrics.count_unreadable(1);
+                    tally.fail(
+                        index,
+                        None,
+                        &Invalid::new("event", format!("line longer than {line_max} bytes")),
+                    );
+                    index += 1;
+                }
+                Line::Text(bytes) => {
+                    let parsed = match std::str::from_utf8(bytes).map(str::trim) {
+                        Ok("") => continue,
+                        Ok(t) => parse_event(t, now),
+                        Err(e) => Err(Invalid::new("event", format!("not UTF-8: {e}"))),
+                    };
+                    match parsed {
+                        Ok(e) => {
+                            pending_bytes += bytes.len();
+                            pending.push((index, e));
+                        }
+                        Err(why) => {
+                            state.metrics.count_unreadable(1);
+                            tally.fail(index, None, &why);
+                        }
+                    }
+                    index += 1;
                 }
             }
-            if !complete {
-                break;
-            }
-            // A whole line is in `line` (or was skipped).
-            let was_skipped = std::mem::replace(&mut skipping, false);
-            let text = std::str::from_utf8(&line).map(str::trim);
-            let blank = matches!(text, Ok(""));
-            if was_skipped {
-                state.metrics.count_unreadable(1);
-                tally.fail(
-                    index,
-                    None,
-                    &Invalid::new("event", format!("line longer than {line_max} bytes")),
-                );
-                index += 1;
-            } else if !blank {
-                let parsed = match text {
-                    Ok(t) => parse_event(t, now),
-                    Err(e) => Err(Invalid::new("event", format!("not UTF-8: {e}"))),
-                };
-                match parsed {
-                    Ok(e) => {
-                        pending_bytes += line.len();
-                        pending.push((index, e));
-                    }
-                    Err(why) => {
-                        state.metrics.count_unreadable(1);
-                        tally.fail(index, None, &why);
-                    }
-                }
-                index += 1;
-            }
-            line.clear();
             if pending.len() >= NDJSON_CHUNK_EVENTS.min(limits.batch_events_max)
                 || pending_bytes >= NDJSON_CHUNK_BYTES
             {
@@ -384,11 +343,6 @@ async fn ndjson(
                 )
                 .await?;
                 pending_bytes = 0;
-            }
-            let consumed = part.len() + usize::from(rest.len() > part.len());
-            rest = &rest[consumed..];
-            if rest.is_empty() {
-                break;
             }
         }
     }

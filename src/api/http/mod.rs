@@ -4,6 +4,7 @@
 //! [`error`].
 
 mod admin;
+pub mod body;
 pub mod error;
 mod ingest;
 pub mod params;
