@@ -185,6 +185,8 @@ pub struct CompactionFile {
     pub max_segment_bytes: Option<ByteSize>,
     /// Read at most this many bytes per second (`0`: no limit).
     pub io_limit: Option<ByteSize>,
+    /// Runs of segments rewritten at once (the number of cores).
+    pub threads: Option<usize>,
     /// How often the daemon looks for work (`60s`).
     pub check_interval: Option<String>,
     /// `false` turns background compaction off (`evdb compact` still works).
@@ -327,6 +329,12 @@ pub fn resolve_compaction(c: &CompactionFile) -> Result<Compaction, ConfigError>
     }
     if let Some(b) = &c.io_limit {
         policy.io_bytes_per_sec = b.resolve("compaction.io_limit")?;
+    }
+    if let Some(n) = c.threads {
+        if !(1..=64).contains(&n) {
+            return Err(invalid("compaction.threads", "must be 1 to 64"));
+        }
+        policy.threads = n;
     }
     Ok(Compaction {
         policy,
@@ -868,7 +876,7 @@ mod tests {
         assert_eq!(c.min_free_bytes, MIN_FREE_BYTES_DEFAULT);
         let c = resolve(
             "[retention]\nmax_bytes = \"2GiB\"\n[retention.sources]\naudit = \"365d\"\n\
-             [compaction]\ndeleted_ratio = 0.5\ndeleted_max_age = \"1h\"\nio_limit = \"64MiB\"\nenabled = false\n\
+             [compaction]\ndeleted_ratio = 0.5\ndeleted_max_age = \"1h\"\nio_limit = \"64MiB\"\nthreads = 1\nenabled = false\n\
              [storage]\nmin_free_bytes = 0\n",
         )
         .unwrap();
@@ -882,6 +890,7 @@ mod tests {
             Duration::from_secs(3600)
         );
         assert_eq!(c.compaction.policy.io_bytes_per_sec, 64 << 20);
+        assert_eq!(c.compaction.policy.threads, 1);
         assert!(!c.compaction.enabled);
         assert_eq!(c.min_free_bytes, 0);
         for (bad, names) in [

@@ -13,7 +13,7 @@ use crate::db::{Db, DbError};
 use crate::event::Timestamp;
 use crate::index::Dim;
 use crate::storage::SealedSegment;
-use crate::storage::compact::{CompactInput, Throttle, can_merge};
+use crate::storage::compact::{CompactInput, Compacted, Throttle, can_merge};
 
 /// When compaction rewrites or merges sealed segments.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,8 +27,11 @@ pub struct CompactionPolicy {
     pub small_segment_bytes: u64,
     /// A merge stops growing a segment at this size.
     pub max_segment_bytes: u64,
-    /// Read at most this many bytes per second (0: no limit).
+    /// Read at most this many bytes per second (0: no limit), all
+    /// threads together.
     pub io_bytes_per_sec: u64,
+    /// Threads that rewrite a run's blocks (niced; one more writes them).
+    pub threads: usize,
 }
 
 impl Default for CompactionPolicy {
@@ -39,6 +42,7 @@ impl Default for CompactionPolicy {
             small_segment_bytes: 16 << 20,
             max_segment_bytes: crate::storage::StorageConfig::default().segment_size_bytes,
             io_bytes_per_sec: 0,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -197,44 +201,23 @@ impl Db {
         let runs = self.compaction_plan(opts)?;
         let bytes_total: u64 = runs.iter().flatten().map(|i| i.segment.file_bytes()).sum();
         let mut report = CompactReport::default();
-        let mut throttle = Throttle::new(opts.policy.io_bytes_per_sec);
-        let mut done = 0u64;
+        let throttle = Throttle::new(opts.policy.io_bytes_per_sec);
         progress(CompactProgress {
             bytes_done: 0,
             bytes_total,
         });
+        let mut done = 0u64;
         for run in runs {
             let run_bytes: u64 = run.iter().map(|i| i.segment.file_bytes()).sum();
-            let compacted = self.log().compact_write(run, &mut throttle, |d| {
-                progress(CompactProgress {
-                    bytes_done: done + d,
-                    bytes_total,
-                });
-            })?;
-            {
-                // Deletions wait while the swap carries theirs over.
-                let _no_deletes = self.delete_lock().lock();
-                let late: Vec<(u64, RoaringBitmap)> = compacted
-                    .inputs
-                    .iter()
-                    .filter_map(|i| {
-                        let now = self.deleted_rows(i.segment.id)?;
-                        let late = now.as_ref() - &i.drop;
-                        (!late.is_empty()).then_some((i.segment.id, late))
-                    })
-                    .collect();
-                let deleted = compacted.renumber(&late);
-                if let Some(new) = &compacted.sealed {
-                    // Visible before the new segment is: no deleted row
-                    // shows up again, not even for a moment.
-                    self.indexes().set_deleted(new.id, deleted.clone());
-                }
-                let removed =
-                    self.log()
-                        .compact_swap(&compacted, &deleted, Timestamp::now().as_micros())?;
-                self.indexes().forget(&removed);
-            }
-            self.log().compact_unlink(&compacted.input_ids())?;
+            let compacted = self
+                .log()
+                .compact_write(run, opts.policy.threads, &throttle, |d| {
+                    progress(CompactProgress {
+                        bytes_done: done + d,
+                        bytes_total,
+                    });
+                })?;
+            self.swap_compacted(&compacted)?;
             done += run_bytes;
             report.segments_in += compacted.inputs.len();
             report.segments_out += usize::from(compacted.sealed.is_some());
@@ -259,6 +242,36 @@ impl Db {
             );
         }
         Ok(report)
+    }
+
+    /// Makes a written compaction visible: carries over the deletions
+    /// made while it was written, swaps it in, and unlinks its inputs.
+    fn swap_compacted(&self, compacted: &Compacted) -> Result<(), DbError> {
+        {
+            // Deletions wait while the swap carries theirs over.
+            let _no_deletes = self.delete_lock().lock();
+            let late: Vec<(u64, RoaringBitmap)> = compacted
+                .inputs
+                .iter()
+                .filter_map(|i| {
+                    let now = self.deleted_rows(i.segment.id)?;
+                    let late = now.as_ref() - &i.drop;
+                    (!late.is_empty()).then_some((i.segment.id, late))
+                })
+                .collect();
+            let deleted = compacted.renumber(&late);
+            if let Some(new) = &compacted.sealed {
+                // Visible before the new segment is: no deleted row shows
+                // up again, not even for a moment.
+                self.indexes().set_deleted(new.id, deleted.clone());
+            }
+            let removed =
+                self.log()
+                    .compact_swap(compacted, &deleted, Timestamp::now().as_micros())?;
+            self.indexes().forget(&removed);
+        }
+        self.log().compact_unlink(&compacted.input_ids())?;
+        Ok(())
     }
 
     /// Applies a retention policy at `now`. Events past their cutoff (the

@@ -124,6 +124,51 @@ fn compaction_removes_deleted_bytes_and_keeps_every_answer() {
 }
 
 #[test]
+fn runs_rewritten_on_several_threads_keep_every_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store(dir.path(), 4000, 8);
+    let errors = Query {
+        severity: Some(Severity::Error),
+        ..Query::default()
+    };
+    db.delete_matching(&errors).unwrap();
+    let asc = Query {
+        order: Order::Asc,
+        ..Query::default()
+    };
+    let want = ids(&db, &asc);
+    let want_stats = db.stats(&Query::default()).unwrap();
+    let mut last = 0;
+    let opts = CompactOptions {
+        policy: CompactionPolicy {
+            // Every segment is a run of its own: eight runs, three threads.
+            small_segment_bytes: 0,
+            max_segment_bytes: 1,
+            threads: 3,
+            ..CompactionPolicy::default()
+        },
+        force: true,
+        ..CompactOptions::default()
+    };
+    let report = db
+        .compact(&opts, |p| {
+            assert!(p.bytes_done >= last && p.bytes_done <= p.bytes_total);
+            last = p.bytes_done;
+        })
+        .unwrap();
+    assert_eq!((report.segments_in, report.segments_out), (8, 8));
+    assert_eq!(report.events_removed, 1334);
+    assert_eq!(last, report.bytes_before, "progress ends at the total");
+    assert_eq!(ids(&db, &asc), want);
+    assert_eq!(db.stats(&Query::default()).unwrap(), want_stats);
+    db.close().unwrap();
+    drop(db);
+    let db = Db::open(dir.path(), config()).unwrap();
+    assert_eq!(ids(&db, &asc), want);
+    assert_eq!(db.log().segments().total_rows(), 4000 - 1334);
+}
+
+#[test]
 fn a_deletion_made_during_the_rewrite_is_carried_over() {
     let dir = tempfile::tempdir().unwrap();
     let db = store(dir.path(), 2000, 2);

@@ -15,13 +15,14 @@
 //! seq table (`docs/format.md`), so cursors and ordering never move.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use roaring::RoaringBitmap;
 
 use super::catalog::{SegmentMeta, SegmentState};
 use super::dir::sync_dir;
-use super::segment::{self, SealedSegment, SealedWriter};
+use super::segment::{self, Block, BlockCompressor, SealedSegment, SealedWriter};
 use super::{Log, SegmentSet, StorageError};
 
 /// The nice value of the thread that rewrites segments.
@@ -77,12 +78,13 @@ impl Compacted {
 
 /// Limits the rate at which compaction reads, so that it never starves
 /// ingest of disk bandwidth: after each block it sleeps as long as needed
-/// to stay at or under `bytes_per_sec` (0: no limit).
+/// to stay at or under `bytes_per_sec` (0: no limit). Shared by the
+/// threads of one compaction run: the limit is for all of them together.
 #[derive(Debug)]
 pub struct Throttle {
     bytes_per_sec: u64,
     started: Instant,
-    bytes: u64,
+    bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Throttle {
@@ -90,16 +92,19 @@ impl Throttle {
         Throttle {
             bytes_per_sec,
             started: Instant::now(),
-            bytes: 0,
+            bytes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    fn account(&mut self, bytes: u64) {
-        self.bytes += bytes;
+    fn account(&self, bytes: u64) {
+        let total = self
+            .bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed)
+            + bytes;
         if self.bytes_per_sec == 0 {
             return;
         }
-        let due = Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_sec as f64);
+        let due = Duration::from_secs_f64(total as f64 / self.bytes_per_sec as f64);
         let elapsed = self.started.elapsed();
         if due > elapsed {
             std::thread::sleep(due - elapsed);
@@ -128,6 +133,115 @@ pub fn can_merge(set: &SegmentSet, inputs: &[Arc<SealedSegment>]) -> bool {
     last.first_seq + last.seq_span() - first.first_seq <= u64::from(u32::MAX)
 }
 
+/// Input blocks a compaction worker takes at a time.
+const WORK_BLOCKS: usize = 32;
+
+/// A stretch of one input's blocks.
+struct Work {
+    input: usize,
+    blocks: std::ops::Range<usize>,
+}
+
+/// A block ready for the compacted segment's writer.
+enum Piece<'a> {
+    /// Copied as stored (no row left out; same compression and dictionary),
+    /// with its decompressed form and each row's seq.
+    Stored {
+        compressed: &'a [u8],
+        block: Block,
+        seqs: Vec<u32>,
+    },
+    /// The kept rows of one or more blocks, compressed anew.
+    Fresh {
+        compressed: Vec<u8>,
+        raw: Vec<u8>,
+        seqs: Vec<u32>,
+    },
+}
+
+fn nice_this_thread() {
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), COMPACTION_NICE);
+}
+
+/// The blocks `blocks` of `input` without its dropped rows: clean blocks
+/// copied (when `copy_clean`), the kept rows of the others regrouped into
+/// blocks of about `block_size` raw bytes and compressed. Every frame's
+/// checksum is verified on the way. `shift`: the input's first seq less
+/// the output's.
+fn rewrite_blocks<'a>(
+    input: &'a CompactInput,
+    blocks: std::ops::Range<usize>,
+    shift: u64,
+    copy_clean: bool,
+    block_size: usize,
+    compressor: &mut BlockCompressor,
+    throttle: &Throttle,
+) -> Result<Vec<Piece<'a>>, StorageError> {
+    let seg = &input.segment;
+    let seq_of = |row: u32| -> Result<u32, StorageError> {
+        u32::try_from(shift + u64::from(seg.seq_offset(row)))
+            .map_err(|_| StorageError::corrupted(seg.id, 0, "compaction spans too many rows"))
+    };
+    let bad_row = || {
+        StorageError::corrupted(
+            seg.id,
+            0,
+            "row missing from its block or failing its checksum",
+        )
+    };
+    let mut pieces = Vec::new();
+    let mut raw = Vec::with_capacity(block_size * 2);
+    let mut seqs = Vec::new();
+    let mut fresh = |raw: &mut Vec<u8>, seqs: &mut Vec<u32>, pieces: &mut Vec<Piece<'a>>| {
+        if raw.is_empty() {
+            return Ok(());
+        }
+        let compressed = compressor
+            .compress(raw)
+            .map_err(|e| StorageError::corrupted(seg.id, 0, format!("recompressing: {e}")))?;
+        pieces.push(Piece::Fresh {
+            compressed,
+            raw: std::mem::replace(raw, Vec::with_capacity(block_size * 2)),
+            seqs: std::mem::take(seqs),
+        });
+        Ok::<(), StorageError>(())
+    };
+    for b in blocks {
+        let block = seg.read_block(b)?;
+        let rows = block.first_row..block.first_row + block.rows();
+        let clean = input.drop.range_cardinality(rows.clone()) == 0;
+        match seg.block_compressed(b) {
+            Some(compressed) if clean && copy_clean => {
+                fresh(&mut raw, &mut seqs, &mut pieces)?;
+                for row in rows.clone() {
+                    block.checked_frame(row).ok_or_else(bad_row)?;
+                }
+                let seqs = rows.map(seq_of).collect::<Result<_, _>>()?;
+                pieces.push(Piece::Stored {
+                    compressed,
+                    block,
+                    seqs,
+                });
+            }
+            _ => {
+                for row in rows {
+                    if input.drop.contains(row) {
+                        continue;
+                    }
+                    raw.extend_from_slice(block.checked_frame(row).ok_or_else(bad_row)?);
+                    seqs.push(seq_of(row)?);
+                    if raw.len() >= block_size {
+                        fresh(&mut raw, &mut seqs, &mut pieces)?;
+                    }
+                }
+            }
+        }
+        throttle.account(seg.block_compressed_len(b));
+    }
+    fresh(&mut raw, &mut seqs, &mut pieces)?;
+    Ok(pieces)
+}
+
 impl Log {
     /// Step 1: writes the compacted segment of `inputs` (adjacent sealed
     /// segments, see [`can_merge`]) and fsyncs it and its directory. The
@@ -135,7 +249,8 @@ impl Log {
     pub fn compact_write(
         &self,
         inputs: Vec<CompactInput>,
-        throttle: &mut Throttle,
+        threads: usize,
+        throttle: &Throttle,
         mut progress: impl FnMut(u64) + Send,
     ) -> Result<Compacted, StorageError> {
         self.shared.check_poisoned()?;
@@ -174,16 +289,14 @@ impl Log {
             std::thread::Builder::new()
                 .name("evdb-compact".into())
                 .spawn_scoped(s, || {
-                    let _ = rustix::process::setpriority_process(
-                        Some(rustix::thread::gettid()),
-                        COMPACTION_NICE,
-                    );
+                    nice_this_thread();
                     self.write_compacted(
                         id,
                         &inputs,
                         first_seq,
                         dense,
                         bytes_in,
+                        threads,
                         throttle,
                         &mut progress,
                     )
@@ -224,7 +337,8 @@ impl Log {
         first_seq: u64,
         dense: bool,
         bytes_in: u64,
-        throttle: &mut Throttle,
+        threads: usize,
+        throttle: &Throttle,
         progress: &mut impl FnMut(u64),
     ) -> Result<(Arc<SealedSegment>, u64, u64), StorageError> {
         let started = std::time::Instant::now();
@@ -252,49 +366,109 @@ impl Log {
             !dense,
         )?;
         let out_dict = dict.unwrap_or_default();
-        let mut bytes_read = 0u64;
-        for input in inputs {
-            let seg = &input.segment;
-            let shift = seg.first_seq - first_seq;
-            // Same compression and dictionary bytes: blocks can be copied.
-            let same_codec = seg.compression() == writer.compression()
-                && seg.dict_bytes() == out_dict.as_slice();
-            for b in 0..seg.block_count() {
-                let block = seg.read_block(b)?;
-                let block_bytes = seg.block_compressed_len(b);
-                let rows = block.first_row..block.first_row + block.rows();
-                let seq_of = |row: u32| -> Result<u32, StorageError> {
-                    u32::try_from(shift + u64::from(seg.seq_offset(row))).map_err(|_| {
-                        StorageError::corrupted(seg.id, 0, "compaction spans too many rows")
-                    })
-                };
-                let clean = input.drop.range_cardinality(rows.clone()) == 0;
-                match seg.block_compressed(b) {
-                    Some(compressed) if clean && same_codec => {
-                        let seqs: Vec<u32> = rows.map(seq_of).collect::<Result<_, _>>()?;
-                        writer.push_block_verbatim(compressed, &block, seqs.into_iter())?;
-                    }
-                    _ => {
-                        for row in rows {
-                            if input.drop.contains(row) {
-                                continue;
+        // Same compression and dictionary bytes: clean blocks are copied.
+        let copy_clean: Vec<bool> = inputs
+            .iter()
+            .map(|i| {
+                i.segment.compression() == writer.compression()
+                    && i.segment.dict_bytes() == out_dict.as_slice()
+            })
+            .collect();
+        let work: Vec<Work> = inputs
+            .iter()
+            .enumerate()
+            .flat_map(|(input, i)| {
+                let count = i.segment.block_count();
+                (0..count).step_by(WORK_BLOCKS).map(move |b| Work {
+                    input,
+                    blocks: b..(b + WORK_BLOCKS).min(count),
+                })
+            })
+            .collect();
+        let threads = threads.clamp(1, work.len().max(1));
+        let compressors = (0..threads)
+            .map(|_| writer.block_compressor())
+            .collect::<Result<Vec<_>, _>>()?;
+        let block_size = self.shared.config.block_size_bytes;
+        let next = AtomicUsize::new(0);
+        // Workers (niced like this thread) read, filter and recompress
+        // stretches of input blocks; this thread writes their blocks in
+        // order. At most two stretches per worker are in flight.
+        let bytes_read = std::thread::scope(|s| -> Result<u64, StorageError> {
+            let (tokens_tx, tokens_rx) = crossbeam_channel::unbounded::<()>();
+            for _ in 0..2 * threads {
+                let _ = tokens_tx.send(());
+            }
+            let (done_tx, done_rx) = crossbeam_channel::unbounded();
+            for mut compressor in compressors {
+                let (tokens_rx, done_tx) = (tokens_rx.clone(), done_tx.clone());
+                let (work, next, copy_clean) = (&work, &next, &copy_clean);
+                std::thread::Builder::new()
+                    .name("evdb-compact".into())
+                    .spawn_scoped(s, move || {
+                        nice_this_thread();
+                        while tokens_rx.recv().is_ok() {
+                            let n = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(w) = work.get(n) else { break };
+                            let input = &inputs[w.input];
+                            let pieces = rewrite_blocks(
+                                input,
+                                w.blocks.clone(),
+                                input.segment.first_seq - first_seq,
+                                copy_clean[w.input],
+                                block_size,
+                                &mut compressor,
+                                throttle,
+                            );
+                            if done_tx.send((n, pieces)).is_err() {
+                                break;
                             }
-                            let frame = block.checked_frame(row).ok_or_else(|| {
-                                StorageError::corrupted(
-                                    seg.id,
-                                    0,
-                                    "row missing from its block or failing its checksum",
-                                )
-                            })?;
-                            writer.push_verified(frame, seq_of(row)?)?;
                         }
+                    })
+                    .map_err(|e| StorageError::io(&path, e))?;
+            }
+            drop(done_tx);
+            let mut ready = std::collections::BTreeMap::new();
+            let mut bytes_read = 0u64;
+            for (n, w) in work.iter().enumerate() {
+                let pieces = loop {
+                    if let Some(p) = ready.remove(&n) {
+                        break p;
+                    }
+                    let (m, pieces) = done_rx.recv().map_err(|_| {
+                        StorageError::corrupted(id, 0, "a compaction worker stopped")
+                    })?;
+                    ready.insert(m, pieces);
+                };
+                for piece in pieces? {
+                    match piece {
+                        Piece::Stored {
+                            compressed,
+                            block,
+                            seqs,
+                        } => writer.push_compressed_block(
+                            compressed,
+                            block.raw(),
+                            seqs.into_iter(),
+                        )?,
+                        Piece::Fresh {
+                            compressed,
+                            raw,
+                            seqs,
+                        } => writer.push_compressed_block(&compressed, &raw, seqs.into_iter())?,
                     }
                 }
-                bytes_read += block_bytes;
-                throttle.account(block_bytes);
+                let seg = &inputs[w.input].segment;
+                bytes_read += w
+                    .blocks
+                    .clone()
+                    .map(|b| seg.block_compressed_len(b))
+                    .sum::<u64>();
                 progress(bytes_read.min(bytes_in));
+                let _ = tokens_tx.send(());
             }
-        }
+            Ok(bytes_read)
+        })?;
         let summary = writer.finish()?;
         sync_dir(&self.shared.segments_dir()).map_err(|e| StorageError::io(&path, e))?;
         let written_at = std::time::Instant::now();

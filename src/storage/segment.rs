@@ -352,6 +352,34 @@ impl ZstdEncoder {
     }
 }
 
+/// Compresses blocks the way a [`SealedWriter`] does; one per thread
+/// (from [`SealedWriter::block_compressor`]) lets other threads compress
+/// blocks for [`SealedWriter::push_compressed_block`].
+pub struct BlockCompressor {
+    compression: Compression,
+    zstd: Option<ZstdEncoder>,
+}
+
+impl BlockCompressor {
+    fn new(compression: Compression, dict: &[u8]) -> std::io::Result<BlockCompressor> {
+        let zstd = match compression {
+            Compression::Zstd => Some(ZstdEncoder::new(None)?),
+            Compression::ZstdDict => Some(ZstdEncoder::new(Some(dict))?),
+            _ => None,
+        };
+        Ok(BlockCompressor { compression, zstd })
+    }
+
+    /// The compressed form of `raw` (frames back to back).
+    pub fn compress(&mut self, raw: &[u8]) -> std::io::Result<Vec<u8>> {
+        match (&mut self.zstd, self.compression) {
+            (Some(z), _) => z.compress(raw),
+            (None, Compression::Lz4) => Ok(lz4_flex::block::compress(raw)),
+            _ => Ok(raw.to_vec()),
+        }
+    }
+}
+
 /// Writes a sealed segment one frame at a time: frames are grouped into
 /// compressed blocks as they come, so memory stays at about one block plus
 /// 16 bytes per row (id table, and the seq table when kept) plus 4 KiB of
@@ -364,7 +392,7 @@ pub struct SealedWriter {
     out: BufWriter<File>,
     written: u64,
     dict: Vec<u8>,
-    zstd: Option<ZstdEncoder>,
+    compressor: BlockCompressor,
     block_index: Vec<u8>,
     ids: Vec<(IdHash, u32)>,
     raw: Vec<u8>,
@@ -411,11 +439,7 @@ impl SealedWriter {
             (c, _) => c,
         };
         let dict = dict.unwrap_or_default();
-        let zstd = match compression {
-            Compression::Zstd => Some(ZstdEncoder::new(None).map_err(io)?),
-            Compression::ZstdDict => Some(ZstdEncoder::new(Some(&dict)).map_err(io)?),
-            _ => None,
-        };
+        let compressor = BlockCompressor::new(compression, &dict).map_err(io)?;
         let file = File::create(path).map_err(io)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let flags = FLAG_TEXT | if keep_seqs { FLAG_SEQS } else { 0 };
@@ -436,7 +460,7 @@ impl SealedWriter {
             out,
             written: (HEADER_SIZE + dict.len()) as u64,
             dict,
-            zstd,
+            compressor,
             block_index: Vec::new(),
             ids: Vec::new(),
             raw: Vec::with_capacity(block_size * 2),
@@ -489,39 +513,51 @@ impl SealedWriter {
         self.push_verified(frame_bytes, seq_offset)
     }
 
-    /// Appends a whole block as stored in another segment with the same
-    /// compression and dictionary as this writer: `compressed` is written
-    /// as is (no recompression), `block` is its decompressed, checked form
-    /// (from [`SealedSegment::read_block`]) from which each row's id and
-    /// timestamp are read; `seqs` gives each row's arrival offset.
-    pub fn push_block_verbatim(
+    /// A compressor that compresses blocks exactly as this writer does
+    /// (same compression and dictionary), for another thread.
+    pub fn block_compressor(&self) -> Result<BlockCompressor, StorageError> {
+        BlockCompressor::new(self.compression, &self.dict).map_err(|e| self.io(e))
+    }
+
+    /// Appends a whole block compressed elsewhere: copied as stored from a
+    /// segment with this writer's compression and dictionary, or made by
+    /// [`SealedWriter::block_compressor`]. `raw` is its decompressed form,
+    /// whose frames the caller has checked (only their headers are walked
+    /// here, to note each row's id, timestamp and text); `seqs` gives each
+    /// row's arrival offset.
+    pub fn push_compressed_block(
         &mut self,
         compressed: &[u8],
-        block: &Block,
+        raw: &[u8],
         seqs: impl Iterator<Item = u32>,
     ) -> Result<(), StorageError> {
         self.flush_block()?;
         let first = self.rows;
         let mut seqs = seqs;
-        for row in block.first_row..block.first_row + block.rows() {
-            let at = u64::from(self.rows);
-            let payload = block
-                .checked_frame(row)
-                .and_then(|f| f.get(frame::FRAME_HEADER_SIZE..))
-                .ok_or_else(|| {
-                    StorageError::corrupted(self.segment, at, "row missing from its block")
-                })?;
+        let mut at = 0usize;
+        while at < raw.len() {
+            let row = u64::from(self.rows);
+            let corrupt = |reason: String| StorageError::corrupted(self.segment, row, reason);
+            let used = frame::frame_len(&raw[at..]).map_err(|e| corrupt(e.to_string()))?;
+            let payload = &raw[at + frame::FRAME_HEADER_SIZE..at + used];
             let seq = seqs
                 .next()
-                .ok_or_else(|| StorageError::corrupted(self.segment, at, "no seq for a row"))?;
+                .ok_or_else(|| corrupt("no seq for a row".into()))?;
             self.note_row(payload, seq)?;
+            at += used;
+        }
+        if seqs.next().is_some() {
+            return Err(StorageError::corrupted(
+                self.segment,
+                u64::from(self.rows),
+                "more seqs than rows in a block",
+            ));
         }
         let mut entry = [0u8; BLOCK_ENTRY_SIZE];
         entry[BLOCK_OFFSET..BLOCK_OFFSET + 8].copy_from_slice(&self.written.to_le_bytes());
         entry[BLOCK_COMPRESSED_LEN..BLOCK_COMPRESSED_LEN + 4]
             .copy_from_slice(&(compressed.len() as u32).to_le_bytes());
-        entry[BLOCK_RAW_LEN..BLOCK_RAW_LEN + 4]
-            .copy_from_slice(&(block.raw().len() as u32).to_le_bytes());
+        entry[BLOCK_RAW_LEN..BLOCK_RAW_LEN + 4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
         entry[BLOCK_FIRST_ROW..BLOCK_FIRST_ROW + 4].copy_from_slice(&first.to_le_bytes());
         entry[BLOCK_ROWS..BLOCK_ROWS + 4].copy_from_slice(&(self.rows - first).to_le_bytes());
         entry[BLOCK_CRC..BLOCK_CRC + 4].copy_from_slice(&crc32c::crc32c(compressed).to_le_bytes());
@@ -597,13 +633,10 @@ impl SealedWriter {
         if self.raw.is_empty() {
             return Ok(());
         }
-        let compressed = match (&mut self.zstd, self.compression) {
-            (Some(z), _) => z
-                .compress(&self.raw)
-                .map_err(|e| StorageError::io(&self.path, e))?,
-            (None, Compression::Lz4) => lz4_flex::block::compress(&self.raw),
-            _ => self.raw.clone(),
-        };
+        let compressed = self
+            .compressor
+            .compress(&self.raw)
+            .map_err(|e| StorageError::io(&self.path, e))?;
         let rows = self.rows - self.first_row;
         let mut entry = [0u8; BLOCK_ENTRY_SIZE];
         entry[BLOCK_OFFSET..BLOCK_OFFSET + 8].copy_from_slice(&self.written.to_le_bytes());
