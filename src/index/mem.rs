@@ -68,8 +68,11 @@ impl MemIndex {
             let map = &mut self.terms[dim as usize];
             // Look up by the borrowed term first: most terms already exist.
             match map.get_mut(term) {
+                // Rows mostly come in order: appending skips the search.
                 Some(b) => {
-                    b.insert(row);
+                    if !b.push(row) {
+                        b.insert(row);
+                    }
                 }
                 None => {
                     map.insert(term.into(), RoaringBitmap::from_iter([row]));
@@ -93,7 +96,9 @@ impl MemIndex {
             self.zones.resize(z + 1, (i64::MAX, i64::MIN));
         }
         self.zones[z] = (self.zones[z].0.min(ts), self.zones[z].1.max(ts));
-        self.staged.insert(row);
+        if !self.staged.push(row) {
+            self.staged.insert(row);
+        }
     }
 
     /// Makes a staged row visible; a row never staged is ignored.
@@ -108,7 +113,9 @@ impl MemIndex {
             self.min_ts = self.min_ts.min(ts);
             self.max_ts = self.max_ts.max(ts);
         }
-        self.present.insert(row);
+        if !self.present.push(row) {
+            self.present.insert(row);
+        }
     }
 
     pub fn rows(&self) -> u64 {

@@ -268,7 +268,8 @@ pub struct SealedSummary {
 }
 
 /// Writes a sealed segment from the frames of a log. The frames must be
-/// valid (they come from a scan); each is checked again on the way.
+/// valid (they come from a scan or the writer); each one's checksum is
+/// checked again on the way, once.
 pub fn write_sealed(
     path: &Path,
     segment: u64,
@@ -286,7 +287,7 @@ pub fn write_sealed(
         let at = offset as usize;
         let (_, used) = frame::decode(log_bytes.get(at..).unwrap_or_default())
             .map_err(|e| StorageError::corrupted(segment, offset, e.to_string()))?;
-        writer.push(&log_bytes[at..at + used], row as u32)?;
+        writer.push_verified(&log_bytes[at..at + used], row as u32)?;
     }
     writer.finish()
 }
