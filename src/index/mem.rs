@@ -70,7 +70,7 @@ impl MemIndex {
             match map.get_mut(term) {
                 // Rows mostly come in order: appending skips the search.
                 Some(b) => {
-                    if !b.push(row) {
+                    if b.try_push(row).is_err() {
                         b.insert(row);
                     }
                 }
@@ -96,7 +96,7 @@ impl MemIndex {
             self.zones.resize(z + 1, (i64::MAX, i64::MIN));
         }
         self.zones[z] = (self.zones[z].0.min(ts), self.zones[z].1.max(ts));
-        if !self.staged.push(row) {
+        if self.staged.try_push(row).is_err() {
             self.staged.insert(row);
         }
     }
@@ -113,7 +113,7 @@ impl MemIndex {
             self.min_ts = self.min_ts.min(ts);
             self.max_ts = self.max_ts.max(ts);
         }
-        if !self.present.push(row) {
+        if self.present.try_push(row).is_err() {
             self.present.insert(row);
         }
     }
