@@ -484,10 +484,35 @@ impl Db {
         self: &Arc<Self>,
         events: Vec<Event>,
     ) -> Result<Vec<AppendOutcome>, DbError> {
+        self.submit_batch(events)?.await
+    }
+
+    /// [`Db::append_batch_detached`] in two halves: validates, encodes and
+    /// hands the batch to the writer now (batches submitted one after
+    /// another are stored in that order), and returns a future of its
+    /// outcome, whose indexing runs on a task of its own. A caller can
+    /// prepare its next batch while this one is made durable.
+    pub fn submit_batch(
+        self: &Arc<Self>,
+        events: Vec<Event>,
+    ) -> Result<
+        impl std::future::Future<Output = Result<Vec<AppendOutcome>, DbError>> + use<>,
+        DbError,
+    > {
+        self.space.check()?;
+        let (outcomes, prepared) = self.prepare(&events)?;
+        let pending = self.log.submit_staged(prepared)?;
         let db = Arc::clone(self);
-        tokio::spawn(async move { db.append_batch_async(events).await })
-            .await
-            .map_err(|e| DbError::Unavailable(format!("the append task stopped: {e}")))?
+        let task = tokio::spawn(async move {
+            let (appended, staged) = pending
+                .wait(|positions| db.index_stored(&events, &outcomes, positions, false))
+                .await?;
+            db.finish(events, outcomes, appended, staged)
+        });
+        Ok(async move {
+            task.await
+                .map_err(|e| DbError::Unavailable(format!("the append task stopped: {e}")))?
+        })
     }
 
     /// Validates and encodes a batch: `None` for each event to store, the

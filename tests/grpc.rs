@@ -671,3 +671,70 @@ async fn health_reflection_and_shutdown_of_tails() {
     let (ok, _, err) = stopper.await.unwrap();
     assert!(ok, "{err}");
 }
+
+/// A long `IngestStream` (messages read while earlier ones are made
+/// durable): events are stored in stream order, a duplicate of an earlier
+/// message is told as such, and rejections come back in event order.
+#[tokio::test]
+async fn a_long_ingest_stream_keeps_its_order_and_its_tally() {
+    let d = Daemon::start();
+    let mut c = EvdbClient::new(channel(&d).await);
+    let event = |id: String| ev::Event {
+        event_id: id,
+        // One timestamp for all: arrival order decides the query order.
+        timestamp: ts(1_738_756_800),
+        source_system: "s".into(),
+        event_type: "t".into(),
+        severity: ev::Severity::Info as i32,
+        ..Default::default()
+    };
+    let mut messages = Vec::new();
+    let mut want = Vec::new();
+    for m in 0..20 {
+        let mut events = Vec::new();
+        for i in 0..50 {
+            let id = format!("m{m:02}-{i:02}");
+            want.push(id.clone());
+            events.push(event(id));
+        }
+        // Every fifth message repeats an event of the previous one and
+        // carries one the store rejects (no event_type).
+        if m % 5 == 4 {
+            events.push(event(format!("m{:02}-00", m - 1)));
+            events.push(ev::Event {
+                event_type: String::new(),
+                ..event(format!("bad{m}"))
+            });
+        }
+        messages.push(ev::IngestRequest { events });
+    }
+    let r = c
+        .ingest_stream(futures_util::stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.collected, r.duplicates, r.failed), (1000, 4, 4));
+    let indexes: Vec<u32> = r.errors.iter().map(|e| e.index).collect();
+    // Message m starts at event 50 m + 2 (m / 5); its bad event is its last.
+    assert_eq!(indexes, [251, 503, 755, 1007]);
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let r = c
+            .query(ev::QueryRequest {
+                limit: 300,
+                cursor: cursor.clone(),
+                sort_order: ev::SortOrder::Asc as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(r.events.into_iter().map(|e| e.event_id));
+        if r.next_cursor.is_empty() {
+            break;
+        }
+        cursor = r.next_cursor;
+    }
+    assert_eq!(seen, want);
+}

@@ -704,3 +704,61 @@ fn environment_and_config_file_settings() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// An NDJSON body of several store chunks (each chunk goes to the store
+/// while the next is read): events are stored in body order, a repeat of
+/// an earlier chunk's event is a duplicate, and the rejections come back
+/// in line order.
+#[tokio::test]
+async fn a_long_ndjson_body_keeps_its_order_and_its_tally() {
+    let d = Daemon::start();
+    let mut body = String::new();
+    let mut want = Vec::new();
+    for i in 0..2600 {
+        if i % 700 == 699 {
+            // Not an event, and a repeat of an event 1,000 lines back.
+            body.push_str("{\"source_system\":\"s\"}\n");
+            body.push_str(&format!(
+                "{{\"event_id\":\"n{:04}\",\"source_system\":\"s\",\"event_type\":\"t\",\"timestamp\":\"2025-02-05T12:00:00Z\"}}\n",
+                i.max(1000) - 1000
+            ));
+        }
+        let id = format!("n{i:04}");
+        body.push_str(&format!(
+            "{{\"event_id\":\"{id}\",\"source_system\":\"s\",\"event_type\":\"t\",\"timestamp\":\"2025-02-05T12:00:00Z\"}}\n"
+        ));
+        want.push(id);
+    }
+    let r = client()
+        .post(d.url("/events/batch"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["collected"], 2600, "{b}");
+    assert_eq!(b["failed"], 3, "{b}");
+    assert_eq!(b["duplicates"], 3, "{b}");
+    let indexes: Vec<u64> = b["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    // Before event i = 699 + 700 k, 2 k lines were inserted.
+    assert_eq!(indexes, [699, 1401, 2103]);
+    let mut seen = Vec::new();
+    let mut path = "/events?sort_order=asc&limit=1000".to_owned();
+    loop {
+        let (s, body) = get(&d, &path).await;
+        assert_eq!(s, 200);
+        seen.extend(ids(&body));
+        match body["next_cursor"].as_str() {
+            Some(c) => path = format!("/events?sort_order=asc&limit=1000&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, want);
+}

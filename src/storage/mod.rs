@@ -194,6 +194,40 @@ pub struct Position {
     pub row: u32,
 }
 
+/// An append handed to the writer, not yet answered.
+#[derive(Debug)]
+pub struct PendingAppend(Option<Replies>);
+
+/// The writer's two answers to an append: where its rows went (once
+/// written), and its outcome (once durable).
+#[derive(Debug)]
+struct Replies {
+    staged: tokio::sync::oneshot::Receiver<Vec<Appended>>,
+    done: tokio::sync::oneshot::Receiver<Result<Vec<Appended>, StorageError>>,
+}
+
+impl PendingAppend {
+    /// Calls `on_staged` with the rows' positions once they are written
+    /// (before they are durable, when the writer says so), then waits
+    /// until they are durable. Returns the positions and whether
+    /// `on_staged` was called.
+    pub async fn wait(
+        self,
+        on_staged: impl FnOnce(&[Appended]),
+    ) -> Result<(Vec<Appended>, bool), StorageError> {
+        let Some(Replies { staged, done }) = self.0 else {
+            return Ok((Vec::new(), false));
+        };
+        let staged = staged.await.ok();
+        let called = staged.is_some();
+        if let Some(positions) = staged {
+            on_staged(&positions);
+        }
+        let outcomes = done.await.map_err(|_| StorageError::Closed)??;
+        Ok((outcomes, called))
+    }
+}
+
 /// Events ready for the writer: validated, encoded and framed on the
 /// caller's thread into one buffer, so that the writer only checks ids and
 /// copies bytes.
@@ -511,9 +545,17 @@ impl Log {
         events: Prepared,
         on_staged: impl FnOnce(&[Appended]),
     ) -> Result<(Vec<Appended>, bool), StorageError> {
+        self.submit_staged(events)?.wait(on_staged).await
+    }
+
+    /// Hands `events` to the writer now (the first half of
+    /// [`Log::append_staged_async`]): appends submitted one after another
+    /// are written in that order. Await the answer with
+    /// [`PendingAppend::wait`].
+    pub fn submit_staged(&self, events: Prepared) -> Result<PendingAppend, StorageError> {
         self.shared.check_poisoned()?;
         if events.is_empty() {
-            return Ok((Vec::new(), false));
+            return Ok(PendingAppend(None));
         }
         let (done, rx) = tokio::sync::oneshot::channel();
         let (staged_tx, staged_rx) = tokio::sync::oneshot::channel();
@@ -524,13 +566,10 @@ impl Log {
         self.sender()?
             .send(writer::Command::Append { events, reply })
             .map_err(|_| StorageError::Closed)?;
-        let staged = staged_rx.await.ok();
-        let called = staged.is_some();
-        if let Some(positions) = staged {
-            on_staged(&positions);
-        }
-        let outcomes = rx.await.map_err(|_| StorageError::Closed)??;
-        Ok((outcomes, called))
+        Ok(PendingAppend(Some(Replies {
+            staged: staged_rx,
+            done: rx,
+        })))
     }
 
     /// Makes everything appended so far durable.

@@ -168,6 +168,27 @@ impl Totals {
     }
 }
 
+/// One request's events handed to the store, not yet tallied.
+struct Submitted {
+    outcomes: std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<AppendOutcome>, crate::db::DbError>> + Send,
+        >,
+    >,
+    /// Events in the request.
+    count: usize,
+    /// The request's first event's index in the call.
+    base: usize,
+    /// The request position of each event handed over.
+    positions: Vec<usize>,
+    sources: Sources,
+    event_ids: Vec<String>,
+}
+
+/// Requests of one `IngestStream` handed to the store while earlier ones
+/// are made durable.
+const STREAM_IN_FLIGHT: usize = 2;
+
 impl EvdbService {
     /// Validates, stores and tallies one request's events.
     async fn ingest_one(
@@ -177,6 +198,19 @@ impl EvdbService {
         want_ids: bool,
         caller: Option<&crate::api::auth::Principal>,
     ) -> Result<(), Status> {
+        let submitted = self.submit(req, totals, want_ids, caller)?;
+        self.settle(submitted, totals).await
+    }
+
+    /// Validates one request's events and hands the valid ones to the
+    /// store; [`EvdbService::settle`] tallies their outcome.
+    fn submit(
+        &self,
+        req: pb::IngestRequest,
+        totals: &mut Totals,
+        want_ids: bool,
+        caller: Option<&crate::api::auth::Principal>,
+    ) -> Result<Submitted, Status> {
         check_sources(caller, req.events.iter().map(|e| e.source_system.as_str()))?;
         let max = self.db.config().limits.batch_events_max;
         if req.events.len() > max {
@@ -188,9 +222,9 @@ impl EvdbService {
         let now = Timestamp::now();
         let base = totals.next_index;
         totals.next_index += req.events.len();
-        let mut ids = vec![String::new(); req.events.len()];
-        let mut valid = Vec::with_capacity(req.events.len());
-        let mut positions = Vec::with_capacity(req.events.len());
+        let count = req.events.len();
+        let mut valid = Vec::with_capacity(count);
+        let mut positions = Vec::with_capacity(count);
         for (i, e) in req.events.into_iter().enumerate() {
             match event_in(e, now) {
                 Ok(e) => {
@@ -213,9 +247,24 @@ impl EvdbService {
         } else {
             vec![String::new(); valid.len()]
         };
-        let outcomes = self.db.append_batch_detached(valid).await.map_err(status)?;
-        self.metrics.count_outcomes(&sources, &outcomes);
-        for ((outcome, i), id) in outcomes.iter().zip(positions).zip(event_ids) {
+        let outcomes = Box::pin(self.db.submit_batch(valid).map_err(status)?);
+        Ok(Submitted {
+            outcomes,
+            count,
+            base,
+            positions,
+            sources,
+            event_ids,
+        })
+    }
+
+    /// Waits for a submitted request's events to be durable and tallies
+    /// them.
+    async fn settle(&self, s: Submitted, totals: &mut Totals) -> Result<(), Status> {
+        let outcomes = s.outcomes.await.map_err(status)?;
+        self.metrics.count_outcomes(&s.sources, &outcomes);
+        let mut ids = vec![String::new(); s.count];
+        for ((outcome, i), id) in outcomes.iter().zip(s.positions).zip(s.event_ids) {
             match outcome {
                 AppendOutcome::Stored(_) => {
                     totals.response.collected += 1;
@@ -225,7 +274,7 @@ impl EvdbService {
                     totals.response.duplicates += 1;
                     ids[i] = id;
                 }
-                AppendOutcome::Invalid(why) => totals.fail(base + i, why),
+                AppendOutcome::Invalid(why) => totals.fail(s.base + i, why),
             }
         }
         totals.response.event_ids.extend(ids);
@@ -255,13 +304,27 @@ impl pb::evdb_server::Evdb for EvdbService {
         let caller = principal(&request);
         let mut stream = request.into_inner();
         let mut totals = Totals::default();
+        // The next message is read and handed to the store while the
+        // previous ones are made durable; they are tallied in order.
+        let mut in_flight = std::collections::VecDeque::with_capacity(STREAM_IN_FLIGHT);
         while let Some(msg) = stream.message().await? {
-            // Event ids of a long stream would grow without bound: the
-            // answer of a stream carries counts and errors only.
-            self.ingest_one(msg, &mut totals, false, caller.as_ref())
-                .await?;
-            totals.response.event_ids.clear();
+            in_flight.push_back(self.submit(msg, &mut totals, false, caller.as_ref())?);
+            if in_flight.len() >= STREAM_IN_FLIGHT
+                && let Some(oldest) = in_flight.pop_front()
+            {
+                self.settle(oldest, &mut totals).await?;
+                // Event ids of a long stream would grow without bound: the
+                // answer of a stream carries counts and errors only.
+                totals.response.event_ids.clear();
+            }
         }
+        while let Some(oldest) = in_flight.pop_front() {
+            self.settle(oldest, &mut totals).await?;
+        }
+        totals.response.event_ids.clear();
+        // Rejections found while reading come before those the store found
+        // in earlier messages: report them in event order.
+        totals.response.errors.sort_by_key(|e| e.index);
         Ok(Response::new(totals.response))
     }
 

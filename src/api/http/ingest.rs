@@ -18,7 +18,7 @@ use crate::api::chaukas;
 use crate::api::json::parse_event;
 use crate::api::metrics::Sources;
 use crate::api::proto::chaukas::server::v1 as pb;
-use crate::db::AppendOutcome;
+use crate::db::{AppendOutcome, DbError};
 use crate::event::{Event, Timestamp};
 use crate::limits::Invalid;
 
@@ -169,7 +169,11 @@ impl Tally {
         }
     }
 
-    fn answer(self) -> Response {
+    fn answer(mut self) -> Response {
+        // A streamed body's rejections are found in two places (parsing,
+        // and the store for earlier chunks): report them in event order.
+        self.errors
+            .sort_by_key(|e| e.get("index").and_then(serde_json::Value::as_u64));
         let body = serde_json::json!({
             "collected": self.collected,
             "failed": self.failed,
@@ -189,27 +193,62 @@ async fn store(
     tally: &mut Tally,
     want_ids: bool,
 ) -> Result<(), ApiError> {
+    match submit(state, principal, events, want_ids)? {
+        Some(s) => settle(state, s, tally).await,
+        None => Ok(()),
+    }
+}
+
+/// Events handed to the store, not yet tallied.
+struct Submitted {
+    outcomes: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<AppendOutcome>, DbError>> + Send>,
+    >,
+    indexes: Vec<usize>,
+    sources: Sources,
+    ids: Vec<String>,
+}
+
+/// Checks `events` against the caller's sources and the rate limits and
+/// hands them to the store ([`store`]'s first half; `None` when empty).
+fn submit(
+    state: &AppState,
+    principal: Option<&Principal>,
+    events: Vec<(usize, Event)>,
+    want_ids: bool,
+) -> Result<Option<Submitted>, ApiError> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     Auth::check_sources(principal, events.iter().map(|(_, e)| e.source.as_str()))?;
     let (indexes, events): (Vec<usize>, Vec<Event>) = events.into_iter().unzip();
-    // Ids only when the answer lists rejected ids.
     let sources = Sources::of(&events);
     sources.admit(state.limiter.as_deref(), &state.metrics)?;
+    // Ids only when the answer lists rejected ids.
     let ids: Vec<String> = if want_ids {
         events.iter().map(|e| e.id.clone()).collect()
     } else {
         Vec::new()
     };
-    let outcomes = state.db.append_batch_detached(events).await?;
-    state.metrics.count_outcomes(&sources, &outcomes);
+    let outcomes = Box::pin(state.db.submit_batch(events)?);
+    Ok(Some(Submitted {
+        outcomes,
+        indexes,
+        sources,
+        ids,
+    }))
+}
+
+/// Waits until submitted events are durable and tallies them.
+async fn settle(state: &AppState, s: Submitted, tally: &mut Tally) -> Result<(), ApiError> {
+    let outcomes = s.outcomes.await?;
+    state.metrics.count_outcomes(&s.sources, &outcomes);
     let mut stored = 0;
-    for (i, (outcome, index)) in outcomes.iter().zip(indexes).enumerate() {
+    for (i, (outcome, index)) in outcomes.iter().zip(s.indexes).enumerate() {
         match outcome {
             AppendOutcome::Stored(_) => stored += 1,
             AppendOutcome::Duplicate(_) => tally.duplicates += 1,
-            AppendOutcome::Invalid(why) => tally.fail(index, ids.get(i).map(String::as_str), why),
+            AppendOutcome::Invalid(why) => tally.fail(index, s.ids.get(i).map(String::as_str), why),
         }
     }
     tally.collected += stored;
@@ -279,6 +318,7 @@ async fn ndjson(
     let line_max = limits.event_size_max.saturating_mul(2);
     let mut stream = body.into_data_stream();
     let mut lines = NdjsonLines::new(line_max);
+    let mut in_flight: Option<Submitted> = None;
     let mut index = 0usize;
     let mut pending: Vec<(usize, Event)> = Vec::new();
     let mut pending_bytes = 0usize;
@@ -334,17 +374,18 @@ async fn ndjson(
             if pending.len() >= NDJSON_CHUNK_EVENTS.min(limits.batch_events_max)
                 || pending_bytes >= NDJSON_CHUNK_BYTES
             {
-                store(
-                    &state,
-                    principal,
-                    std::mem::take(&mut pending),
-                    &mut tally,
-                    false,
-                )
-                .await?;
+                // This chunk goes to the store; the previous one is tallied
+                // once durable, and the next is read meanwhile.
+                let chunk = submit(&state, principal, std::mem::take(&mut pending), false)?;
                 pending_bytes = 0;
+                if let Some(previous) = std::mem::replace(&mut in_flight, chunk) {
+                    settle(&state, previous, &mut tally).await?;
+                }
             }
         }
+    }
+    if let Some(previous) = in_flight {
+        settle(&state, previous, &mut tally).await?;
     }
     store(&state, principal, pending, &mut tally, false).await?;
     Ok(tally.answer())
