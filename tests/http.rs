@@ -45,6 +45,21 @@ async fn get(d: &Daemon, path: &str) -> (u16, Value) {
     (status, r.json().await.unwrap())
 }
 
+/// Every event id `GET {first}` finds, page after page through the cursor.
+async fn every_id(d: &Daemon, first: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut path = first.to_owned();
+    loop {
+        let (s, body) = get(d, &path).await;
+        assert_eq!(s, 200);
+        seen.extend(ids(&body));
+        match body["next_cursor"].as_str() {
+            Some(c) => path = format!("{first}&cursor={c}"),
+            None => return seen,
+        }
+    }
+}
+
 fn ids(v: &Value) -> Vec<String> {
     v["events"]
         .as_array()
@@ -150,18 +165,7 @@ async fn routes_filters_and_paging() {
     let (_, body) = get(&d, "/events?sort_order=asc&limit=3&offset=2").await;
     assert_eq!(ids(&body), ["e2", "e3", "e4"]);
     // Cursor paging returns everything once.
-    let mut seen = Vec::new();
-    let mut path = "/events?limit=7".to_owned();
-    loop {
-        let (s, body) = get(&d, &path).await;
-        assert_eq!(s, 200);
-        seen.extend(ids(&body));
-        match body["next_cursor"].as_str() {
-            Some(c) => path = format!("/events?limit=7&cursor={c}"),
-            None => break,
-        }
-    }
-    assert_eq!(seen, model(&|_| true));
+    assert_eq!(every_id(&d, "/events?limit=7").await, model(&|_| true));
 
     // Correlation: oldest first.
     let (s, body) = get(&d, "/events/correlation/wf-2").await;
@@ -749,16 +753,8 @@ async fn a_long_ndjson_body_keeps_its_order_and_its_tally() {
         .collect();
     // Before event i = 699 + 700 k, 2 k lines were inserted.
     assert_eq!(indexes, [699, 1401, 2103]);
-    let mut seen = Vec::new();
-    let mut path = "/events?sort_order=asc&limit=1000".to_owned();
-    loop {
-        let (s, body) = get(&d, &path).await;
-        assert_eq!(s, 200);
-        seen.extend(ids(&body));
-        match body["next_cursor"].as_str() {
-            Some(c) => path = format!("/events?sort_order=asc&limit=1000&cursor={c}"),
-            None => break,
-        }
-    }
-    assert_eq!(seen, want);
+    assert_eq!(
+        every_id(&d, "/events?sort_order=asc&limit=1000").await,
+        want
+    );
 }
