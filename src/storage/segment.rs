@@ -393,7 +393,9 @@ pub struct SealedWriter {
     out: BufWriter<File>,
     written: u64,
     dict: Vec<u8>,
-    compressor: BlockCompressor,
+    /// Made on the first block this writer compresses itself (a
+    /// compaction hands it blocks compressed elsewhere).
+    compressor: Option<BlockCompressor>,
     block_index: Vec<u8>,
     ids: Vec<(IdHash, u32)>,
     raw: Vec<u8>,
@@ -440,7 +442,6 @@ impl SealedWriter {
             (c, _) => c,
         };
         let dict = dict.unwrap_or_default();
-        let compressor = BlockCompressor::new(compression, &dict).map_err(io)?;
         let file = File::create(path).map_err(io)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let flags = FLAG_TEXT | if keep_seqs { FLAG_SEQS } else { 0 };
@@ -461,7 +462,7 @@ impl SealedWriter {
             out,
             written: (HEADER_SIZE + dict.len()) as u64,
             dict,
-            compressor,
+            compressor: None,
             block_index: Vec::new(),
             ids: Vec::new(),
             raw: Vec::with_capacity(block_size * 2),
@@ -634,8 +635,14 @@ impl SealedWriter {
         if self.raw.is_empty() {
             return Ok(());
         }
-        let compressed = self
-            .compressor
+        let compressor = match &mut self.compressor {
+            Some(c) => c,
+            None => self.compressor.insert(
+                BlockCompressor::new(self.compression, &self.dict)
+                    .map_err(|e| StorageError::io(&self.path, e))?,
+            ),
+        };
+        let compressed = compressor
             .compress(&self.raw)
             .map_err(|e| StorageError::io(&self.path, e))?;
         let rows = self.rows - self.first_row;
