@@ -136,6 +136,12 @@ impl SpaceGuard {
     }
 }
 
+/// The outcome of a batch handed to the store ([`Db::submit_batch`]),
+/// ready once it is durable.
+pub type Outcomes = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<AppendOutcome>, DbError>> + Send>,
+>;
+
 /// What happened to one event of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AppendOutcome {
@@ -492,13 +498,7 @@ impl Db {
     /// another are stored in that order), and returns a future of its
     /// outcome, whose indexing runs on a task of its own. A caller can
     /// prepare its next batch while this one is made durable.
-    pub fn submit_batch(
-        self: &Arc<Self>,
-        events: Vec<Event>,
-    ) -> Result<
-        impl std::future::Future<Output = Result<Vec<AppendOutcome>, DbError>> + use<>,
-        DbError,
-    > {
+    pub fn submit_batch(self: &Arc<Self>, events: Vec<Event>) -> Result<Outcomes, DbError> {
         self.space.check()?;
         let (outcomes, prepared) = self.prepare(&events)?;
         let pending = self.log.submit_staged(prepared)?;
@@ -509,10 +509,10 @@ impl Db {
                 .await?;
             db.finish(events, outcomes, appended, staged)
         });
-        Ok(async move {
+        Ok(Box::pin(async move {
             task.await
                 .map_err(|e| DbError::Unavailable(format!("the append task stopped: {e}")))?
-        })
+        }))
     }
 
     /// Validates and encodes a batch: `None` for each event to store, the

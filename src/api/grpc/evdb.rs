@@ -170,11 +170,7 @@ impl Totals {
 
 /// One request's events handed to the store, not yet tallied.
 struct Submitted {
-    outcomes: std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<Vec<AppendOutcome>, crate::db::DbError>> + Send,
-        >,
-    >,
+    outcomes: crate::db::Outcomes,
     /// Events in the request.
     count: usize,
     /// The request's first event's index in the call.
@@ -247,7 +243,7 @@ impl EvdbService {
         } else {
             vec![String::new(); valid.len()]
         };
-        let outcomes = Box::pin(self.db.submit_batch(valid).map_err(status)?);
+        let outcomes = self.db.submit_batch(valid).map_err(status)?;
         Ok(Submitted {
             outcomes,
             count,

@@ -18,7 +18,7 @@ use crate::api::chaukas;
 use crate::api::json::parse_event;
 use crate::api::metrics::Sources;
 use crate::api::proto::chaukas::server::v1 as pb;
-use crate::db::{AppendOutcome, DbError};
+use crate::db::{AppendOutcome, Outcomes};
 use crate::event::{Event, Timestamp};
 use crate::limits::Invalid;
 
@@ -201,9 +201,7 @@ async fn store(
 
 /// Events handed to the store, not yet tallied.
 struct Submitted {
-    outcomes: std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Vec<AppendOutcome>, DbError>> + Send>,
-    >,
+    outcomes: Outcomes,
     indexes: Vec<usize>,
     sources: Sources,
     ids: Vec<String>,
@@ -230,7 +228,7 @@ fn submit(
     } else {
         Vec::new()
     };
-    let outcomes = Box::pin(state.db.submit_batch(events)?);
+    let outcomes = state.db.submit_batch(events)?;
     Ok(Some(Submitted {
         outcomes,
         indexes,
