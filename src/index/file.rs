@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -78,7 +78,7 @@ pub fn write_index_file(
     );
     let tmp = path.with_extension("idx.tmp");
     let file = File::create(&tmp).map_err(io)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut out = crate::storage::dir::PacedFile::new(file);
     let mut header = [0u8; HEADER_SIZE];
     header[H_MAGIC..H_MAGIC + 8].copy_from_slice(&IDX_MAGIC);
     header[H_VERSION..H_VERSION + 2].copy_from_slice(&IDX_VERSION.to_le_bytes());
@@ -132,9 +132,7 @@ pub fn write_index_file(
     f[F_CRC..F_CRC + 4].copy_from_slice(&crc.to_le_bytes());
     f[F_MAGIC..F_MAGIC + 8].copy_from_slice(&IDX_FOOTER_MAGIC);
     out.write_all(&f).map_err(io)?;
-    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    drop(file);
+    out.finish().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 
 use memmap2::Mmap;
@@ -273,7 +273,7 @@ pub fn write_numeric_file(
     };
     let tmp = path.with_extension("num.tmp");
     let file = File::create(&tmp).map_err(io)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut out = crate::storage::dir::PacedFile::new(file);
     let mut h = [0u8; HEADER_SIZE];
     h[0..8].copy_from_slice(&NUM_MAGIC);
     h[8..10].copy_from_slice(&NUM_VERSION.to_le_bytes());
@@ -317,9 +317,7 @@ pub fn write_numeric_file(
     out.write_all(&section).map_err(io)?;
     out.write_all(&crc.to_le_bytes()).map_err(io)?;
     out.write_all(&NUM_FOOTER_MAGIC).map_err(io)?;
-    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    drop(file);
+    out.finish().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
 }

@@ -364,7 +364,8 @@ impl Log {
             dict.clone(),
             self.shared.config.block_size_bytes,
             !dense,
-        )?;
+        )?
+        .with_sync_step(super::dir::COMPACTION_STEP);
         let out_dict = dict.unwrap_or_default();
         // Same compression and dictionary bytes: clean blocks are copied.
         let copy_clean: Vec<bool> = inputs

@@ -6,13 +6,14 @@
 //! are in `docs/format.md`; every integer is little-endian.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::OnceLock;
 
 use memmap2::Mmap;
 
 use super::StorageError;
+use super::dir::PacedFile;
 use super::frame::{self, FrameError, FrameKind};
 use super::ids::{IdHash, hash_id, peek_data, peek_id_and_timestamp};
 use super::textfilter::{Needle, TRAILER_SIZE, TextFilter, TextFilterBuilder, TextFilterShape};
@@ -390,7 +391,7 @@ pub struct SealedWriter {
     segment: u64,
     compression: Compression,
     block_size: usize,
-    out: BufWriter<File>,
+    out: PacedFile,
     written: u64,
     dict: Vec<u8>,
     /// Made on the first block this writer compresses itself (a
@@ -409,15 +410,7 @@ pub struct SealedWriter {
     last_seq: Option<u32>,
     /// The text filter's signatures, built as rows come.
     text: TextFilterBuilder,
-    /// Bytes written when the file was last synced.
-    synced: u64,
 }
-
-/// A sealed segment being written is synced every this many bytes.
-/// (1 MiB: on ext4 an fsync of the active log also commits the journal,
-/// which waits for the data of every newly allocated block; small steps
-/// keep that wait short. Measured in docs/PERFORMANCE.md.)
-const WRITEBACK_BYTES: u64 = 1 << 20;
 
 impl SealedWriter {
     /// Creates the file and writes its header. `dict` is used when
@@ -443,7 +436,7 @@ impl SealedWriter {
         };
         let dict = dict.unwrap_or_default();
         let file = File::create(path).map_err(io)?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut out = PacedFile::new(file);
         let flags = FLAG_TEXT | if keep_seqs { FLAG_SEQS } else { 0 };
         out.write_all(&encode_header_full(
             SEG_MAGIC,
@@ -473,7 +466,6 @@ impl SealedWriter {
             seqs: keep_seqs.then(Vec::new),
             last_seq: None,
             text: TextFilterBuilder::new(),
-            synced: 0,
         })
     }
 
@@ -568,7 +560,7 @@ impl SealedWriter {
         self.written += compressed.len() as u64;
         self.first_row = self.rows;
         self.text.end_block();
-        self.smooth_writeback()
+        Ok(())
     }
 
     /// Appends one frame already checked (by [`Block::checked_frame`]):
@@ -588,6 +580,13 @@ impl SealedWriter {
             self.flush_block()?;
         }
         Ok(())
+    }
+
+    /// Syncs the file every `step` bytes from now on (default
+    /// [`super::dir::PACED_STEP`]).
+    pub fn with_sync_step(mut self, step: usize) -> SealedWriter {
+        self.out.set_step(step);
+        self
     }
 
     /// Records a row's id, timestamp and seq; counts it.
@@ -616,18 +615,6 @@ impl SealedWriter {
         self.min_ts = self.min_ts.min(ts);
         self.max_ts = self.max_ts.max(ts);
         self.rows += 1;
-        Ok(())
-    }
-
-    /// Syncs every `WRITEBACK_BYTES` written, so that the final fsync
-    /// does not push a whole segment at once and stall the active log's
-    /// own fsyncs behind it.
-    fn smooth_writeback(&mut self) -> Result<(), StorageError> {
-        if self.written - self.synced >= WRITEBACK_BYTES {
-            self.out.flush().map_err(|e| self.io(e))?;
-            self.out.get_ref().sync_data().map_err(|e| self.io(e))?;
-            self.synced = self.written;
-        }
         Ok(())
     }
 
@@ -661,7 +648,7 @@ impl SealedWriter {
         self.raw.clear();
         self.first_row = self.rows;
         self.text.end_block();
-        self.smooth_writeback()
+        Ok(())
     }
 
     /// Writes the last block, the block index, the id table, the seq table
@@ -723,11 +710,7 @@ impl SealedWriter {
         self.out.write_all(&footer).map_err(|e| self.io(e))?;
         self.written += FOOTER_SIZE as u64;
         let path = self.path.clone();
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| StorageError::io(&path, e.into_error()))?;
-        file.sync_all().map_err(|e| StorageError::io(&path, e))?;
+        self.out.finish().map_err(|e| StorageError::io(&path, e))?;
         Ok(SealedSummary {
             rows,
             min_ts: Timestamp(min_ts),
