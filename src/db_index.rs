@@ -482,10 +482,7 @@ impl Indexes {
             Some(Entry::Mem(m)) => m.clone(),
             _ => return,
         };
-        let mut mem = mem.write();
-        for row in rows {
-            mem.commit(*row);
-        }
+        mem.write().commit_rows(rows);
     }
 
     /// The in-memory index of open segment `segment`, created if needed;

@@ -101,6 +101,31 @@ impl MemIndex {
         }
     }
 
+    /// Makes the staged rows among `rows` visible at once (rows never
+    /// staged are ignored). One bitmap difference and union instead of a
+    /// removal per row: removing the rows of a batch one at a time from the
+    /// front of `staged` moved the rest of the batch each time, a tenth of
+    /// a microsecond per event on the append path.
+    pub fn commit_rows(&mut self, rows: &[u32]) {
+        let rows: RoaringBitmap = rows.iter().copied().collect();
+        let rows = rows & &self.staged;
+        if rows.is_empty() {
+            return;
+        }
+        self.staged -= &rows;
+        let (lo, hi) = rows.iter().fold((i64::MAX, i64::MIN), |(lo, hi), row| {
+            let ts = self.timestamps.get(row as usize).copied().unwrap_or(0);
+            (lo.min(ts), hi.max(ts))
+        });
+        if self.present.is_empty() {
+            (self.min_ts, self.max_ts) = (lo, hi);
+        } else {
+            self.min_ts = self.min_ts.min(lo);
+            self.max_ts = self.max_ts.max(hi);
+        }
+        self.present |= rows;
+    }
+
     /// Makes a staged row visible; a row never staged is ignored.
     pub fn commit(&mut self, row: u32) {
         if !self.staged.remove(row) {
@@ -243,5 +268,30 @@ mod tests {
         m.commit(1);
         assert_eq!(m.time_bounds(), Some((5, 50)));
         assert_eq!(m.live().len(), 3);
+    }
+
+    proptest::proptest! {
+        /// Committing a batch at once is committing its rows one by one:
+        /// same live rows, same time bounds, same rows left staged.
+        #[test]
+        fn committing_rows_at_once_is_committing_each(
+            staged in proptest::collection::vec((0u32..300, -1000i64..1000), 0..120),
+            batches in proptest::collection::vec(proptest::collection::vec(0u32..320, 0..40), 0..6),
+        ) {
+            let (mut each, mut once) = (MemIndex::new(), MemIndex::new());
+            for (row, ts) in &staged {
+                each.stage(*row, &event(*ts, "s"));
+                once.stage(*row, &event(*ts, "s"));
+            }
+            for batch in &batches {
+                for row in batch {
+                    each.commit(*row);
+                }
+                once.commit_rows(batch);
+                proptest::prop_assert_eq!(each.live().into_owned(), once.live().into_owned());
+                proptest::prop_assert_eq!(each.time_bounds(), once.time_bounds());
+                proptest::prop_assert_eq!(&each.staged, &once.staged);
+            }
+        }
     }
 }

@@ -29,14 +29,29 @@ pub(crate) struct OpenRows {
 }
 
 impl OpenRows {
+    /// Empty tables sized for `rows` rows (the previous segment's count:
+    /// the id map then never rehashes on the append path), frames from
+    /// `end`.
+    pub fn with_capacity(rows: usize, end: u64) -> OpenRows {
+        OpenRows {
+            offsets: Vec::with_capacity(rows),
+            end,
+            ids: IdHashMap::with_capacity_and_hasher(rows, Default::default()),
+            ..OpenRows::default()
+        }
+    }
+
     pub fn push(&mut self, offset: u64, len: u64, hash: IdHash, ts: i64) -> u32 {
         let row = self.offsets.len() as u32;
         self.offsets.push(offset);
         self.end = offset + len;
-        if let Some(_first) = self.ids.get(&hash.0) {
-            self.collisions.entry(hash.0).or_default().push(row);
-        } else {
-            self.ids.insert(hash.0, row);
+        match self.ids.entry(hash.0) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.collisions.entry(hash.0).or_default().push(row);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(row);
+            }
         }
         if row == 0 {
             (self.min_ts, self.max_ts) = (ts, ts);
