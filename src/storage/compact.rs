@@ -25,9 +25,6 @@ use super::dir::sync_dir;
 use super::segment::{self, Block, BlockCompressor, SealedSegment, SealedWriter};
 use super::{Log, SegmentSet, StorageError};
 
-/// The nice value of the thread that rewrites segments.
-const COMPACTION_NICE: i32 = 10;
-
 /// One input of a compaction: a sealed segment and the rows to leave out.
 #[derive(Clone, Debug)]
 pub struct CompactInput {
@@ -159,10 +156,6 @@ enum Piece<'a> {
     },
 }
 
-fn nice_this_thread() {
-    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), COMPACTION_NICE);
-}
-
 /// The blocks `blocks` of `input` without its dropped rows: clean blocks
 /// copied (when `copy_clean`), the kept rows of the others regrouped into
 /// blocks of about `block_size` raw bytes and compressed. Every frame's
@@ -289,7 +282,7 @@ impl Log {
             std::thread::Builder::new()
                 .name("evdb-compact".into())
                 .spawn_scoped(s, || {
-                    nice_this_thread();
+                    super::nice_background_thread();
                     self.write_compacted(
                         id,
                         &inputs,
@@ -407,7 +400,7 @@ impl Log {
                 std::thread::Builder::new()
                     .name("evdb-compact".into())
                     .spawn_scoped(s, move || {
-                        nice_this_thread();
+                        super::nice_background_thread();
                         while tokens_rx.recv().is_ok() {
                             let n = next.fetch_add(1, Ordering::Relaxed);
                             let Some(w) = work.get(n) else { break };

@@ -456,10 +456,7 @@ impl Writer {
             &path,
             next_id,
             next_first_seq,
-            OpenRows {
-                end: segment::HEADER_SIZE as u64,
-                ..OpenRows::default()
-            },
+            OpenRows::with_capacity(self.rows as usize, segment::HEADER_SIZE as u64),
         )?);
         self.log = self
             .fs
@@ -592,6 +589,7 @@ fn try_seal(shared: &Arc<Shared>, open: &Arc<OpenSegment>) -> Result<(), Storage
 }
 
 pub(crate) fn run_sealer(shared: Arc<Shared>, rx: Receiver<Arc<OpenSegment>>) {
+    super::nice_background_thread();
     for open in rx {
         if shared.check_poisoned().is_ok() {
             seal_one(&shared, &open);
