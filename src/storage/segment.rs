@@ -284,13 +284,134 @@ pub fn write_sealed(
         _ => None,
     };
     let mut writer = SealedWriter::create(path, segment, compression, dict, block_size, false)?;
-    for (row, &offset) in offsets.iter().enumerate() {
-        let at = offset as usize;
-        let (_, used) = frame::decode(log_bytes.get(at..).unwrap_or_default())
-            .map_err(|e| StorageError::corrupted(segment, offset, e.to_string()))?;
-        writer.push_verified(&log_bytes[at..at + used], row as u32)?;
-    }
+    let blocks = block_rows(log_bytes.len(), offsets, block_size);
+    let work: Vec<std::ops::Range<usize>> = (0..blocks.len())
+        .step_by(SEAL_WORK_BLOCKS)
+        .map(|b| b..(b + SEAL_WORK_BLOCKS).min(blocks.len()))
+        .collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, work.len().max(1));
+    let compressors = (0..threads)
+        .map(|_| writer.block_compressor())
+        .collect::<Result<Vec<_>, _>>()?;
+    // The bytes of rows `rows`: frames lie back to back in the log.
+    let bytes_of = |rows: &std::ops::Range<usize>| -> std::ops::Range<usize> {
+        let end = offsets
+            .get(rows.end)
+            .map_or(log_bytes.len(), |&o| o as usize);
+        offsets[rows.start] as usize..end
+    };
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    // Helpers (niced like the sealer) check and compress stretches of
+    // blocks; this thread writes them in order and notes each row. At most
+    // two stretches per helper are in flight.
+    std::thread::scope(|s| -> Result<(), StorageError> {
+        let (tokens_tx, tokens_rx) = crossbeam_channel::unbounded::<()>();
+        for _ in 0..2 * threads {
+            let _ = tokens_tx.send(());
+        }
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        for mut compressor in compressors {
+            let (tokens_rx, done_tx) = (tokens_rx.clone(), done_tx.clone());
+            let (work, next, blocks, bytes_of) = (&work, &next, &blocks, &bytes_of);
+            std::thread::Builder::new()
+                .name("evdb-sealer".into())
+                .spawn_scoped(s, move || {
+                    super::nice_background_thread();
+                    while tokens_rx.recv().is_ok() {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(w) = work.get(n) else { break };
+                        let compressed = w
+                            .clone()
+                            .map(|b| {
+                                let rows = &blocks[b];
+                                check_frames(segment, log_bytes, offsets, rows, bytes_of)?;
+                                compressor
+                                    .compress(&log_bytes[bytes_of(rows)])
+                                    .map_err(|e| StorageError::io(path, e))
+                            })
+                            .collect::<Result<Vec<_>, _>>();
+                        if done_tx.send((n, compressed)).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| StorageError::io(path, e))?;
+        }
+        drop(done_tx);
+        let mut ready = std::collections::BTreeMap::new();
+        for (n, w) in work.iter().enumerate() {
+            let compressed = loop {
+                if let Some(c) = ready.remove(&n) {
+                    break c;
+                }
+                let (m, c) = done_rx
+                    .recv()
+                    .map_err(|_| StorageError::corrupted(segment, 0, "a sealing helper stopped"))?;
+                ready.insert(m, c);
+            };
+            for (b, compressed) in w.clone().zip(compressed?) {
+                let rows = &blocks[b];
+                writer.push_compressed_block(
+                    &compressed,
+                    &log_bytes[bytes_of(rows)],
+                    rows.clone().map(|r| r as u32),
+                )?;
+            }
+            let _ = tokens_tx.send(());
+        }
+        Ok(())
+    })?;
     writer.finish()
+}
+
+/// Blocks of a sealed segment per unit of work of the sealer's helpers.
+const SEAL_WORK_BLOCKS: usize = 16;
+
+/// The rows of each block of a segment sealed from a log: frames are
+/// added to a block until it holds `block_size` bytes or more, the rule
+/// [`SealedWriter::push_verified`] follows. `offsets`: each row's frame
+/// offset in a log of `log_len` bytes.
+fn block_rows(log_len: usize, offsets: &[u64], block_size: usize) -> Vec<std::ops::Range<usize>> {
+    let mut blocks = Vec::new();
+    let mut first = 0;
+    for row in 0..offsets.len() {
+        let end = offsets.get(row + 1).map_or(log_len as u64, |&o| o);
+        if end.saturating_sub(offsets[first]) >= block_size as u64 {
+            blocks.push(first..row + 1);
+            first = row + 1;
+        }
+    }
+    if first < offsets.len() {
+        blocks.push(first..offsets.len());
+    }
+    blocks
+}
+
+/// Checks that the frames of `rows` pass their checksums and exactly fill
+/// their byte ranges of the log.
+fn check_frames(
+    segment: u64,
+    log_bytes: &[u8],
+    offsets: &[u64],
+    rows: &std::ops::Range<usize>,
+    bytes_of: &dyn Fn(&std::ops::Range<usize>) -> std::ops::Range<usize>,
+) -> Result<(), StorageError> {
+    for row in rows.clone() {
+        let range = bytes_of(&(row..row + 1));
+        let offset = offsets[row];
+        let (_, used) = frame::decode(log_bytes.get(range.clone()).unwrap_or_default())
+            .map_err(|e| StorageError::corrupted(segment, offset, e.to_string()))?;
+        if used != range.len() {
+            return Err(StorageError::corrupted(
+                segment,
+                offset,
+                "frame does not fill its row's bytes",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Trains a zstd dictionary on sample frames (whole frames, as a log holds
@@ -1437,6 +1558,38 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = fuzz_sealed(&bytes);
             let _ = scan_log(&bytes, 1);
+        }
+
+        /// Blocks cut from a log's row offsets are the blocks the writer
+        /// cuts frame by frame: every row once, in order; a block ends at
+        /// the first frame that brings it to `block_size` bytes.
+        #[test]
+        fn block_rows_follow_the_writers_rule(
+            lens in proptest::collection::vec(1u64..3000, 0..200),
+            block_size in 1usize..9000,
+        ) {
+            let mut offsets = Vec::new();
+            let mut at = HEADER_SIZE as u64;
+            for len in &lens {
+                offsets.push(at);
+                at += len;
+            }
+            let blocks = block_rows(at as usize, &offsets, block_size);
+            let mut raw = 0u64;
+            let mut expected = Vec::new();
+            let mut first = 0;
+            for (row, len) in lens.iter().enumerate() {
+                raw += len;
+                if raw >= block_size as u64 {
+                    expected.push(first..row + 1);
+                    first = row + 1;
+                    raw = 0;
+                }
+            }
+            if first < lens.len() {
+                expected.push(first..lens.len());
+            }
+            prop_assert_eq!(blocks, expected);
         }
 
         #[test]
