@@ -15,7 +15,6 @@
 //! seq table (`docs/format.md`), so cursors and ordering never move.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use roaring::RoaringBitmap;
@@ -384,56 +383,30 @@ impl Log {
             .map(|_| writer.block_compressor())
             .collect::<Result<Vec<_>, _>>()?;
         let block_size = self.shared.config.block_size_bytes;
-        let next = AtomicUsize::new(0);
         // Workers (niced like this thread) read, filter and recompress
         // stretches of input blocks; this thread writes their blocks in
-        // order. At most two stretches per worker are in flight.
-        let bytes_read = std::thread::scope(|s| -> Result<u64, StorageError> {
-            let (tokens_tx, tokens_rx) = crossbeam_channel::unbounded::<()>();
-            for _ in 0..2 * threads {
-                let _ = tokens_tx.send(());
-            }
-            let (done_tx, done_rx) = crossbeam_channel::unbounded();
-            for mut compressor in compressors {
-                let (tokens_rx, done_tx) = (tokens_rx.clone(), done_tx.clone());
-                let (work, next, copy_clean) = (&work, &next, &copy_clean);
-                std::thread::Builder::new()
-                    .name("evdb-compact".into())
-                    .spawn_scoped(s, move || {
-                        super::nice_background_thread();
-                        while tokens_rx.recv().is_ok() {
-                            let n = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(w) = work.get(n) else { break };
-                            let input = &inputs[w.input];
-                            let pieces = rewrite_blocks(
-                                input,
-                                w.blocks.clone(),
-                                input.segment.first_seq - first_seq,
-                                copy_clean[w.input],
-                                block_size,
-                                &mut compressor,
-                                throttle,
-                            );
-                            if done_tx.send((n, pieces)).is_err() {
-                                break;
-                            }
-                        }
-                    })
-                    .map_err(|e| StorageError::io(&path, e))?;
-            }
-            drop(done_tx);
-            let mut ready = std::collections::BTreeMap::new();
-            let mut bytes_read = 0u64;
-            for (n, w) in work.iter().enumerate() {
-                let pieces = loop {
-                    if let Some(p) = ready.remove(&n) {
-                        break p;
-                    }
-                    let (m, pieces) = done_rx.recv().map_err(|_| {
-                        StorageError::corrupted(id, 0, "a compaction worker stopped")
-                    })?;
-                    ready.insert(m, pieces);
-                };
+        // order.
+        let mut bytes_read = 0u64;
+        super::pipeline::in_order(
+            "evdb-compact",
+            &path,
+            id,
+            compressors,
+            work.len(),
+            |n, compressor| {
+                let w = &work[n];
+                let input = &inputs[w.input];
+                rewrite_blocks(
+                    input,
+                    w.blocks.clone(),
+                    input.segment.first_seq - first_seq,
+                    copy_clean[w.input],
+                    block_size,
+                    compressor,
+                    throttle,
+                )
+            },
+            |n, pieces| {
                 for piece in pieces? {
                     match piece {
                         Piece::Stored {
@@ -452,6 +425,7 @@ impl Log {
                         } => writer.push_compressed_block(&compressed, &raw, seqs.into_iter())?,
                     }
                 }
+                let w = &work[n];
                 let seg = &inputs[w.input].segment;
                 bytes_read += w
                     .blocks
@@ -459,10 +433,9 @@ impl Log {
                     .map(|b| seg.block_compressed_len(b))
                     .sum::<u64>();
                 progress(bytes_read.min(bytes_in));
-                let _ = tokens_tx.send(());
-            }
-            Ok(bytes_read)
-        })?;
+                Ok(())
+            },
+        )?;
         let summary = writer.finish()?;
         sync_dir(&self.shared.segments_dir()).map_err(|e| StorageError::io(&path, e))?;
         let written_at = std::time::Instant::now();

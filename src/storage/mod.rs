@@ -12,6 +12,7 @@ pub mod compact;
 pub mod dir;
 pub mod frame;
 pub mod ids;
+mod pipeline;
 pub mod record;
 mod recovery;
 pub mod segment;

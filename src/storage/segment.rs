@@ -302,56 +302,28 @@ pub fn write_sealed(
             .map_or(log_bytes.len(), |&o| o as usize);
         offsets[rows.start] as usize..end
     };
-    let next = std::sync::atomic::AtomicUsize::new(0);
     // Helpers (niced like the sealer) check and compress stretches of
-    // blocks; this thread writes them in order and notes each row. At most
-    // two stretches per helper are in flight.
-    std::thread::scope(|s| -> Result<(), StorageError> {
-        let (tokens_tx, tokens_rx) = crossbeam_channel::unbounded::<()>();
-        for _ in 0..2 * threads {
-            let _ = tokens_tx.send(());
-        }
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        for mut compressor in compressors {
-            let (tokens_rx, done_tx) = (tokens_rx.clone(), done_tx.clone());
-            let (work, next, blocks, bytes_of) = (&work, &next, &blocks, &bytes_of);
-            std::thread::Builder::new()
-                .name("evdb-sealer".into())
-                .spawn_scoped(s, move || {
-                    super::nice_background_thread();
-                    while tokens_rx.recv().is_ok() {
-                        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(w) = work.get(n) else { break };
-                        let compressed = w
-                            .clone()
-                            .map(|b| {
-                                let rows = &blocks[b];
-                                check_frames(segment, log_bytes, offsets, rows, bytes_of)?;
-                                compressor
-                                    .compress(&log_bytes[bytes_of(rows)])
-                                    .map_err(|e| StorageError::io(path, e))
-                            })
-                            .collect::<Result<Vec<_>, _>>();
-                        if done_tx.send((n, compressed)).is_err() {
-                            break;
-                        }
-                    }
+    // blocks; this thread writes them in order and notes each row.
+    super::pipeline::in_order(
+        "evdb-sealer",
+        path,
+        segment,
+        compressors,
+        work.len(),
+        |n, compressor| {
+            work[n]
+                .clone()
+                .map(|b| {
+                    let rows = &blocks[b];
+                    check_frames(segment, log_bytes, offsets, rows, &bytes_of)?;
+                    compressor
+                        .compress(&log_bytes[bytes_of(rows)])
+                        .map_err(|e| StorageError::io(path, e))
                 })
-                .map_err(|e| StorageError::io(path, e))?;
-        }
-        drop(done_tx);
-        let mut ready = std::collections::BTreeMap::new();
-        for (n, w) in work.iter().enumerate() {
-            let compressed = loop {
-                if let Some(c) = ready.remove(&n) {
-                    break c;
-                }
-                let (m, c) = done_rx
-                    .recv()
-                    .map_err(|_| StorageError::corrupted(segment, 0, "a sealing helper stopped"))?;
-                ready.insert(m, c);
-            };
-            for (b, compressed) in w.clone().zip(compressed?) {
+                .collect::<Result<Vec<_>, _>>()
+        },
+        |n, compressed| {
+            for (b, compressed) in work[n].clone().zip(compressed?) {
                 let rows = &blocks[b];
                 writer.push_compressed_block(
                     &compressed,
@@ -359,10 +331,9 @@ pub fn write_sealed(
                     rows.clone().map(|r| r as u32),
                 )?;
             }
-            let _ = tokens_tx.send(());
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     writer.finish()
 }
 
