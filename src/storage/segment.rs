@@ -474,10 +474,14 @@ impl BlockCompressor {
     }
 }
 
-/// Writes a sealed segment one frame at a time: frames are grouped into
-/// compressed blocks as they come, so memory stays at about one block plus
-/// 16 bytes per row (id table, and the seq table when kept) plus 4 KiB of
-/// text filter per 8 blocks (1/16 of the raw bytes, folded at the end).
+/// Writes a sealed segment front to back, a block at a time: blocks
+/// compressed elsewhere ([`SealedWriter::push_compressed_block`], how
+/// sealing and compaction write, their helpers compressing), or frames one
+/// at a time ([`SealedWriter::push`], grouped into blocks and compressed
+/// here as they come; the tests' way). Memory stays at about one block
+/// plus 16 bytes per row (id table, and the seq table when kept) plus
+/// 4 KiB of text filter per 8 blocks (1/16 of the raw bytes, folded at the
+/// end).
 pub struct SealedWriter {
     path: std::path::PathBuf,
     segment: u64,
