@@ -78,10 +78,22 @@ pub struct Ready {
     pub data_dir: PathBuf,
 }
 
-/// Resolves on SIGINT or SIGTERM.
 /// How long shutdown waits for open connections to finish their requests.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// HTTP/2 flow control of the gRPC listener: how many bytes a client may
+/// send on one stream, and on one connection, before the server has read
+/// them. The protocol's default (64 KiB for both) made a client streaming
+/// 1,000-event messages (about 450 KiB each) stop for a window update
+/// several times per message; these bound what one connection can hold
+/// unread to `GRPC_CONNECTION_WINDOW` (docs/api.md).
+pub const GRPC_STREAM_WINDOW: u32 = 1 << 20;
+pub const GRPC_CONNECTION_WINDOW: u32 = 4 << 20;
+/// Largest HTTP/2 frame the gRPC listener accepts (the default is 16 KiB):
+/// fewer, larger DATA frames per message.
+pub const GRPC_MAX_FRAME: u32 = 256 << 10;
+
+/// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -377,7 +389,10 @@ pub async fn serve(
         incoming,
         max_connections,
     ));
-    let builder = tonic::transport::Server::builder();
+    let builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(GRPC_STREAM_WINDOW)
+        .initial_connection_window_size(GRPC_CONNECTION_WINDOW)
+        .max_frame_size(GRPC_MAX_FRAME);
     let grpc = tokio::spawn(
         builder
             .layer(tower::layer::layer_fn({
