@@ -171,6 +171,18 @@ impl JsonObject {
         Ok(JsonObject(text.trim().to_owned()))
     }
 
+    /// [`JsonObject::parse`] of text the caller owns: kept without a copy
+    /// unless white space surrounds it.
+    pub fn parse_owned(text: String) -> Result<JsonObject, serde_json::Error> {
+        if text.trim().len() != text.len() {
+            return JsonObject::parse(&text);
+        }
+        let mut de = serde_json::Deserializer::from_str(&text);
+        serde::Deserializer::deserialize_map(&mut de, ObjectCheck)?;
+        de.end()?;
+        Ok(JsonObject(text))
+    }
+
     pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> JsonObject {
         // Serialising a map of JSON values cannot fail: keys are strings and
         // every value is representable.
@@ -300,5 +312,23 @@ mod tests {
         assert!(JsonObject::parse("[1]").is_err());
         assert!(JsonObject::parse("3").is_err());
         assert!(JsonObject::parse("{").is_err());
+    }
+
+    #[test]
+    fn owned_json_is_checked_and_trimmed_like_borrowed() {
+        for text in [
+            " {\"b\":1} ",
+            "{\"b\":1}",
+            "{} {}",
+            "[1]",
+            "3",
+            "{",
+            "",
+            "\n{}\t",
+        ] {
+            let owned = JsonObject::parse_owned(text.to_owned()).map(JsonObject::into_string);
+            let borrowed = JsonObject::parse(text).map(JsonObject::into_string);
+            assert_eq!(owned.ok(), borrowed.ok(), "{text:?}");
+        }
     }
 }

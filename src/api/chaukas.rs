@@ -207,7 +207,7 @@ pub fn to_event(bytes: &[u8], now: Timestamp) -> Result<Event, Invalid> {
         .into_iter()
         .find(|s| !s.is_empty())
         .cloned();
-    let data = JsonObject::parse(&to_json(bytes)?)
+    let data = JsonObject::parse_owned(to_json(bytes)?)
         .map_err(|e| Invalid::new("event", format!("rendered JSON is not an object: {e}")))?;
     let event = Event {
         id: if msg.event_id.is_empty() {

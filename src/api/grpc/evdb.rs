@@ -87,7 +87,7 @@ pub fn event_in(e: pb::Event, now: Timestamp) -> Result<Event, Invalid> {
     let data = if e.data_json.trim().is_empty() {
         JsonObject::empty()
     } else {
-        JsonObject::parse(&e.data_json)
+        JsonObject::parse_owned(e.data_json)
             .map_err(|_| Invalid::new("data_json", "must be a JSON object"))?
     };
     let event = Event {
