@@ -194,6 +194,13 @@ impl JsonObject {
         JsonObject(text)
     }
 
+    /// Wraps text already checked to be one JSON object, without white
+    /// space around it (a `{`-led value that a JSON parser accepted).
+    pub(crate) fn from_checked(text: String) -> JsonObject {
+        debug_assert!(text.starts_with('{') && text.ends_with('}'));
+        JsonObject(text)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

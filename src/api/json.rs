@@ -11,10 +11,31 @@ fn string_field(field: &'static str, raw: Option<&&RawValue>) -> Result<Option<S
     match raw {
         None => Ok(None),
         Some(raw) if raw.get() == "null" => Ok(None),
-        Some(raw) => serde_json::from_str::<String>(raw.get())
+        Some(raw) => raw_string(raw)
             .map(Some)
-            .map_err(|_| Invalid::new(field, "must be a string")),
+            .ok_or_else(|| Invalid::new(field, "must be a string")),
     }
+}
+
+/// The string `raw` holds, or `None` if it is not a string. `raw` was
+/// checked as one JSON value when its document was parsed (no control
+/// characters, valid escapes), so a string without escapes is exactly the
+/// text between its quotes; only escaped strings are decoded again.
+fn raw_string(raw: &RawValue) -> Option<String> {
+    let text = raw.get();
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Some(inner.to_owned()),
+        _ => serde_json::from_str::<String>(text).ok(),
+    }
+}
+
+/// The object `raw` holds, or `None` if it is another kind of value. `raw`
+/// was checked as one JSON value when its document was parsed, so its first
+/// byte tells its kind: it is not parsed a second time.
+fn raw_object(raw: &RawValue) -> Option<JsonObject> {
+    let text = raw.get().trim();
+    text.starts_with('{')
+        .then(|| JsonObject::from_checked(text.to_owned()))
 }
 
 /// The fields of the JSON event, each kept as raw text until it is read
@@ -87,8 +108,9 @@ pub fn parse_event(text: &str, now: Timestamp) -> Result<Event, Invalid> {
     let data = match fields.data {
         None => JsonObject::empty(),
         Some(raw) if raw.get() == "null" => JsonObject::empty(),
-        Some(raw) => JsonObject::parse(raw.get())
-            .map_err(|_| Invalid::new("data", "must be a JSON object"))?,
+        Some(raw) => {
+            raw_object(raw).ok_or_else(|| Invalid::new("data", "must be a JSON object"))?
+        }
     };
     let event = Event {
         id,
@@ -288,6 +310,41 @@ mod tests {
                 parse_event(text, Timestamp(0)).unwrap_err().field,
                 field,
                 "{text}"
+            );
+        }
+    }
+
+    /// The shortcuts for strings and `data` read what a full parse reads.
+    #[test]
+    fn raw_strings_and_objects_read_like_a_full_parse() {
+        let values = [
+            r#""plain""#,
+            r#""""#,
+            r#""with \"quote\" and \\ backslash""#,
+            r#""\u00e9t\u00e9 \ud83d\ude00""#,
+            r#""é ✓ 😀""#,
+            r#""tab\there""#,
+            "12",
+            "true",
+            r#"["a"]"#,
+            r#"{"a":"b"}"#,
+            r#"{ "nested": {"x": [1, 2, {"y": null}]} }"#,
+            "[]",
+        ];
+        for value in values {
+            let doc = format!(r#"{{"v": {value} }}"#);
+            let fields: std::collections::HashMap<&str, &RawValue> =
+                serde_json::from_str(&doc).unwrap();
+            let raw = fields["v"];
+            assert_eq!(
+                raw_string(raw),
+                serde_json::from_str::<String>(value).ok(),
+                "{value}"
+            );
+            assert_eq!(
+                raw_object(raw).map(JsonObject::into_string),
+                JsonObject::parse(value).ok().map(JsonObject::into_string),
+                "{value}"
             );
         }
     }
