@@ -165,9 +165,7 @@ impl JsonObject {
     /// Checks that `text` is exactly one JSON object and keeps it verbatim
     /// (surrounding white space trimmed), so clients get back what they sent.
     pub fn parse(text: &str) -> Result<JsonObject, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        serde::Deserializer::deserialize_map(&mut de, ObjectCheck)?;
-        de.end()?;
+        check_object(text)?;
         Ok(JsonObject(text.trim().to_owned()))
     }
 
@@ -177,9 +175,7 @@ impl JsonObject {
         if text.trim().len() != text.len() {
             return JsonObject::parse(&text);
         }
-        let mut de = serde_json::Deserializer::from_str(&text);
-        serde::Deserializer::deserialize_map(&mut de, ObjectCheck)?;
-        de.end()?;
+        check_object(&text)?;
         Ok(JsonObject(text))
     }
 
@@ -218,6 +214,13 @@ impl Default for JsonObject {
     fn default() -> Self {
         JsonObject::empty()
     }
+}
+
+/// Checks that `text` is exactly one JSON object.
+fn check_object(text: &str) -> Result<(), serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde::Deserializer::deserialize_map(&mut de, ObjectCheck)?;
+    de.end()
 }
 
 /// A serde visitor that accepts one JSON object and skips its contents.
