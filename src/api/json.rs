@@ -348,4 +348,17 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        /// Any string, as any JSON writer escapes it, reads back the same
+        /// through the shortcut.
+        #[test]
+        fn any_string_reads_back(text in ".*") {
+            let json = serde_json::to_string(&text).unwrap();
+            let doc = format!(r#"{{"v":{json}}}"#);
+            let fields: std::collections::HashMap<&str, &RawValue> =
+                serde_json::from_str(&doc).unwrap();
+            proptest::prop_assert_eq!(raw_string(fields["v"]), Some(text));
+        }
+    }
 }
