@@ -701,6 +701,39 @@ async fn a_long_ingest_stream_keeps_its_order_and_its_tally() {
     assert_eq!(every_id(&mut c, None, 300).await, want);
 }
 
+/// Messages larger than the listener's stream window (1 MiB) and, together,
+/// than its connection window (4 MiB) get through: the server reads them and
+/// opens the windows again as it goes.
+#[tokio::test]
+async fn messages_larger_than_the_flow_control_windows_are_stored() {
+    let d = Daemon::start();
+    let mut c = EvdbClient::new(channel(&d).await);
+    let pad = "x".repeat(1000);
+    let messages: Vec<ev::IngestRequest> = (0..3)
+        .map(|m| ev::IngestRequest {
+            events: (0..3000)
+                .map(|i| ev::Event {
+                    event_id: format!("big-{m}-{i:04}"),
+                    timestamp: ts(1_738_756_800),
+                    source_system: "s".into(),
+                    event_type: "t".into(),
+                    data_json: format!(r#"{{"pad":"{pad}"}}"#),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .collect();
+    let bytes: usize = messages.iter().map(prost::Message::encoded_len).sum();
+    assert!(bytes > 8 << 20, "{bytes} bytes");
+    let r = c
+        .ingest_stream(futures_util::stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.collected, r.duplicates, r.failed), (9000, 0, 0));
+    assert_eq!(every_id(&mut c, None, 1000).await.len(), 9000);
+}
+
 /// Every event id `Query` finds for `filter`, oldest first, read in pages
 /// of `limit` through the cursor.
 async fn every_id(
