@@ -253,6 +253,13 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             progress(opts, &format!("evdb batch ingest {done}/{n}"));
         }
     }
+    progress(
+        opts,
+        &format!(
+            "evdb logs started in a reused file: {}",
+            db.log().logs_reused()
+        ),
+    );
     db.close()?;
     drop(db);
     let evdb_bytes = dir_bytes(evdb_dir.path());

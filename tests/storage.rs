@@ -182,6 +182,81 @@ fn a_torn_write_at_any_sync_point_loses_nothing_acknowledged() {
     }
 }
 
+/// A rolled log is overwritten in place by a later segment once sealed.
+/// Here the reused file's leftovers are frames of exactly the same sizes
+/// as the new ones (the same events under other ids of the same length),
+/// so a tear leaves whole, well-formed earlier frames right after the
+/// last durable one: they carry another segment's salt and must never be
+/// read back as this segment's rows.
+#[test]
+fn a_reused_log_never_serves_the_frames_it_held_before() {
+    let first = events(100, 7);
+    let middle = events(20, 8);
+    // Same sizes as `first`, other ids.
+    let mirrored: Vec<Event> = first
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            let last = if e.id.ends_with('x') { "y" } else { "x" };
+            e.id = format!("{}{last}", &e.id[..e.id.len() - 1]);
+            e
+        })
+        .collect();
+    let expected: Vec<Event> = first
+        .iter()
+        .chain(&middle)
+        .chain(&mirrored)
+        .cloned()
+        .collect();
+    // Syncs: five batches, the roll, one batch, the roll; then the
+    // mirrored batches are syncs 9 to 13.
+    for at_sync in 9..=13u64 {
+        for keep_per_mille in [0, 500, 999] {
+            let dir = tempfile::tempdir().unwrap();
+            let fs = FaultyFs::new(Fault::TearAtSync {
+                at_sync,
+                keep_per_mille,
+            });
+            let mut acked = Vec::new();
+            {
+                let db = Db::open_with(dir.path(), small_config(), Arc::new(fs.clone())).unwrap();
+                for chunk in first.chunks(20) {
+                    db.append_batch(chunk.to_vec()).unwrap();
+                }
+                db.log().seal().unwrap();
+                db.append_batch(middle.clone()).unwrap();
+                db.log().seal().unwrap();
+                assert_eq!(db.log().logs_reused(), 1, "the first log was not reused");
+                acked.extend(first.iter().chain(&middle).cloned());
+                for chunk in mirrored.chunks(20) {
+                    match db.append_batch(chunk.to_vec()) {
+                        Ok(out) => {
+                            assert_eq!(stored(&out), chunk.len());
+                            acked.extend_from_slice(chunk);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                assert!(fs.fired(), "sync {at_sync} never came");
+            }
+            let db = Db::open(dir.path(), small_config()).unwrap();
+            let scanned: Vec<Event> = db.scan().map(|r| r.unwrap().1).collect();
+            assert!(scanned.len() >= acked.len(), "sync {at_sync}: lost events");
+            assert_eq!(
+                &scanned[..],
+                &expected[..scanned.len()],
+                "sync {at_sync}, keep {keep_per_mille}: rows that were never appended here"
+            );
+            for e in &first {
+                assert_eq!(db.get(&e.id).unwrap().as_ref(), Some(e));
+            }
+            let out = db.append_batch(expected.clone()).unwrap();
+            assert_eq!(stored(&out), expected.len() - scanned.len());
+            assert_eq!(db.len(), expected.len() as u64);
+        }
+    }
+}
+
 #[test]
 fn a_full_disk_refuses_writes_without_corrupting_the_log() {
     let dir = tempfile::tempdir().unwrap();

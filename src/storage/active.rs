@@ -84,6 +84,8 @@ impl OpenRows {
 pub struct OpenSegment {
     pub id: u64,
     pub first_seq: u64,
+    /// The salt of the log's frame checksums (`segment::FLAG_SALTED`).
+    pub salt: u32,
     pub(crate) file: File,
     pub(crate) rows: RwLock<OpenRows>,
     /// Rows that readers may see: acknowledged (durable under
@@ -105,6 +107,7 @@ impl OpenSegment {
         path: &Path,
         id: u64,
         first_seq: u64,
+        salt: u32,
         rows: OpenRows,
     ) -> Result<OpenSegment, StorageError> {
         let file = File::open(path).map_err(|e| StorageError::io(path, e))?;
@@ -112,6 +115,7 @@ impl OpenSegment {
         Ok(OpenSegment {
             id,
             first_seq,
+            salt,
             file,
             rows: RwLock::new(rows),
             visible: AtomicU32::new(visible),
@@ -148,7 +152,7 @@ impl OpenSegment {
         self.file
             .read_exact_at(&mut buf, offset)
             .map_err(|e| StorageError::corrupted(self.id, offset, format!("read: {e}")))?;
-        let (frame, used) = frame::decode(&buf)
+        let (frame, used) = frame::decode_salted(&buf, self.salt)
             .map_err(|e| StorageError::corrupted(self.id, offset, e.to_string()))?;
         if used != buf.len() {
             return Err(StorageError::corrupted(

@@ -7,13 +7,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The active log's write handle.
+/// The active log's write handle. It writes at the log's logical end,
+/// which in a reused file lies before the file's length.
 pub trait LogFile: Send {
-    /// Appends `buf` at the end of the file.
+    /// Writes `buf` at the log's end, which moves past it.
     fn append(&mut self, buf: &[u8]) -> io::Result<()>;
     /// Makes every appended byte durable (fdatasync).
     fn sync(&mut self) -> io::Result<()>;
@@ -21,8 +23,8 @@ pub trait LogFile: Send {
 
 /// Creates and opens log files; one per data directory.
 pub trait FileSystem: Send + Sync {
-    /// Opens `path` for appending; creates it if missing.
-    fn open_log(&self, path: &Path) -> io::Result<Box<dyn LogFile>>;
+    /// Opens the existing log `path` for writing from `end` on.
+    fn open_log(&self, path: &Path, end: u64) -> io::Result<Box<dyn LogFile>>;
 
     /// Bytes an unprivileged process may still write on the file system
     /// that holds `dir`.
@@ -41,22 +43,27 @@ pub fn available_bytes(dir: &Path) -> io::Result<u64> {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealFs;
 
-struct RealLog(File);
+struct RealLog {
+    file: File,
+    end: u64,
+}
 
 impl LogFile for RealLog {
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.0.write_all(buf)
+        self.file.write_all_at(buf, self.end)?;
+        self.end += buf.len() as u64;
+        Ok(())
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
 }
 
 impl FileSystem for RealFs {
-    fn open_log(&self, path: &Path) -> io::Result<Box<dyn LogFile>> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Box::new(RealLog(file)))
+    fn open_log(&self, path: &Path, end: u64) -> io::Result<Box<dyn LogFile>> {
+        let file = OpenOptions::new().write(true).open(path)?;
+        Ok(Box::new(RealLog { file, end }))
     }
 }
 
@@ -154,7 +161,8 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
 pub enum Fault {
     /// At sync number `at_sync` (counted from 1 across all log files), keep
     /// only `keep_per_mille`/1000 of the bytes appended since the previous
-    /// sync, then fail that sync and every later call: the machine lost power.
+    /// sync (the rest of a reused file keeps what it held before), then
+    /// fail that sync and every later call: the machine lost power.
     TearAtSync { at_sync: u64, keep_per_mille: u32 },
     /// Every append fails with "no space left on device" once `after_bytes`
     /// bytes have been appended in total (the disk filled up).
@@ -199,8 +207,16 @@ impl FaultyFs {
 struct FaultyLog {
     file: File,
     fs: FaultyFs,
-    synced_len: u64,
+    /// Where the next append goes.
+    end: u64,
+    /// The log's end at the last sync.
+    synced_end: u64,
+    /// The file's length now, and at the last sync.
     len: u64,
+    synced_len: u64,
+    /// Bytes that appends since the last sync overwrote in a reused file
+    /// (offset, old bytes): what a power loss leaves there.
+    overwritten: Vec<(u64, Vec<u8>)>,
 }
 
 fn power_lost() -> io::Error {
@@ -224,8 +240,14 @@ impl LogFile for FaultyLog {
                 .fetch_sub(buf.len() as u64, Ordering::SeqCst);
             return Err(io::Error::from_raw_os_error(28));
         }
-        self.file.write_all(buf)?;
-        self.len += buf.len() as u64;
+        if self.end < self.len {
+            let mut old = vec![0u8; (self.len - self.end).min(buf.len() as u64) as usize];
+            self.file.read_exact_at(&mut old, self.end)?;
+            self.overwritten.push((self.end, old));
+        }
+        self.file.write_all_at(buf, self.end)?;
+        self.end += buf.len() as u64;
+        self.len = self.len.max(self.end);
         Ok(())
     }
 
@@ -240,31 +262,42 @@ impl LogFile for FaultyLog {
         } = self.fs.fault
             && n == at_sync
         {
-            let unsynced = self.len - self.synced_len;
-            let keep = unsynced * u64::from(keep_per_mille.min(1000)) / 1000;
-            self.file.set_len(self.synced_len + keep)?;
+            let unsynced = self.end - self.synced_end;
+            let cut = self.synced_end + unsynced * u64::from(keep_per_mille.min(1000)) / 1000;
+            for (at, old) in &self.overwritten {
+                let from = cut.max(*at);
+                if let Some(rest) = old.get((from - at) as usize..) {
+                    self.file.write_all_at(rest, from)?;
+                }
+            }
+            self.file.set_len(cut.max(self.synced_len))?;
             self.file.sync_all()?;
             self.fs.dead.store(true, Ordering::SeqCst);
             return Err(power_lost());
         }
         self.file.sync_data()?;
+        self.synced_end = self.end;
         self.synced_len = self.len;
+        self.overwritten.clear();
         Ok(())
     }
 }
 
 impl FileSystem for FaultyFs {
-    fn open_log(&self, path: &Path) -> io::Result<Box<dyn LogFile>> {
+    fn open_log(&self, path: &Path, end: u64) -> io::Result<Box<dyn LogFile>> {
         if self.fired() {
             return Err(power_lost());
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
         let len = file.metadata()?.len();
         Ok(Box::new(FaultyLog {
             file,
             fs: self.clone(),
-            synced_len: len,
+            end,
+            synced_end: end,
             len,
+            synced_len: len,
+            overwritten: Vec::new(),
         }))
     }
 

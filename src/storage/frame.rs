@@ -6,7 +6,11 @@
 //! +-----------+-----------+------+-------------------+
 //! ```
 //! `crc` is crc32c over `len`, `kind` and `payload`, so a torn length is
-//! caught as surely as a torn payload. See `docs/format.md`.
+//! caught as surely as a torn payload. In a log whose header says so, the
+//! stored `crc` is XORed with the log's *salt* (derived from its segment
+//! id), so that frames a reused log file still holds from an earlier
+//! segment never pass as this segment's. Sealed blocks hold unsalted
+//! frames. See `docs/format.md`.
 
 use crate::limits::FRAME_PAYLOAD_MAX;
 
@@ -56,6 +60,25 @@ fn checksum(len_bytes: [u8; 4], kind: u8, payload: &[u8]) -> u32 {
     let crc = crc32c::crc32c(&len_bytes);
     let crc = crc32c::crc32c_append(crc, &[kind]);
     crc32c::crc32c_append(crc, payload)
+}
+
+/// The salt of the log of `segment`: distinct for any two segment ids below
+/// 2^32 (the low half of the id, XORed with a constant so that no log of
+/// a real segment id has the salt 0 of sealed blocks).
+pub fn salt_of(segment: u64) -> u32 {
+    (segment as u32) ^ ((segment >> 32) as u32) ^ SALT_MASK
+}
+
+const SALT_MASK: u32 = 0x5eed_f00d;
+
+/// XORs `xor` into the stored checksum of the frame at the start of
+/// `frame_bytes` (at least a header long): salts an unsalted frame with
+/// `xor = salt`, unsalts a salted one likewise, resalts with the XOR of
+/// two salts.
+pub fn xor_checksum(frame_bytes: &mut [u8], xor: u32) {
+    let field = &mut frame_bytes[CRC_OFFSET..CRC_OFFSET + 4];
+    let crc = u32::from_le_bytes([field[0], field[1], field[2], field[3]]) ^ xor;
+    field.copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Appends one frame to `out`.
@@ -125,8 +148,35 @@ pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
     Ok(total)
 }
 
-/// Decodes the frame at the start of `buf`; returns it and its total size.
+/// The segment whose salt the frame at the start of `buf` carries, if its
+/// length and kind are sound and its checksum holds under the salt of a
+/// segment below `before`: a frame an earlier segment left in a reused log
+/// file. `None` for anything else (a torn frame matches by chance once in
+/// 2^32 tries per candidate salt, and the candidates are few).
+pub fn stale_segment(buf: &[u8], before: u64) -> Option<u64> {
+    let total = sized(buf).ok()?;
+    FrameKind::from_u8(buf[KIND_OFFSET])?;
+    let len_bytes: [u8; 4] = [buf[0], buf[1], buf[2], buf[3]];
+    let stored = u32::from_le_bytes([
+        buf[CRC_OFFSET],
+        buf[CRC_OFFSET + 1],
+        buf[CRC_OFFSET + 2],
+        buf[CRC_OFFSET + 3],
+    ]);
+    let salt = checksum(len_bytes, buf[KIND_OFFSET], &buf[FRAME_HEADER_SIZE..total]) ^ stored;
+    let segment = u64::from(salt ^ SALT_MASK);
+    (segment >= 1 && segment < before && before < 1 << 32).then_some(segment)
+}
+
+/// Decodes the (unsalted) frame at the start of `buf`; returns it and its
+/// total size.
 pub fn decode(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
+    decode_salted(buf, 0)
+}
+
+/// Decodes the frame at the start of `buf`, whose stored checksum is
+/// salted with `salt` (0: unsalted).
+pub fn decode_salted(buf: &[u8], salt: u32) -> Result<(Frame<'_>, usize), FrameError> {
     let total = sized(buf)?;
     let len_bytes: [u8; 4] = [buf[0], buf[1], buf[2], buf[3]];
     let stored_crc = u32::from_le_bytes([
@@ -137,7 +187,7 @@ pub fn decode(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
     ]);
     let kind_byte = buf[KIND_OFFSET];
     let payload = &buf[FRAME_HEADER_SIZE..total];
-    if checksum(len_bytes, kind_byte, payload) != stored_crc {
+    if checksum(len_bytes, kind_byte, payload) ^ salt != stored_crc {
         return Err(FrameError::Checksum);
     }
     let kind = FrameKind::from_u8(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
@@ -193,6 +243,31 @@ mod tests {
     }
 
     #[test]
+    fn a_salted_frame_reads_under_its_own_salt_only() {
+        let mut buf = Vec::new();
+        encode(FrameKind::EventV1, b"payload", &mut buf);
+        let plain = buf.clone();
+        xor_checksum(&mut buf, salt_of(7));
+        assert_eq!(decode(&buf), Err(FrameError::Checksum));
+        assert_eq!(decode_salted(&buf, salt_of(8)), Err(FrameError::Checksum));
+        let (frame, used) = decode_salted(&buf, salt_of(7)).unwrap();
+        assert_eq!((frame.payload, used), (&b"payload"[..], plain.len()));
+        // Read as segment 9's log, the frame is segment 7's leftover.
+        assert_eq!(stale_segment(&buf, 9), Some(7));
+        assert_eq!(stale_segment(&buf, 7), None, "only earlier segments");
+        assert_eq!(stale_segment(&plain, 9), None, "salt 0 is no segment's");
+        let mut torn = buf.clone();
+        torn[FRAME_HEADER_SIZE] ^= 1;
+        assert_eq!(stale_segment(&torn, 9), None);
+        xor_checksum(&mut buf, salt_of(7));
+        assert_eq!(buf, plain, "unsalting restores the frame");
+        // Distinct ids below 2^32 never share a salt; none of these is 0.
+        let salts: std::collections::HashSet<u32> = (1..100_000u64).map(salt_of).collect();
+        assert_eq!(salts.len(), 99_999);
+        assert!(!salts.contains(&0));
+    }
+
+    #[test]
     fn frame_len_reads_the_header_only() {
         let mut buf = Vec::new();
         encode(FrameKind::EventV1, b"payload", &mut buf);
@@ -223,6 +298,8 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = decode(&bytes);
+            let _ = decode_salted(&bytes, salt_of(3));
+            let _ = stale_segment(&bytes, 9);
             // Whatever decode accepts, the header walk measures alike.
             if let Ok((_, used)) = decode(&bytes) {
                 prop_assert_eq!(frame_len(&bytes), Ok(used));

@@ -385,6 +385,11 @@ pub(crate) struct Shared {
     pub hook: Option<Arc<dyn SealHook>>,
     /// The next unused segment id (rolls and compaction take from it).
     pub next_id: std::sync::atomic::AtomicU64,
+    /// Whether `segments/spare.log` holds a sealed segment's log that the
+    /// next roll may overwrite (see `writer::retire_log`).
+    pub spare: Mutex<bool>,
+    /// Logs the writer started in a reused file.
+    pub logs_reused: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -483,6 +488,8 @@ impl Log {
             poisoned: Mutex::new(None),
             hook,
             next_id: std::sync::atomic::AtomicU64::new(recovered.next_id),
+            spare: Mutex::new(false),
+            logs_reused: std::sync::atomic::AtomicU64::new(0),
         });
         let (tx, rx) = bounded(limits::WRITER_QUEUE_DEPTH_MAX);
         let (seal_tx, seal_rx) = bounded(limits::SEAL_BACKLOG_MAX);
@@ -728,7 +735,16 @@ impl Log {
                 tracing::error!("a storage thread panicked");
             }
         }
+        writer::discard_spare(&self.shared);
         result
+    }
+
+    /// How many logs were started in a reused file (a sealed segment's
+    /// log overwritten in place) since the store was opened.
+    pub fn logs_reused(&self) -> u64 {
+        self.shared
+            .logs_reused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

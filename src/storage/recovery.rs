@@ -11,7 +11,7 @@ use super::active::{OpenRows, OpenSegment};
 use super::catalog::{Catalog, SegmentMeta, SegmentState};
 use super::dir::{FileSystem, sync_dir};
 use super::ids::{hash_id, peek_id_and_timestamp};
-use super::segment::{self, Compression, LOG_MAGIC, SealedSegment};
+use super::segment::{self, SealedSegment};
 use super::{SegmentSet, StorageConfig, StorageError, segment_path};
 
 pub(crate) struct Recovered {
@@ -60,10 +60,15 @@ fn lock_dir(dir: &Path) -> Result<File, StorageError> {
 /// How long opening waits for a lock held by someone else.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Where a sealed segment's log waits to be reused by the next roll.
+pub(crate) fn spare_log_path(dir: &Path) -> std::path::PathBuf {
+    dir.join("segments").join("spare.log")
+}
+
 /// Creates an empty log file with its header, durably.
 pub(crate) fn create_log(dir: &Path, id: u64) -> Result<(), StorageError> {
     let path = segment_path(dir, id, "log");
-    let header = segment::encode_header(LOG_MAGIC, id, Compression::None);
+    let header = segment::encode_log_header(id);
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&path)?;
         std::io::Write::write_all(&mut f, &header)?;
@@ -94,6 +99,7 @@ fn open_log(dir: &Path, id: u64, first_seq: u64) -> Result<OpenSegment, StorageE
             &path,
             id,
             first_seq,
+            super::frame::salt_of(id),
             OpenRows {
                 end: segment::HEADER_SIZE as u64,
                 ..OpenRows::default()
@@ -109,8 +115,9 @@ fn open_log(dir: &Path, id: u64, first_seq: u64) -> Result<OpenSegment, StorageE
     };
     for (i, &offset) in scan.offsets.iter().enumerate() {
         let end = scan.offsets.get(i + 1).copied().unwrap_or(scan.valid_len);
-        let (frame, _) = super::frame::decode(&map[offset as usize..end as usize])
-            .map_err(|e| StorageError::corrupted(id, offset, e.to_string()))?;
+        let (frame, _) =
+            super::frame::decode_salted(&map[offset as usize..end as usize], scan.salt)
+                .map_err(|e| StorageError::corrupted(id, offset, e.to_string()))?;
         let (event_id, ts) = peek_id_and_timestamp(frame.payload)
             .map_err(|e| StorageError::corrupted(id, offset, e.to_string()))?;
         rows.push(offset, end - offset, hash_id(event_id), ts);
@@ -118,18 +125,29 @@ fn open_log(dir: &Path, id: u64, first_seq: u64) -> Result<OpenSegment, StorageE
     drop(map);
     if scan.valid_len < len {
         let dropped = len - scan.valid_len;
-        tracing::warn!(
-            segment = id,
-            offset = scan.valid_len,
-            dropped_bytes = dropped,
-            reason = ?scan.stop,
-            "truncating the torn tail of the active log"
-        );
+        match scan.stale_from {
+            // A reused log file: what lies past this log's last frame
+            // was written for an earlier segment, not torn.
+            Some(earlier) => tracing::info!(
+                segment = id,
+                offset = scan.valid_len,
+                dropped_bytes = dropped,
+                earlier_segment = earlier,
+                "truncating a reused log file after its last frame"
+            ),
+            None => tracing::warn!(
+                segment = id,
+                offset = scan.valid_len,
+                dropped_bytes = dropped,
+                reason = ?scan.stop,
+                "truncating the torn tail of the active log"
+            ),
+        }
         file.set_len(scan.valid_len)
             .and_then(|()| file.sync_all())
             .map_err(|e| StorageError::io(&path, e))?;
     }
-    OpenSegment::new(&path, id, first_seq, rows)
+    OpenSegment::new(&path, id, first_seq, scan.salt, rows)
 }
 
 fn remove_quietly(path: &Path) -> Result<(), StorageError> {
@@ -183,6 +201,9 @@ pub(crate) fn recover(
     // interrupted roll, seal or compaction: the catalog commit is the point
     // of no return, so anything it does not name is garbage.
     let segments_dir = dir.join("segments");
+    // A spare log (a sealed segment's log kept for the next roll to
+    // overwrite) is only reused within the process that kept it.
+    remove_quietly(&spare_log_path(dir))?;
     let listing = fs::read_dir(&segments_dir).map_err(|e| StorageError::io(&segments_dir, e))?;
     for entry in listing {
         let entry = entry.map_err(|e| StorageError::io(&segments_dir, e))?;

@@ -36,6 +36,10 @@ pub const FLAG_SEQS: u8 = 1;
 /// Header flag: the sealed segment has a text filter section (every
 /// segment this build writes).
 pub const FLAG_TEXT: u8 = 2;
+/// Header flag of a log: its frames' checksums are salted with
+/// [`frame::salt_of`] its segment id (every log this build writes), so
+/// that a reused log file's leftovers never read as this log's frames.
+pub const FLAG_SALTED: u8 = 4;
 const SEGMENT_ID_OFFSET: usize = DICT_LEN_OFFSET + 4;
 const HEADER_CRC_OFFSET: usize = SEGMENT_ID_OFFSET + 8;
 pub const HEADER_SIZE: usize = HEADER_CRC_OFFSET + 8; // 4 reserved bytes
@@ -155,6 +159,25 @@ fn encode_header_full(
     h
 }
 
+/// The header of a new log of `segment` (salted frames).
+pub fn encode_log_header(segment: u64) -> [u8; HEADER_SIZE] {
+    encode_header_full(LOG_MAGIC, segment, Compression::None, 0, FLAG_SALTED)
+}
+
+/// Checks a log's header; returns the salt of its frames (0 for a log
+/// written before frames were salted).
+pub fn decode_log_header(bytes: &[u8], segment: u64) -> Result<u32, &'static str> {
+    let (compression, dict_len, flags) = decode_header_flags(bytes, LOG_MAGIC, segment)?;
+    if compression != Compression::None || dict_len != 0 {
+        return Err("a log header names a compression");
+    }
+    match flags {
+        0 => Ok(0),
+        FLAG_SALTED => Ok(frame::salt_of(segment)),
+        _ => Err("unknown log header flags"),
+    }
+}
+
 /// Decodes and checks a file header; returns its compression and the
 /// length of the dictionary that follows it.
 pub fn decode_header(
@@ -194,7 +217,12 @@ fn decode_header_flags(
         return Err("header names another segment");
     }
     let flags = bytes[FLAGS_OFFSET];
-    if flags & !(FLAG_SEQS | FLAG_TEXT) != 0 {
+    let known = if magic == LOG_MAGIC {
+        FLAG_SALTED
+    } else {
+        FLAG_SEQS | FLAG_TEXT
+    };
+    if flags & !known != 0 {
         return Err("unknown header flags");
     }
     let dict_len = read_u32(bytes, DICT_LEN_OFFSET);
@@ -227,30 +255,39 @@ fn train_dictionary(log_bytes: &[u8], offsets: &[u64]) -> Option<Vec<u8>> {
 /// The result of scanning an active log from its header.
 #[derive(Debug, Default)]
 pub struct LogScan {
+    /// The salt of the log's frames (see [`FLAG_SALTED`]).
+    pub salt: u32,
     /// Offset of each valid frame, in order.
     pub offsets: Vec<u64>,
     /// Bytes up to the end of the last valid frame.
     pub valid_len: u64,
     /// Why scanning stopped before the end of the file, if it did.
     pub stop: Option<FrameError>,
+    /// When the scan stopped at a whole frame of an earlier segment (a
+    /// reused log file's leftovers, not a torn write): that segment.
+    pub stale_from: Option<u64>,
 }
 
 /// Scans the frames of a log file's bytes (header included).
 pub fn scan_log(bytes: &[u8], segment: u64) -> Result<LogScan, &'static str> {
-    decode_header(bytes, LOG_MAGIC, segment)?;
+    let salt = decode_log_header(bytes, segment)?;
     let mut scan = LogScan {
+        salt,
         valid_len: HEADER_SIZE as u64,
         ..LogScan::default()
     };
     let mut at = HEADER_SIZE;
     while at < bytes.len() {
-        match frame::decode(&bytes[at..]) {
+        match frame::decode_salted(&bytes[at..], salt) {
             Ok((_, used)) => {
                 scan.offsets.push(at as u64);
                 at += used;
                 scan.valid_len = at as u64;
             }
             Err(e) => {
+                if salt != 0 {
+                    scan.stale_from = frame::stale_segment(&bytes[at..], segment);
+                }
                 scan.stop = Some(e);
                 break;
             }
@@ -268,12 +305,15 @@ pub struct SealedSummary {
     pub bytes: u64,
 }
 
-/// Writes a sealed segment from the frames of a log. The frames must be
-/// valid (they come from a scan or the writer); each one's checksum is
-/// checked again on the way, once.
+/// Writes a sealed segment from the frames of a log, salted with `salt`.
+/// The frames must be valid (they come from a scan or the writer); each
+/// one's checksum is checked again on the way, once, and the blocks hold
+/// them unsalted.
+#[allow(clippy::too_many_arguments)]
 pub fn write_sealed(
     path: &Path,
     segment: u64,
+    salt: u32,
     log_bytes: &[u8],
     offsets: &[u64],
     compression: Compression,
@@ -311,13 +351,20 @@ pub fn write_sealed(
         compressors,
         work.len(),
         |n, compressor| {
+            let mut plain = Vec::new();
             work[n]
                 .clone()
                 .map(|b| {
                     let rows = &blocks[b];
-                    check_frames(segment, log_bytes, offsets, rows, &bytes_of)?;
+                    check_frames(segment, salt, log_bytes, offsets, rows, &bytes_of)?;
+                    let raw = &log_bytes[bytes_of(rows)];
+                    let raw = if salt == 0 {
+                        raw
+                    } else {
+                        unsalt(raw, salt, &mut plain)
+                    };
                     compressor
-                        .compress(&log_bytes[bytes_of(rows)])
+                        .compress(raw)
                         .map_err(|e| StorageError::io(path, e))
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -360,10 +407,25 @@ fn block_rows(log_len: usize, offsets: &[u64], block_size: usize) -> Vec<std::op
     blocks
 }
 
-/// Checks that the frames of `rows` pass their checksums and exactly fill
-/// their byte ranges of the log.
+/// Copies checked frames salted with `salt` into `out`, unsalted; returns
+/// the copy.
+fn unsalt<'a>(frames: &[u8], salt: u32, out: &'a mut Vec<u8>) -> &'a [u8] {
+    out.clear();
+    out.extend_from_slice(frames);
+    let mut at = 0;
+    while let Ok(used) = frame::frame_len(&out[at..]) {
+        frame::xor_checksum(&mut out[at..], salt);
+        at += used;
+    }
+    debug_assert_eq!(at, out.len(), "checked frames fill their bytes");
+    out
+}
+
+/// Checks that the frames of `rows` pass their checksums (salted with
+/// `salt`) and exactly fill their byte ranges of the log.
 fn check_frames(
     segment: u64,
+    salt: u32,
     log_bytes: &[u8],
     offsets: &[u64],
     rows: &std::ops::Range<usize>,
@@ -372,8 +434,9 @@ fn check_frames(
     for row in rows.clone() {
         let range = bytes_of(&(row..row + 1));
         let offset = offsets[row];
-        let (_, used) = frame::decode(log_bytes.get(range.clone()).unwrap_or_default())
-            .map_err(|e| StorageError::corrupted(segment, offset, e.to_string()))?;
+        let (_, used) =
+            frame::decode_salted(log_bytes.get(range.clone()).unwrap_or_default(), salt)
+                .map_err(|e| StorageError::corrupted(segment, offset, e.to_string()))?;
         if used != range.len() {
             return Err(StorageError::corrupted(
                 segment,
@@ -1382,20 +1445,78 @@ mod tests {
     use crate::storage::record;
     use proptest::prelude::*;
 
-    fn sealed_bytes(n: usize, compression: Compression) -> Vec<u8> {
-        let mut log = encode_header(LOG_MAGIC, 7, Compression::None).to_vec();
+    /// A log of `segment` holding `n` generated events (seeded by `seed`),
+    /// salted as the writer salts it; and each frame's offset.
+    fn log_of(segment: u64, seed: u64, n: usize) -> (Vec<u8>, Vec<u64>) {
+        let mut log = encode_log_header(segment).to_vec();
         let mut offsets = Vec::new();
-        for e in Generator::new(1, Timestamp(0), 10).batch(n) {
-            offsets.push(log.len() as u64);
+        for e in Generator::new(seed, Timestamp(0), 10).batch(n) {
+            let at = log.len();
+            offsets.push(at as u64);
             let mut payload = Vec::new();
             record::encode(&e, &mut payload);
             frame::encode(FrameKind::EventV1, &payload, &mut log);
+            frame::xor_checksum(&mut log[at..], frame::salt_of(segment));
         }
+        (log, offsets)
+    }
+
+    fn sealed_bytes(n: usize, compression: Compression) -> Vec<u8> {
+        let (log, offsets) = log_of(7, 1, n);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("7.seg");
-        let summary = write_sealed(&path, 7, &log, &offsets, compression, 2048).unwrap();
+        let salt = frame::salt_of(7);
+        let summary = write_sealed(&path, 7, salt, &log, &offsets, compression, 2048).unwrap();
         assert_eq!(summary.rows as usize, n);
+        // Sealed with another salt, the same frames are refused.
+        let other = dir.path().join("other.seg");
+        assert!(write_sealed(&other, 7, salt ^ 1, &log, &offsets, compression, 2048).is_err());
         std::fs::read(path).unwrap()
+    }
+
+    #[test]
+    fn a_scan_stops_at_an_earlier_segments_leftovers() {
+        // Segment 12 reuses segment 5's file: its own frames, then the
+        // rest of segment 5's.
+        let (old, old_offsets) = log_of(5, 1, 40);
+        let (new, new_offsets) = log_of(12, 2, 10);
+        let mut file = old.clone();
+        file[..new.len()].copy_from_slice(&new);
+        let scan = scan_log(&file, 12).unwrap();
+        assert_eq!(scan.offsets, new_offsets);
+        assert_eq!(scan.valid_len, new.len() as u64);
+        assert_eq!(scan.salt, frame::salt_of(12));
+        assert!(scan.stop.is_some());
+        // Back to back with a leftover frame, the scan says whose it is.
+        let mut joined = new.clone();
+        joined.extend_from_slice(&old[old_offsets[3] as usize..]);
+        let scan = scan_log(&joined, 12).unwrap();
+        assert_eq!(scan.offsets, new_offsets);
+        assert_eq!(scan.stop, Some(FrameError::Checksum));
+        assert_eq!(scan.stale_from, Some(5));
+        // A torn frame is not taken for a leftover.
+        let mut torn = joined.clone();
+        torn[new.len() + frame::FRAME_HEADER_SIZE + 3] ^= 1;
+        assert_eq!(scan_log(&torn, 12).unwrap().stale_from, None);
+        // The header names the segment whose salt the frames carry.
+        assert!(scan_log(&joined, 5).is_err());
+    }
+
+    #[test]
+    fn a_log_written_before_salting_reads_unsalted() {
+        let mut log = encode_header(LOG_MAGIC, 3, Compression::None).to_vec();
+        let mut payload = Vec::new();
+        record::encode(
+            &Generator::new(1, Timestamp(0), 10).batch(1)[0],
+            &mut payload,
+        );
+        frame::encode(FrameKind::EventV1, &payload, &mut log);
+        let scan = scan_log(&log, 3).unwrap();
+        assert_eq!((scan.salt, scan.offsets.len(), scan.stop), (0, 1, None));
+        // Flags a log may not carry are refused.
+        let mut seqs = encode_header_full(LOG_MAGIC, 3, Compression::None, 0, FLAG_SEQS).to_vec();
+        seqs.extend_from_slice(&log[HEADER_SIZE..]);
+        assert!(scan_log(&seqs, 3).is_err());
     }
 
     #[test]
@@ -1408,7 +1529,7 @@ mod tests {
         ] {
             let bytes = sealed_bytes(100, c);
             assert_eq!(fuzz_sealed(&bytes).unwrap(), 100);
-            let log = scan_log(&encode_header(LOG_MAGIC, 1, Compression::None), 1).unwrap();
+            let log = scan_log(&encode_log_header(1), 1).unwrap();
             assert!(log.offsets.is_empty());
         }
     }

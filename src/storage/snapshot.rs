@@ -114,6 +114,7 @@ impl Log {
             let sealed = segment::write_sealed(
                 &to,
                 o.id,
+                o.salt,
                 &bytes,
                 &offsets,
                 self.shared.config.compression,

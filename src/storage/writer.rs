@@ -15,8 +15,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use super::active::{OpenRows, OpenSegment};
 use super::catalog::{SegmentMeta, SegmentState};
 use super::dir::{FileSystem, LogFile, sync_dir};
+use super::frame;
 use super::ids::{IdFilter, IdHash};
-use super::recovery::{ActiveLog, create_log};
+use super::recovery::{ActiveLog, create_log, spare_log_path};
 use super::segment::{self, SealedSegment};
 use super::{
     Appended, FsyncMode, Position, Prepared, SegmentRef, SegmentSet, Shared, StorageError, ids,
@@ -123,7 +124,9 @@ impl Writer {
     ) -> Result<Writer, StorageError> {
         let active = shared.set.read().active.clone();
         let path = shared.log_path(active.id);
-        let file = fs.open_log(&path).map_err(|e| StorageError::io(&path, e))?;
+        let file = fs
+            .open_log(&path, log.end)
+            .map_err(|e| StorageError::io(&path, e))?;
         let rows = active.visible_rows();
         Ok(Writer {
             shared,
@@ -208,7 +211,7 @@ impl Writer {
         if let Some(age) = self.shared.config.segment_age_max
             && self.rows > 0
             && self.opened_at.elapsed() >= age
-            && let Err(e) = self.roll()
+            && let Err(e) = self.roll(true)
         {
             self.shared.poison(e.to_string());
         }
@@ -255,7 +258,7 @@ impl Writer {
         for (what, reply) in controls {
             let result = match what {
                 Control::Sync => self.sync_if_dirty(),
-                Control::Roll => self.roll_if_rows(),
+                Control::Roll => self.roll_if_rows(true),
                 Control::WaitSealed => self.wait_sealed(),
                 Control::Shutdown => {
                     stop = true;
@@ -267,7 +270,7 @@ impl Writer {
         if !stop
             && self.end >= self.shared.config.segment_size_bytes
             && self.shared.check_poisoned().is_ok()
-            && let Err(e) = self.roll()
+            && let Err(e) = self.roll(true)
         {
             self.shared.poison(e.to_string());
         }
@@ -367,7 +370,9 @@ impl Writer {
                     }
                     let offset = self.end + buf.len() as u64;
                     let frame = events.frame(e);
+                    let at = buf.len();
                     buf.extend_from_slice(frame);
+                    frame::xor_checksum(&mut buf[at..], self.active.salt);
                     let row = rows.push(offset, frame.len() as u64, item.hash, item.timestamp_us);
                     staged.push((r, e));
                     out.push(Appended::Stored(Position {
@@ -378,6 +383,9 @@ impl Writer {
                 outcomes.push(out);
             }
         }
+        // Held no longer than the id checks: a sealed segment's log is
+        // reused only once nothing else holds the segment (`retire_log`).
+        drop(set);
         let written = buf.len();
         if written == 0 {
             self.keep_stage(buf);
@@ -412,22 +420,25 @@ impl Writer {
         }
     }
 
-    fn roll_if_rows(&mut self) -> Result<(), StorageError> {
+    fn roll_if_rows(&mut self, reuse: bool) -> Result<(), StorageError> {
         self.shared.check_poisoned()?;
         if self.rows == 0 {
             return Ok(());
         }
-        self.roll()
+        self.roll(reuse)
     }
 
     /// Closes the active segment and opens the next; the old one goes to
     /// the sealer. Order: new log file (durable), catalog commit, swap.
-    fn roll(&mut self) -> Result<(), StorageError> {
+    /// With `reuse`, the new log overwrites the spare log if there is one.
+    fn roll(&mut self, reuse: bool) -> Result<(), StorageError> {
         self.sync()?;
         let old = self.active.clone();
         let next_id = self.shared.take_id();
         let next_first_seq = old.first_seq + u64::from(self.rows);
-        create_log(&self.shared.dir, next_id)?;
+        if !(reuse && reuse_spare(&self.shared, next_id)) {
+            create_log(&self.shared.dir, next_id)?;
+        }
         let (min_ts_us, max_ts_us) = {
             let rows = old.rows.read();
             (rows.min_ts, rows.max_ts)
@@ -456,11 +467,12 @@ impl Writer {
             &path,
             next_id,
             next_first_seq,
+            frame::salt_of(next_id),
             OpenRows::with_capacity(self.rows as usize, segment::HEADER_SIZE as u64),
         )?);
         self.log = self
             .fs
-            .open_log(&path)
+            .open_log(&path, segment::HEADER_SIZE as u64)
             .map_err(|e| StorageError::io(&path, e))?;
         {
             let mut set = self.shared.set.write();
@@ -500,7 +512,9 @@ impl Writer {
             .shared
             .check_poisoned()
             .and_then(|()| self.sync_if_dirty())
-            .and_then(|()| self.roll_if_rows());
+            // The log left after a close is a fresh file: a reused one would
+            // stay as large as a full segment on disk.
+            .and_then(|()| self.roll_if_rows(false));
         // Dropping the sender lets the sealer finish its backlog and exit.
         self.seal_tx = None;
         result
@@ -529,6 +543,7 @@ fn try_seal(shared: &Arc<Shared>, open: &Arc<OpenSegment>) -> Result<(), Storage
     let summary = segment::write_sealed(
         &seg_path,
         open.id,
+        open.salt,
         bytes,
         &offsets,
         shared.config.compression,
@@ -584,8 +599,85 @@ fn try_seal(shared: &Arc<Shared>, open: &Arc<OpenSegment>) -> Result<(), Storage
         *set = Arc::new(new_set);
     }
     drop(map);
-    std::fs::remove_file(&log_path).map_err(|e| StorageError::io(&log_path, e))?;
-    Ok(())
+    retire_log(shared, open, &log_path)
+}
+
+/// Removes a sealed segment's log, or keeps it as the spare log that the
+/// next roll overwrites in place instead of growing a new file: rewriting
+/// blocks a file already has (and the page cache already holds) costs
+/// the `write` and the `fdatasync` less than allocating them
+/// (docs/PERFORMANCE.md, "Ingest"). Kept only when there is no spare yet
+/// and nothing but the sealer holds the segment: a reader that still does
+/// keeps reading the unlinked file instead. The segment has left the
+/// segment set, so no new reader can find it.
+fn retire_log(
+    shared: &Shared,
+    open: &Arc<OpenSegment>,
+    log_path: &std::path::Path,
+) -> Result<(), StorageError> {
+    let mut spare = shared.spare.lock();
+    // A log written before frames were salted (salt 0) is never reused.
+    if !*spare && open.salt != 0 && Arc::strong_count(open) == 1 {
+        let to = spare_log_path(&shared.dir);
+        match std::fs::rename(log_path, &to) {
+            Ok(()) => {
+                *spare = true;
+                return Ok(());
+            }
+            Err(e) => tracing::warn!(error = %e, "keeping a spare log"),
+        }
+    }
+    std::fs::remove_file(log_path).map_err(|e| StorageError::io(log_path, e))
+}
+
+/// Turns the spare log, if there is one, into the log of segment `id`:
+/// its header is rewritten and synced before it takes the log's name, so
+/// a file under a log's name always names its own segment. Whatever the
+/// spare held past the header stays there and is overwritten by appends;
+/// its frames carry another segment's salt, so no scan reads them as this
+/// log's. False when there is no spare or it could not be reused (it is
+/// then removed and the caller creates a fresh log).
+fn reuse_spare(shared: &Shared, id: u64) -> bool {
+    let mut spare = shared.spare.lock();
+    if !std::mem::replace(&mut *spare, false) {
+        return false;
+    }
+    let from = spare_log_path(&shared.dir);
+    let to = shared.log_path(id);
+    let header = segment::encode_log_header(id);
+    let reuse = || -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&from)?;
+        file.write_all_at(&header, 0)?;
+        file.sync_data()?;
+        std::fs::rename(&from, &to)?;
+        sync_dir(&shared.segments_dir())
+    };
+    match reuse() {
+        Ok(()) => {
+            shared
+                .logs_reused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, segment = id, "could not reuse the spare log");
+            let _ = std::fs::remove_file(&from);
+            let _ = std::fs::remove_file(&to);
+            false
+        }
+    }
+}
+
+/// Removes the spare log (on close: a closed store keeps no spare).
+pub(crate) fn discard_spare(shared: &Shared) {
+    let mut spare = shared.spare.lock();
+    if std::mem::replace(&mut *spare, false) {
+        let path = spare_log_path(&shared.dir);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(error = %e, path = %path.display(), "removing the spare log");
+        }
+    }
 }
 
 pub(crate) fn run_sealer(shared: Arc<Shared>, rx: Receiver<Arc<OpenSegment>>) {
