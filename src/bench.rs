@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rusqlite::{Connection, params};
 
 use crate::db::{AppendOutcome, Config, Db};
@@ -232,10 +233,14 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let evdb_dir = tempfile::Builder::new()
         .prefix("evdb-bench-")
         .tempdir_in(&opts.dir)?;
-    let db = Db::open(
-        evdb_dir.path(),
-        db_config(FsyncMode::Always, Compression::ZstdDict),
-    )?;
+    // Each fdatasync of the active log, timed by the writer.
+    let syncs = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    let mut config = db_config(FsyncMode::Always, Compression::ZstdDict);
+    config.storage.sync_observer = Some(crate::storage::SyncObserver({
+        let syncs = syncs.clone();
+        Arc::new(move |d| syncs.lock().push(d))
+    }));
+    let db = Db::open(evdb_dir.path(), config)?;
     let mut generator = Generator::new(SEED, START, 100);
     let mut evdb_time = Duration::ZERO;
     let mut rss_max = 0u64;
@@ -260,8 +265,13 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             db.log().logs_reused()
         ),
     );
+    let mut sync_times = std::mem::take(&mut *syncs.lock());
     db.close()?;
     drop(db);
+    sync_times.sort_unstable();
+    let sync_median_us = sync_times
+        .get(sync_times.len() / 2)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6);
     let evdb_bytes = dir_bytes(evdb_dir.path());
 
     // Opening the closed store.
@@ -336,6 +346,15 @@ pub fn ingest(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         open_ms,
         "sqlite",
         sqlite_open_ms,
+    ));
+    figures.push(Figure::new(
+        "ingest",
+        "fdatasync_median_one_caller",
+        n,
+        "us",
+        sync_median_us,
+        "none",
+        f64::NAN,
     ));
     figures.push(Figure::new(
         "ingest",
