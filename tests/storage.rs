@@ -257,6 +257,51 @@ fn a_reused_log_never_serves_the_frames_it_held_before() {
     }
 }
 
+/// An active log in a reused file (longer than its log, an earlier
+/// segment's frames past its end) reads, verifies, snapshots and reopens
+/// as its own rows only; a closed store keeps no spare.
+#[test]
+fn a_reused_log_snapshots_verifies_and_reopens_as_its_own_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = events(150, 9);
+    let segments = dir.path().join("segments");
+    {
+        let db = Db::open(dir.path(), small_config()).unwrap();
+        db.append_batch(all[..100].to_vec()).unwrap();
+        db.log().seal().unwrap();
+        db.append_batch(all[100..110].to_vec()).unwrap();
+        db.log().seal().unwrap();
+        assert!(segments.join("spare.log").exists());
+        db.append_batch(all[110..].to_vec()).unwrap();
+        assert_eq!(db.log().logs_reused(), 1);
+        let active = db.log().segments().active.clone();
+        let log = segments.join(format!("{:020}.log", active.id));
+        let file_len = std::fs::metadata(log).unwrap().len();
+        assert!(
+            file_len > active.file_bytes(),
+            "the reused file is longer than its log"
+        );
+        let scanned: Vec<Event> = db.scan().map(|r| r.unwrap().1).collect();
+        assert_eq!(scanned, all);
+        assert!(evdb::snapshot::verify(&db, |_, _, _| ()).is_empty());
+        let snap = db.snapshot().unwrap();
+        assert_eq!(snap.events, all.len() as u64);
+        let restored = dir.path().join("restored");
+        evdb::snapshot::restore(&snap.path, &restored).unwrap();
+        let copy = Db::open(&restored, small_config()).unwrap();
+        let copied: Vec<Event> = copy.scan().map(|r| r.unwrap().1).collect();
+        assert_eq!(copied, all);
+        db.close().unwrap();
+    }
+    assert!(
+        !segments.join("spare.log").exists(),
+        "close removes the spare"
+    );
+    let db = Db::open(dir.path(), small_config()).unwrap();
+    let scanned: Vec<Event> = db.scan().map(|r| r.unwrap().1).collect();
+    assert_eq!(scanned, all);
+}
+
 #[test]
 fn a_full_disk_refuses_writes_without_corrupting_the_log() {
     let dir = tempfile::tempdir().unwrap();
