@@ -27,6 +27,44 @@ fn stored(outcomes: &[AppendOutcome]) -> usize {
         .count()
 }
 
+/// Appends `events` in batches of `batch` until one fails (the planned
+/// power loss); the events of every acknowledged batch go to `acked`.
+fn append_until_torn(db: &Db, events: &[Event], batch: usize, acked: &mut Vec<Event>) {
+    for chunk in events.chunks(batch) {
+        match db.append_batch(chunk.to_vec()) {
+            Ok(out) => {
+                assert_eq!(stored(&out), chunk.len());
+                acked.extend_from_slice(chunk);
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// Reopens `dir` after a torn write and checks it: every acknowledged
+/// event is there, and what survived beyond them is a prefix of the rest
+/// of `expected`, whole and in order; retrying `expected` then stores
+/// exactly the missing events. Returns the reopened store.
+fn reopen_after_tear(dir: &std::path::Path, acked: &[Event], expected: &[Event], what: &str) -> Db {
+    let db = Db::open(dir, small_config()).unwrap();
+    let scanned: Vec<Event> = db.scan().map(|r| r.unwrap().1).collect();
+    assert!(scanned.len() >= acked.len(), "{what}: lost events");
+    assert_eq!(
+        &scanned[..acked.len()],
+        acked,
+        "{what}: acknowledged events changed"
+    );
+    assert_eq!(
+        &scanned[..],
+        &expected[..scanned.len()],
+        "{what}: rows that were never appended here"
+    );
+    let out = db.append_batch(expected.to_vec()).unwrap();
+    assert_eq!(stored(&out), expected.len() - scanned.len());
+    assert_eq!(db.len(), expected.len() as u64);
+    db
+}
+
 #[test]
 fn the_same_id_is_stored_once_in_a_batch_across_batches_and_after_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -151,15 +189,7 @@ fn a_torn_write_at_any_sync_point_loses_nothing_acknowledged() {
             let mut acked = Vec::new();
             {
                 let db = Db::open_with(dir.path(), small_config(), Arc::new(fs.clone())).unwrap();
-                for chunk in all.chunks(40) {
-                    match db.append_batch(chunk.to_vec()) {
-                        Ok(out) => {
-                            assert_eq!(stored(&out), chunk.len());
-                            acked.extend_from_slice(chunk);
-                        }
-                        Err(_) => break,
-                    }
-                }
+                append_until_torn(&db, &all, 40, &mut acked);
                 assert!(fs.fired() || acked.len() == all.len());
                 // After a failed sync the store refuses writes.
                 if fs.fired() {
@@ -167,17 +197,8 @@ fn a_torn_write_at_any_sync_point_loses_nothing_acknowledged() {
                     assert!(db.log().poisoned().is_some());
                 }
             }
-            let db = Db::open(dir.path(), small_config()).unwrap();
-            let scanned: Vec<Event> = db.scan().map(|r| r.unwrap().1).collect();
-            assert!(scanned.len() >= acked.len(), "sync {at_sync}: lost events");
-            assert_eq!(&scanned[..acked.len()], &acked[..]);
-            // Whatever survived beyond the acknowledged prefix is whole events
-            // from the batch in flight, in order.
-            assert_eq!(&scanned[..], &all[..scanned.len()]);
-            // Retrying everything stores exactly the missing events.
-            let out = db.append_batch(all.clone()).unwrap();
-            assert_eq!(stored(&out), all.len() - scanned.len());
-            assert_eq!(db.len(), all.len() as u64);
+            let what = format!("sync {at_sync}, keep {keep_per_mille}");
+            reopen_after_tear(dir.path(), &acked, &all, &what);
         }
     }
 }
@@ -228,31 +249,14 @@ fn a_reused_log_never_serves_the_frames_it_held_before() {
                 db.log().seal().unwrap();
                 assert_eq!(db.log().logs_reused(), 1, "the first log was not reused");
                 acked.extend(first.iter().chain(&middle).cloned());
-                for chunk in mirrored.chunks(20) {
-                    match db.append_batch(chunk.to_vec()) {
-                        Ok(out) => {
-                            assert_eq!(stored(&out), chunk.len());
-                            acked.extend_from_slice(chunk);
-                        }
-                        Err(_) => break,
-                    }
-                }
+                append_until_torn(&db, &mirrored, 20, &mut acked);
                 assert!(fs.fired(), "sync {at_sync} never came");
             }
-            let db = Db::open(dir.path(), small_config()).unwrap();
-            let scanned: Vec<Event> = db.scan().map(|r| r.unwrap().1).collect();
-            assert!(scanned.len() >= acked.len(), "sync {at_sync}: lost events");
-            assert_eq!(
-                &scanned[..],
-                &expected[..scanned.len()],
-                "sync {at_sync}, keep {keep_per_mille}: rows that were never appended here"
-            );
+            let what = format!("sync {at_sync}, keep {keep_per_mille}");
+            let db = reopen_after_tear(dir.path(), &acked, &expected, &what);
             for e in &first {
                 assert_eq!(db.get(&e.id).unwrap().as_ref(), Some(e));
             }
-            let out = db.append_batch(expected.clone()).unwrap();
-            assert_eq!(stored(&out), expected.len() - scanned.len());
-            assert_eq!(db.len(), expected.len() as u64);
         }
     }
 }

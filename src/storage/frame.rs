@@ -156,15 +156,7 @@ pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
 pub fn stale_segment(buf: &[u8], before: u64) -> Option<u64> {
     let total = sized(buf).ok()?;
     FrameKind::from_u8(buf[KIND_OFFSET])?;
-    let len_bytes: [u8; 4] = [buf[0], buf[1], buf[2], buf[3]];
-    let stored = u32::from_le_bytes([
-        buf[CRC_OFFSET],
-        buf[CRC_OFFSET + 1],
-        buf[CRC_OFFSET + 2],
-        buf[CRC_OFFSET + 3],
-    ]);
-    let salt = checksum(len_bytes, buf[KIND_OFFSET], &buf[FRAME_HEADER_SIZE..total]) ^ stored;
-    let segment = u64::from(salt ^ SALT_MASK);
+    let segment = u64::from(found_salt(buf, total) ^ SALT_MASK);
     (segment >= 1 && segment < before && before < 1 << 32).then_some(segment)
 }
 
@@ -178,20 +170,27 @@ pub fn decode(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
 /// salted with `salt` (0: unsalted).
 pub fn decode_salted(buf: &[u8], salt: u32) -> Result<(Frame<'_>, usize), FrameError> {
     let total = sized(buf)?;
+    if found_salt(buf, total) != salt {
+        return Err(FrameError::Checksum);
+    }
+    let kind_byte = buf[KIND_OFFSET];
+    let kind = FrameKind::from_u8(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
+    let payload = &buf[FRAME_HEADER_SIZE..total];
+    Ok((Frame { kind, payload }, total))
+}
+
+/// The salt under which the stored checksum of the frame at the start of
+/// `buf`, `total` bytes long (checked by [`sized`]), holds: the computed
+/// checksum XOR the stored one (0 for an unsalted frame).
+fn found_salt(buf: &[u8], total: usize) -> u32 {
     let len_bytes: [u8; 4] = [buf[0], buf[1], buf[2], buf[3]];
-    let stored_crc = u32::from_le_bytes([
+    let stored = u32::from_le_bytes([
         buf[CRC_OFFSET],
         buf[CRC_OFFSET + 1],
         buf[CRC_OFFSET + 2],
         buf[CRC_OFFSET + 3],
     ]);
-    let kind_byte = buf[KIND_OFFSET];
-    let payload = &buf[FRAME_HEADER_SIZE..total];
-    if checksum(len_bytes, kind_byte, payload) ^ salt != stored_crc {
-        return Err(FrameError::Checksum);
-    }
-    let kind = FrameKind::from_u8(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
-    Ok((Frame { kind, payload }, total))
+    checksum(len_bytes, buf[KIND_OFFSET], &buf[FRAME_HEADER_SIZE..total]) ^ stored
 }
 
 #[cfg(test)]
