@@ -27,6 +27,17 @@ fn stored(outcomes: &[AppendOutcome]) -> usize {
         .count()
 }
 
+/// Opens `dir` on a file system that loses power at sync `at_sync`,
+/// keeping `keep_per_mille`/1000 of the bytes written since the sync before.
+fn open_tearing(dir: &std::path::Path, at_sync: u64, keep_per_mille: u32) -> (Db, FaultyFs) {
+    let fs = FaultyFs::new(Fault::TearAtSync {
+        at_sync,
+        keep_per_mille,
+    });
+    let db = Db::open_with(dir, small_config(), Arc::new(fs.clone())).unwrap();
+    (db, fs)
+}
+
 /// Appends `events` in batches of `batch` until one fails (the planned
 /// power loss); the events of every acknowledged batch go to `acked`.
 fn append_until_torn(db: &Db, events: &[Event], batch: usize, acked: &mut Vec<Event>) {
@@ -182,13 +193,9 @@ fn a_torn_write_at_any_sync_point_loses_nothing_acknowledged() {
     for at_sync in 1..=12u64 {
         for keep_per_mille in [0, 333, 999] {
             let dir = tempfile::tempdir().unwrap();
-            let fs = FaultyFs::new(Fault::TearAtSync {
-                at_sync,
-                keep_per_mille,
-            });
             let mut acked = Vec::new();
             {
-                let db = Db::open_with(dir.path(), small_config(), Arc::new(fs.clone())).unwrap();
+                let (db, fs) = open_tearing(dir.path(), at_sync, keep_per_mille);
                 append_until_torn(&db, &all, 40, &mut acked);
                 assert!(fs.fired() || acked.len() == all.len());
                 // After a failed sync the store refuses writes.
@@ -234,13 +241,9 @@ fn a_reused_log_never_serves_the_frames_it_held_before() {
     for at_sync in 9..=13u64 {
         for keep_per_mille in [0, 500, 999] {
             let dir = tempfile::tempdir().unwrap();
-            let fs = FaultyFs::new(Fault::TearAtSync {
-                at_sync,
-                keep_per_mille,
-            });
             let mut acked = Vec::new();
             {
-                let db = Db::open_with(dir.path(), small_config(), Arc::new(fs.clone())).unwrap();
+                let (db, fs) = open_tearing(dir.path(), at_sync, keep_per_mille);
                 for chunk in first.chunks(20) {
                     db.append_batch(chunk.to_vec()).unwrap();
                 }
