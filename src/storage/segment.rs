@@ -1,9 +1,11 @@
 //! Segment files: the active log (`.log`) and sealed segments (`.seg`).
 //!
 //! Both start with the same 32-byte header. A log is a sequence of frames
-//! that grows at its end; a sealed segment holds the same frames grouped in
-//! compressed blocks, a block index, an id table and a footer. Byte layouts
-//! are in `docs/format.md`; every integer is little-endian.
+//! (checksums salted with its segment id) that grows at its end, possibly
+//! inside a reused file; a sealed segment holds the same frames, unsalted,
+//! grouped in compressed blocks, with a block index, an id table and a
+//! footer. Byte layouts are in `docs/format.md`; every integer is
+//! little-endian.
 
 use std::fs::File;
 use std::io::Write;
