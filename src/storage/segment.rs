@@ -180,21 +180,9 @@ pub fn decode_log_header(bytes: &[u8], segment: u64) -> Result<u32, &'static str
     }
 }
 
-/// Decodes and checks a file header; returns its compression and the
-/// length of the dictionary that follows it.
-pub fn decode_header(
-    bytes: &[u8],
-    magic: [u8; 8],
-    segment: u64,
-) -> Result<(Compression, u32), &'static str> {
-    let (compression, dict_len, flags) = decode_header_flags(bytes, magic, segment)?;
-    if flags != 0 {
-        return Err("reserved header bytes are not zero");
-    }
-    Ok((compression, dict_len))
-}
-
-/// [`decode_header`] that also returns the flags byte (sealed segments).
+/// Decodes and checks a file header of either kind; returns its
+/// compression, the length of the dictionary that follows it, and its
+/// flags (checked against those `magic`'s kind may carry).
 fn decode_header_flags(
     bytes: &[u8],
     magic: [u8; 8],
