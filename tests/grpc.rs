@@ -297,6 +297,10 @@ async fn chaukas_service_every_rpc() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "page_token: not a cursor returned by this server"
+    );
 
     // Stats for a tenant: sessions start at i and end 3 s later.
     let s = c
@@ -539,6 +543,18 @@ async fn evdb_service_every_rpc() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("limit"));
+    let err = c
+        .query(ev::QueryRequest {
+            cursor: "abc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "cursor: not a cursor returned by this server"
+    );
 
     let s = c
         .stats(ev::StatsRequest {

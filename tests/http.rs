@@ -343,6 +343,16 @@ async fn single_events_duplicates_and_errors() {
         let (s, b) = get(&d, &format!("/events?{q}")).await;
         assert_eq!(s, 400, "{q}");
         assert_eq!(b["field"], field, "{q}");
+        // A known parameter's message names it once, first.
+        let error = b["error"].as_str().unwrap_or_default();
+        if field != "colour" {
+            assert!(error.starts_with(&format!("{field}: ")), "{q}: {error}");
+            assert_eq!(
+                error.matches(&format!("{field}:")).count(),
+                1,
+                "{q}: {error}"
+            );
+        }
     }
     let (s, b) = get(&d, "/nowhere").await;
     assert_eq!(s, 404, "{b}");

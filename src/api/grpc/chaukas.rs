@@ -19,7 +19,7 @@ use crate::api::proto::chaukas::wire;
 use crate::db::{AppendOutcome, Db};
 use crate::event::{Event, Timestamp};
 use crate::limits::Invalid;
-use crate::query::{Cursor, Order, QUERY_LIMIT_MAX, Query};
+use crate::query::{Cursor, Order, QUERY_LIMIT_MAX, Query, QueryError};
 
 /// Sessions read at most by `GetEventStats` to pair starts with ends.
 pub const SESSION_EVENTS_MAX: usize = 100_000;
@@ -262,8 +262,14 @@ impl wire::chaukas_server_service_server::ChaukasServerService for ChaukasServic
             Err(_) => return Err(Status::invalid_argument("order_by_time: unknown value")),
         };
         if !req.page_token.is_empty() {
-            let cursor = Cursor::decode(&req.page_token)
-                .map_err(|e| Status::invalid_argument(format!("page_token: {e}")))?;
+            let cursor = Cursor::decode(&req.page_token).map_err(|e| {
+                // The cursor's own error names the evdb field.
+                let why = match e {
+                    QueryError::Invalid { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                Status::invalid_argument(format!("page_token: {why}"))
+            })?;
             if cursor.order != query.order {
                 return Err(Status::invalid_argument(
                     "page_token: it was issued for the other order_by_time",

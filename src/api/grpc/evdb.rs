@@ -353,8 +353,8 @@ impl pb::evdb_server::Evdb for EvdbService {
             Err(_) => return Err(Status::invalid_argument("sort_order: unknown value")),
         };
         if !req.cursor.is_empty() {
-            let c = Cursor::decode(&req.cursor)
-                .map_err(|e| Status::invalid_argument(format!("cursor: {e}")))?;
+            let c =
+                Cursor::decode(&req.cursor).map_err(|e| Status::invalid_argument(e.to_string()))?;
             if c.order != query.order {
                 return Err(Status::invalid_argument(
                     "cursor: it was issued for the other sort_order",

@@ -94,10 +94,10 @@ pub fn query(pairs: &[(String, String)]) -> Result<Query, ApiError> {
             }
             "cursor" => {
                 if !v.is_empty() {
-                    cursor =
-                        Some(Cursor::decode(v).map_err(|e| {
-                            ApiError::bad_request("cursor", format!("cursor: {e}"))
-                        })?);
+                    cursor = Some(
+                        Cursor::decode(v)
+                            .map_err(|e| ApiError::bad_request("cursor", e.to_string()))?,
+                    );
                 }
             }
             other => {
