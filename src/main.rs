@@ -81,6 +81,10 @@ enum Command {
     Ingest {
         #[arg(long, env = "EVDB_DATA_DIR", default_value = "./evdb-data")]
         data_dir: PathBuf,
+        /// A running daemon's HTTP address (http://HOST:PORT) instead: the
+        /// lines go to `POST /events/batch` as NDJSON, `--batch` per body.
+        #[arg(long)]
+        url: Option<String>,
         /// The NDJSON file; `-` or absent reads standard input.
         #[arg(long)]
         file: Option<PathBuf>,
@@ -256,6 +260,10 @@ enum SnapshotAction {
 struct Filters {
     #[arg(long, env = "EVDB_DATA_DIR", default_value = "./evdb-data")]
     data_dir: PathBuf,
+    /// A running daemon's HTTP address (http://HOST:PORT) instead of
+    /// --data-dir (which the daemon holds locked).
+    #[arg(long)]
+    url: Option<String>,
     /// Any of (repeat the flag).
     #[arg(long)]
     source_system: Vec<String>,
@@ -319,6 +327,49 @@ impl Filters {
             ..Query::default()
         })
     }
+
+    /// The same filters as the HTTP API's query parameters (the daemon
+    /// checks them).
+    fn to_params(&self) -> Vec<(&'static str, String)> {
+        let mut p = Vec::new();
+        p.extend(
+            self.source_system
+                .iter()
+                .map(|v| ("source_system", v.clone())),
+        );
+        p.extend(self.event_type.iter().map(|v| ("event_type", v.clone())));
+        let one = [
+            ("severity", &self.severity),
+            ("min_severity", &self.min_severity),
+            ("correlation_id", &self.correlation_id),
+            ("start_time", &self.start_time),
+            ("end_time", &self.end_time),
+            ("text", &self.text),
+        ];
+        p.extend(
+            one.into_iter()
+                .filter_map(|(k, v)| v.clone().map(|v| (k, v))),
+        );
+        p.extend(
+            self.tags
+                .iter()
+                .filter(|t| !t.is_empty())
+                .map(|v| ("tags", v.clone())),
+        );
+        p
+    }
+}
+
+/// `path?k=v&…`, form-encoded.
+fn with_params(path: &str, params: &[(&str, String)]) -> String {
+    let query = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params.iter().map(|(k, v)| (*k, v.as_str())))
+        .finish();
+    if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    }
 }
 
 fn fsync_mode(text: &str) -> anyhow::Result<FsyncMode> {
@@ -367,12 +418,19 @@ fn main() -> ExitCode {
         }),
         Command::Ingest {
             data_dir,
+            url,
             file,
             batch,
             fsync,
             json,
             segment_size_bytes,
-        } => ingest(data_dir, file, batch, &fsync, json, segment_size_bytes),
+        } => match url {
+            Some(_) if segment_size_bytes.is_some() => Err(anyhow::anyhow!(
+                "--segment-size-bytes applies to --data-dir; a daemon uses its own configuration"
+            )),
+            Some(url) => ingest_remote(&url, file, batch, json),
+            None => ingest(data_dir, file, batch, &fsync, json, segment_size_bytes),
+        },
         Command::Query {
             filters,
             limit,
@@ -442,7 +500,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[derive(Default)]
+/// Opens the store at `dir` for a CLI command; a store held by a running
+/// daemon says to pass `--url` instead.
+fn open_store(dir: &std::path::Path, config: Config) -> anyhow::Result<Db> {
+    match Db::open(dir, config) {
+        Ok(db) => Ok(db),
+        Err(e @ evdb::DbError::Storage(evdb::storage::StorageError::Locked(_))) => {
+            anyhow::bail!("{e}: to work with a running daemon, pass --url http://HOST:PORT")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The NDJSON input: the file, or standard input for `-` or none.
+fn open_input(file: Option<&PathBuf>) -> anyhow::Result<Box<dyn BufRead>> {
+    Ok(match file {
+        Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+        )),
+        _ => Box::new(std::io::stdin().lock()),
+    })
+}
+
+#[derive(Default, Clone, Copy)]
 struct Counts {
     stored: u64,
     duplicates: u64,
@@ -462,13 +542,8 @@ fn ingest(
     if let Some(bytes) = segment_size_bytes {
         config.storage.segment_size_bytes = bytes;
     }
-    let db = Db::open(&data_dir, config)?;
-    let input: Box<dyn BufRead> = match &file {
-        Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
-            std::fs::File::open(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
-        )),
-        _ => Box::new(std::io::stdin().lock()),
-    };
+    let input = open_input(file.as_ref())?;
+    let db = open_store(&data_dir, config)?;
     let show_progress = !json_out && std::io::stderr().is_terminal();
     let mut stdout = std::io::stdout().lock();
     let mut counts = Counts::default();
@@ -560,20 +635,137 @@ fn ingest(
         )?;
     }
     db.close()?;
+    if show_progress {
+        eprintln!();
+    }
+    drop(stdout);
+    summarize(&counts, started.elapsed().as_secs_f64(), json_out)
+}
+
+/// Bytes of NDJSON per request body of `evdb ingest --url` (the daemon
+/// takes 16 MiB by default); a longer line goes alone.
+const REMOTE_BODY_BYTES: usize = 4 << 20;
+/// Answers 429 (rate limited) are retried after their `Retry-After`, this
+/// many times in a row at most.
+const REMOTE_RETRIES_MAX: u32 = 10;
+
+/// `evdb ingest --url`: the input's lines, blank ones skipped, go to
+/// `POST /events/batch` as NDJSON bodies of `batch` lines; the daemon
+/// validates them. Same summary and exit code as the local form; `--json`
+/// prints the daemon's counts per body with each error's line number.
+fn ingest_remote(
+    url: &str,
+    file: Option<PathBuf>,
+    batch: usize,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    let batch = batch.clamp(1, evdb::limits::BATCH_EVENTS_MAX);
+    let input = open_input(file.as_ref())?;
+    let mut client = evdb::client::Client::new(url)?;
+    let show_progress = !json_out && std::io::stderr().is_terminal();
+    let mut stdout = std::io::stdout().lock();
+    let mut counts = Counts::default();
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut body = Vec::new();
+    let mut lines: Vec<u64> = Vec::with_capacity(batch);
+    let mut send =
+        |body: &mut Vec<u8>, lines: &mut Vec<u64>, counts: &mut Counts| -> anyhow::Result<()> {
+            let mut tries = 0;
+            let (status, answer) = loop {
+                let (status, answer) = client.request(
+                    "POST",
+                    "/events/batch",
+                    Some("application/x-ndjson"),
+                    bytes::Bytes::copy_from_slice(body),
+                )?;
+                if status != 429 || tries >= REMOTE_RETRIES_MAX {
+                    break (status, answer);
+                }
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            };
+            let value: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
+            if !(200..300).contains(&status) {
+                anyhow::bail!(
+                    "{url}/events/batch (lines {}..={}): {status}: {}",
+                    lines.first().copied().unwrap_or(0),
+                    lines.last().copied().unwrap_or(0),
+                    value["error"].as_str().unwrap_or("request failed")
+                );
+            }
+            let count = |k: &str| value[k].as_u64().unwrap_or(0);
+            counts.stored += count("collected");
+            counts.duplicates += count("duplicates");
+            counts.failed += count("failed");
+            let mut errors = Vec::new();
+            for e in value["errors"].as_array().into_iter().flatten() {
+                let line = e["index"]
+                    .as_u64()
+                    .and_then(|i| lines.get(i as usize))
+                    .copied()
+                    .unwrap_or(0);
+                let why = e["error"].as_str().unwrap_or("invalid");
+                if json_out {
+                    errors
+                        .push(serde_json::json!({"line": line, "field": e["field"], "error": why}));
+                } else {
+                    eprintln!("line {line}: {why}");
+                }
+            }
+            if json_out {
+                let line = serde_json::json!({"collected": count("collected"),
+                "duplicates": count("duplicates"), "errors": errors});
+                writeln!(stdout, "{line}")?;
+                stdout.flush()?;
+            }
+            body.clear();
+            lines.clear();
+            Ok(())
+        };
+    let mut line_no = 0u64;
+    for line in input.lines() {
+        let line = line?;
+        line_no += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !lines.is_empty() && body.len() + line.len() > REMOTE_BODY_BYTES {
+            send(&mut body, &mut lines, &mut counts)?;
+        }
+        body.extend_from_slice(line.as_bytes());
+        body.push(b'\n');
+        lines.push(line_no);
+        if lines.len() >= batch {
+            send(&mut body, &mut lines, &mut counts)?;
+        }
+        if show_progress && last_progress.elapsed().as_secs() >= 1 {
+            eprint!("\ringested {} events ({line_no} lines)", counts.stored);
+            last_progress = Instant::now();
+        }
+    }
+    if !lines.is_empty() {
+        send(&mut body, &mut lines, &mut counts)?;
+    }
+    if show_progress {
+        eprintln!();
+    }
+    summarize(&counts, started.elapsed().as_secs_f64(), json_out)
+}
+
+/// The last line of `evdb ingest`, and its exit code: 2 when some events
+/// were rejected.
+fn summarize(counts: &Counts, secs: f64, json_out: bool) -> anyhow::Result<ExitCode> {
     let Counts {
         stored,
         duplicates,
         failed,
-    } = counts;
-    let secs = started.elapsed().as_secs_f64();
+    } = *counts;
     if json_out {
         let summary = serde_json::json!({"summary": {"stored": stored, "duplicates": duplicates,
             "failed": failed, "seconds": secs}});
-        writeln!(stdout, "{summary}")?;
+        println!("{summary}");
     } else {
-        if show_progress {
-            eprintln!();
-        }
         println!("stored {stored}, duplicates {duplicates}, failed {failed} in {secs:.2}s");
     }
     Ok(if failed > 0 {
@@ -590,6 +782,23 @@ fn run_query(
     sort_order: &str,
     cursor: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &filters.url {
+        let mut params = filters.to_params();
+        params.push(("limit", limit.to_string()));
+        params.push(("offset", offset.to_string()));
+        params.push(("sort_order", sort_order.to_owned()));
+        params.extend(cursor.map(|c| ("cursor", c.to_owned())));
+        let body = remote_body(url, "GET", &with_params("/events", &params))?;
+        let page: RemotePage = serde_json::from_slice(&body)?;
+        let mut stdout = std::io::stdout().lock();
+        for event in &page.events {
+            writeln!(stdout, "{}", event.get())?;
+        }
+        if let Some(c) = page.next_cursor {
+            writeln!(stdout, "{}", serde_json::json!({ "next_cursor": c }))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut query = filters.to_query()?;
     query.limit = limit;
     query.offset = offset;
@@ -599,7 +808,7 @@ fn run_query(
         other => anyhow::bail!("sort_order: {other:?} is not desc or asc"),
     };
     query.cursor = cursor.map(Cursor::decode).transpose()?;
-    let db = Db::open(&filters.data_dir, Config::default())?;
+    let db = open_store(&filters.data_dir, Config::default())?;
     let page = db.query(&query)?;
     let mut stdout = std::io::stdout().lock();
     for event in &page.events {
@@ -617,8 +826,20 @@ fn run_query(
 }
 
 fn run_stats(filters: &Filters, distinct_correlation_ids: bool) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &filters.url {
+        let mut params = filters.to_params();
+        if distinct_correlation_ids {
+            params.push(("distinct_correlation_ids", "true".to_owned()));
+        }
+        print_body(&remote_body(
+            url,
+            "GET",
+            &with_params("/events/stats", &params),
+        )?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let query = filters.to_query()?;
-    let db = Db::open(&filters.data_dir, Config::default())?;
+    let db = open_store(&filters.data_dir, Config::default())?;
     let stats = db.stats_with(&query, distinct_correlation_ids)?;
     println!("{}", json::stats_to_json(&stats));
     db.close()?;
@@ -630,12 +851,31 @@ fn run_aggregate(
     text: &evdb::query::aggregate::AggregationText<'_>,
     numeric_fields: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &filters.url {
+        // The daemon's own declared numeric fields apply.
+        let mut params = filters.to_params();
+        params.extend(text.group_by.iter().map(|g| ("group_by", (*g).to_owned())));
+        let one = [
+            ("bucket", text.bucket),
+            ("tz_offset", text.tz_offset),
+            ("metrics", text.metrics),
+            ("order_by", text.order_by),
+        ];
+        params.extend(
+            one.into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k, v.to_owned()))),
+        );
+        params.extend(text.limit.map(|l| ("limit", l.to_string())));
+        let path = with_params("/events/aggregate", &params);
+        print_body(&remote_body(url, "GET", &path)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let agg = evdb::query::aggregate::Aggregation::from_text(filters.to_query()?, text)?;
     let config = Config {
         numeric_fields,
         ..Config::default()
     };
-    let db = Db::open(&filters.data_dir, config)?;
+    let db = open_store(&filters.data_dir, config)?;
     let started = std::time::Instant::now();
     let result = db.aggregate(&agg)?;
     let took = started.elapsed().as_secs_f64() * 1000.0;
@@ -739,15 +979,36 @@ fn info_value(s: &evdb::snapshot::SnapshotInfo) -> serde_json::Value {
 /// Calls the daemon at `url`; a non-2xx answer becomes an error with its
 /// message.
 fn remote(url: &str, method: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&remote_body(url, method, path)?)?)
+}
+
+/// [`remote`] returning the answer's bytes as the daemon sent them (its
+/// field order).
+fn remote_body(url: &str, method: &str, path: &str) -> anyhow::Result<bytes::Bytes> {
     let (status, body) = evdb::client::call(url, method, path)?;
-    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     if !(200..300).contains(&status) {
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         anyhow::bail!(
             "{url}{path}: {status}: {}",
             value["error"].as_str().unwrap_or("request failed")
         );
     }
-    Ok(value)
+    Ok(body)
+}
+
+/// Prints a JSON answer of the daemon on one line, as it was sent.
+fn print_body(body: &[u8]) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(body.trim_ascii())?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+/// A page of `GET /events`, each event kept as the daemon wrote it.
+#[derive(serde::Deserialize)]
+struct RemotePage {
+    events: Vec<Box<serde_json::value::RawValue>>,
+    next_cursor: Option<String>,
 }
 
 fn run_snapshot(action: SnapshotAction) -> anyhow::Result<ExitCode> {

@@ -324,3 +324,49 @@ async fn per_source_rate_limits() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.metadata().get("retry-after").is_some());
 }
+
+/// The command line's `--url` mode sends `EVDB_TOKEN` as its bearer token.
+#[test]
+fn the_command_line_sends_its_token() {
+    let (d, dir) = start();
+    let url = format!("http://{}", d.http);
+    let run = |token: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_evdb"));
+        cmd.args(args).env_remove("EVDB_TOKEN");
+        if let Some(t) = token {
+            cmd.env("EVDB_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = run(None, &["stats", "--url", &url]);
+    assert!(!ok);
+    assert!(err.contains("401"), "{err}");
+    let (ok, out, err) = run(Some("read-secret"), &["stats", "--url", &url]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"total_events\":0"), "{out}");
+    // A read token may not ingest; the answer names the status.
+    let input = dir.path().join("one.ndjson");
+    std::fs::write(
+        &input,
+        "{\"source_system\":\"mahavishnu\",\"event_type\":\"t\"}\n",
+    )
+    .unwrap();
+    let file = input.to_str().unwrap();
+    let (ok, _, err) = run(
+        Some("read-secret"),
+        &["ingest", "--url", &url, "--file", file],
+    );
+    assert!(!ok);
+    assert!(err.contains("403"), "{err}");
+    let (ok, out, err) = run(
+        Some("ingest-secret"),
+        &["ingest", "--url", &url, "--file", file],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("stored 1,"), "{out}");
+}

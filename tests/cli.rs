@@ -1,6 +1,9 @@
-//! The command line: `ingest`, `query` (with cursor paging) and `stats`
-//! against a data directory, through the real binary.
+//! The command line: `ingest`, `query` (with cursor paging), `stats` and
+//! `aggregate` against a data directory and against a running daemon
+//! (`--url`), through the real binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
 
 use std::process::Command;
 
@@ -221,4 +224,150 @@ fn json_logs_are_one_object_per_line() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
+}
+
+#[test]
+fn ingest_query_stats_and_aggregate_through_a_running_daemon() {
+    let d = common::Daemon::start();
+    let url = format!("http://{}", d.http);
+    let url = url.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.ndjson");
+    let mut text = String::new();
+    for i in 0..25 {
+        let sev = if i % 5 == 0 { "error" } else { "info" };
+        text.push_str(&format!(
+            r#"{{"event_id":"r{i}","source_system":"{}","event_type":"t","severity":"{sev}","timestamp":"2024-01-01T00:00:{i:02}Z","tags":["x y"],"data":{{"latency_ms":{i}}}}}"#,
+            if i % 2 == 0 { "even" } else { "odd" }
+        ));
+        text.push('\n');
+        if i == 10 {
+            text.push('\n');
+        }
+    }
+    text.push_str("{\"event_type\":\"missing source\"}\n");
+    std::fs::write(&input, &text).unwrap();
+    let file = input.to_str().unwrap();
+    // Bodies of 7 lines: four requests; line numbers count the blank line.
+    let (ok, out, err) = evdb(&["ingest", "--url", url, "--file", file, "--batch", "7"]);
+    assert!(!ok, "a refused line makes ingest exit non-zero");
+    assert!(
+        out.contains("stored 25, duplicates 0, failed 1"),
+        "{out}{err}"
+    );
+    assert!(err.contains("line 27: source_system"), "{err}");
+    let (_, out, err) = evdb(&[
+        "ingest", "--url", url, "--file", file, "--batch", "10", "--json",
+    ]);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "three bodies and the summary: {out}{err}");
+    assert_eq!(lines[0]["duplicates"], 10);
+    assert_eq!(lines[2]["errors"][0]["line"], 27);
+    assert_eq!(lines[2]["errors"][0]["field"], "source_system");
+    assert_eq!(lines[3]["summary"]["duplicates"], 25);
+    assert_eq!(lines[3]["summary"]["failed"], 1);
+
+    // The daemon holds the directory: the local form says what to do.
+    let data = d.data_dir.to_str().unwrap();
+    let (ok, _, err) = evdb(&["query", "--data-dir", data]);
+    assert!(!ok);
+    assert!(err.contains("in use") && err.contains("--url"), "{err}");
+
+    let (ok, out, err) = evdb(&[
+        "query",
+        "--url",
+        url,
+        "--source-system",
+        "even",
+        "--min-severity",
+        "error",
+        "--tags",
+        "x y",
+    ]);
+    assert!(ok, "{err}");
+    let ids: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids, ["r20", "r10", "r0"]);
+    // Each event as the daemon wrote it: the contract's field order.
+    assert!(
+        out.starts_with("{\"event_id\":\"r20\",\"timestamp\""),
+        "{out}"
+    );
+    let mut cursor: Option<String> = None;
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let mut args = vec![
+            "query",
+            "--url",
+            url,
+            "--limit",
+            "10",
+            "--sort-order",
+            "asc",
+        ];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let (ok, out, err) = evdb(&args);
+        assert!(ok, "{err}");
+        cursor = None;
+        for line in out.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            match v.get("next_cursor") {
+                Some(c) => cursor = Some(c.as_str().unwrap().to_owned()),
+                None => seen.push(v["event_id"].as_str().unwrap().to_owned()),
+            }
+        }
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let want: Vec<String> = (0..25).map(|i| format!("r{i}")).collect();
+    assert_eq!(seen, want);
+
+    let (ok, out, err) = evdb(&[
+        "stats",
+        "--url",
+        url,
+        "--start-time",
+        "2024-01-01T00:00:10Z",
+        "--distinct-correlation-ids",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["total_events"], 15);
+    assert_eq!(v["by_severity"]["error"], 3);
+    assert_eq!(v["distinct_correlation_ids"], 0);
+
+    let (ok, out, err) = evdb(&[
+        "aggregate",
+        "--url",
+        url,
+        "--group-by",
+        "source_system",
+        "--metrics",
+        "count,error_rate",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["groups"][0]["key"]["source_system"], "even");
+    assert_eq!(v["groups"][0]["values"]["count"], 13);
+
+    // The daemon's refusals come back as one line naming the field.
+    let (ok, _, err) = evdb(&["query", "--url", url, "--limit", "0"]);
+    assert!(!ok);
+    assert!(err.contains("400") && err.contains("limit"), "{err}");
+    let (ok, _, err) = evdb(&["stats", "--url", "localhost:1"]);
+    assert!(!ok);
+    assert!(err.contains("http://HOST:PORT"), "{err}");
 }
