@@ -522,6 +522,19 @@ fn open_input(file: Option<&PathBuf>) -> anyhow::Result<Box<dyn BufRead>> {
     })
 }
 
+/// The input's lines as bytes, without `\n` or `\r\n`: a line that is
+/// not UTF-8 is one refused event, not the end of the input.
+fn ndjson_lines(input: Box<dyn BufRead>) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
+    input.split(b'\n').map(|line| {
+        line.map(|mut l| {
+            if l.last() == Some(&b'\r') {
+                l.pop();
+            }
+            l
+        })
+    })
+}
+
 #[derive(Default, Clone, Copy)]
 struct Counts {
     stored: u64,
@@ -590,13 +603,20 @@ fn ingest(
         }
         Ok(())
     };
-    for line in input.lines() {
+    for line in ndjson_lines(input) {
         let line = line?;
         line_no += 1;
-        if line.trim().is_empty() {
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        match json::parse_event(&line, Timestamp::now()) {
+        let parsed = match std::str::from_utf8(&line) {
+            Ok(text) => json::parse_event(text, Timestamp::now()),
+            Err(e) => Err(evdb::limits::Invalid::new(
+                "event",
+                format!("not UTF-8: {e}"),
+            )),
+        };
+        match parsed {
             Ok(event) => {
                 pending.push(event);
                 lines.push(line_no);
@@ -724,16 +744,16 @@ fn ingest_remote(
             Ok(())
         };
     let mut line_no = 0u64;
-    for line in input.lines() {
+    for line in ndjson_lines(input) {
         let line = line?;
         line_no += 1;
-        if line.trim().is_empty() {
+        if line.trim_ascii().is_empty() {
             continue;
         }
         if !lines.is_empty() && body.len() + line.len() > REMOTE_BODY_BYTES {
             send(&mut body, &mut lines, &mut counts)?;
         }
-        body.extend_from_slice(line.as_bytes());
+        body.extend_from_slice(&line);
         body.push(b'\n');
         lines.push(line_no);
         if lines.len() >= batch {

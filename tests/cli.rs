@@ -371,3 +371,36 @@ fn ingest_query_stats_and_aggregate_through_a_running_daemon() {
     assert!(!ok);
     assert!(err.contains("http://HOST:PORT"), "{err}");
 }
+
+/// A line that is not UTF-8 (or ends in `\r\n`) is one line, locally and
+/// through a daemon: the lines around it are stored.
+#[test]
+fn a_line_that_is_not_utf8_is_refused_alone() {
+    let d = common::Daemon::start();
+    let url = format!("http://{}", d.http);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.ndjson");
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(
+        b"{\"event_id\":\"u1\",\"source_system\":\"a\",\"event_type\":\"t\"}\r\n",
+    );
+    bytes.extend_from_slice(b"{\"source_system\":\"\xff\",\"event_type\":\"t\"}\n");
+    bytes.extend_from_slice(b"{\"event_id\":\"u3\",\"source_system\":\"b\",\"event_type\":\"t\"}");
+    std::fs::write(&input, bytes).unwrap();
+    let file = input.to_str().unwrap();
+    let data = dir.path().join("data");
+    for target in [["--data-dir", data.to_str().unwrap()], ["--url", &url]] {
+        let mut args = vec!["ingest", "--file", file];
+        args.extend(target);
+        let (ok, out, err) = evdb(&args);
+        assert!(!ok, "{target:?}");
+        assert!(
+            out.contains("stored 2, duplicates 0, failed 1"),
+            "{target:?}: {out}{err}"
+        );
+        assert!(
+            err.contains("line 2: event: not UTF-8"),
+            "{target:?}: {err}"
+        );
+    }
+}
