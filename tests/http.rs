@@ -405,16 +405,35 @@ async fn batch_shapes_limits_gzip_and_ndjson() {
             .as_slice(),
     )
     .unwrap();
+    let gz = gz.finish().unwrap();
     let r = client()
         .post(d.url("/events/batch"))
         .header("content-type", "application/json")
         .header("content-encoding", "gzip")
-        .body(gz.finish().unwrap())
+        .body(gz.clone())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.json::<Value>().await.unwrap()["collected"], 2);
+    // The name in any case; any other encoding is a 415 naming the header.
+    for (encoding, status) in [("GZip", 201), ("br", 415), ("gzip, gzip", 415)] {
+        let r = client()
+            .post(d.url("/events/batch"))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(gz.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{encoding}");
+        let b: Value = r.json().await.unwrap();
+        if status == 415 {
+            assert_eq!(b["field"], "content-encoding", "{encoding}");
+        } else {
+            assert_eq!(b["duplicates"], 2, "{encoding}");
+        }
+    }
     // A compressed answer when asked.
     let r = client()
         .get(d.url("/events?limit=100"))

@@ -113,7 +113,31 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(CompressionLayer::new())
         .layer(RequestDecompressionLayer::new())
+        .layer(middleware::from_fn(check_content_encoding))
         .with_state(state)
+}
+
+/// Request bodies may be gzip-compressed (or `identity`, in any case);
+/// any other `Content-Encoding` is refused here with the contract's error
+/// body, where the decompression layer would answer an empty 415.
+async fn check_content_encoding(mut req: Request, next: Next) -> Response {
+    if let Some(value) = req.headers().get(header::CONTENT_ENCODING) {
+        let text = value.to_str().unwrap_or("?").trim();
+        let known = ["gzip", "identity"]
+            .into_iter()
+            .find(|known| text.eq_ignore_ascii_case(known));
+        let Some(known) = known else {
+            return ApiError::unsupported_media(format!(
+                "Content-Encoding {text:?} is not accepted: send the body as is or with gzip"
+            ))
+            .with_field("content-encoding")
+            .into_response();
+        };
+        // The decompression layer matches the lower-case name only.
+        req.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static(known));
+    }
+    next.run(req).await
 }
 
 /// Routes that run a query, a stats or an aggregation: they take a slot.
