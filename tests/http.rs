@@ -356,6 +356,12 @@ async fn single_events_duplicates_and_errors() {
     }
     let (s, b) = get(&d, "/nowhere").await;
     assert_eq!(s, 404, "{b}");
+    // What the extractors refuse also gets the JSON error body.
+    let (s, b) = get(&d, "/events/%ff").await;
+    assert_eq!((s, b["field"].as_str()), (400, Some("event_id")), "{b}");
+    let (s, b) = get(&d, "/events/stream?severity=error").await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("upgrade"), "{b}");
     // Nothing was half-stored.
     let (_, st) = get(&d, "/events/stats").await;
     assert_eq!(st["total_events"], 2);

@@ -108,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), bound))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -115,6 +116,51 @@ pub fn router(state: AppState) -> Router {
         .layer(RequestDecompressionLayer::new())
         .layer(middleware::from_fn(check_content_encoding))
         .with_state(state)
+}
+
+/// The largest plain-text error body [`json_errors`] rewrites.
+const REJECTION_TEXT_MAX: usize = 16 * 1024;
+
+/// Gives the contract's JSON error body to the refusals axum's extractors
+/// answer in plain text (a path segment that is not UTF-8, a WebSocket
+/// route asked without `Upgrade`, …): same status, the text as `error`,
+/// and as `field` the name the text quotes in backticks, if any.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let plain = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !(resp.status().is_client_error() && plain) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, REJECTION_TEXT_MAX).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let text = if text.is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_owned()
+    } else {
+        text
+    };
+    let mut error = ApiError::new(parts.status, text.clone());
+    if let Some(field) = text.split('`').nth(1).filter(|f| !f.is_empty()) {
+        error = error.with_field(field);
+    }
+    let mut answer = error.into_response();
+    // Keep what the rejection said beyond its body (`Allow`, `Sec-WebSocket-Version`, …).
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    answer
 }
 
 /// Request bodies may be gzip-compressed (or `identity`, in any case);
