@@ -500,9 +500,33 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Opens the store at `dir` for a CLI command; a store held by a running
-/// daemon says to pass `--url` instead.
+/// Fails unless `dir` holds a store: commands that read or maintain one
+/// must not create an empty store at a mistyped path (and report on it).
+fn existing_store(dir: &std::path::Path) -> anyhow::Result<()> {
+    if dir.join(evdb::storage::CATALOG_FILE).is_file() {
+        return Ok(());
+    }
+    let what = if dir.exists() {
+        format!("holds no {}", evdb::storage::CATALOG_FILE)
+    } else {
+        "does not exist".to_owned()
+    };
+    anyhow::bail!(
+        "{}: not an evdb data directory ({what}); check --data-dir",
+        dir.display()
+    )
+}
+
+/// Opens the existing store at `dir` for a CLI command (see
+/// [`existing_store`]); a store held by a running daemon says to pass
+/// `--url` instead.
 fn open_store(dir: &std::path::Path, config: Config) -> anyhow::Result<Db> {
+    existing_store(dir)?;
+    open_or_create(dir, config)
+}
+
+/// [`open_store`], creating the store if there is none (`ingest`).
+fn open_or_create(dir: &std::path::Path, config: Config) -> anyhow::Result<Db> {
     match Db::open(dir, config) {
         Ok(db) => Ok(db),
         Err(e @ evdb::DbError::Storage(evdb::storage::StorageError::Locked(_))) => {
@@ -556,7 +580,7 @@ fn ingest(
         config.storage.segment_size_bytes = bytes;
     }
     let input = open_input(file.as_ref())?;
-    let db = open_store(&data_dir, config)?;
+    let db = open_or_create(&data_dir, config)?;
     let show_progress = !json_out && std::io::stderr().is_terminal();
     let mut stdout = std::io::stdout().lock();
     let mut counts = Counts::default();
@@ -1033,6 +1057,7 @@ struct RemotePage {
 
 fn run_snapshot(action: SnapshotAction) -> anyhow::Result<ExitCode> {
     let open = |t: &Target| {
+        existing_store(&t.data_dir)?;
         Db::open(&t.data_dir, Config::default()).map_err(|e| {
             anyhow::anyhow!(
                 "cannot open data directory {}: {e} (to snapshot a running daemon, pass --url)",
@@ -1153,6 +1178,7 @@ fn run_compact(
                 numeric_fields: file.analytics.map(|a| a.numeric_fields).unwrap_or_default(),
                 ..Config::default()
             };
+            existing_store(dir)?;
             let db = Db::open(dir, config).map_err(|e| {
                 anyhow::anyhow!(
                     "cannot open data directory {}: {e} (to compact a running daemon's store, pass --url)",
@@ -1229,6 +1255,7 @@ fn run_restore(
 }
 
 fn run_verify(dir: &std::path::Path, json_out: bool) -> anyhow::Result<ExitCode> {
+    existing_store(dir)?;
     let db = match Db::open(dir, Config::default()) {
         Ok(db) => db,
         Err(e @ evdb::DbError::Storage(evdb::storage::StorageError::Locked(_))) => {

@@ -225,7 +225,7 @@ pub fn restore(from: &Path, to: &Path) -> Result<u64, SnapshotError> {
     let meta = fs::metadata(from).map_err(io(from))?;
     let mut files = 0;
     if meta.is_dir() {
-        if !from.join("catalog.redb").exists() {
+        if !from.join(crate::storage::CATALOG_FILE).exists() {
             return Err(SnapshotError::Invalid(format!(
                 "{} holds no catalog.redb: not a snapshot",
                 from.display()
@@ -293,7 +293,7 @@ pub fn restore(from: &Path, to: &Path) -> Result<u64, SnapshotError> {
                 .map_err(io(&dst))?;
             files += 1;
         }
-        if !to.join("catalog.redb").exists() {
+        if !to.join(crate::storage::CATALOG_FILE).exists() {
             return Err(SnapshotError::Invalid(format!(
                 "{}: the archive holds no catalog.redb: not a snapshot",
                 from.display()
@@ -354,7 +354,7 @@ fn damage_of(dir: &Path, e: &StorageError) -> Damage {
             reason: source.to_string(),
         },
         other => Damage {
-            file: dir.join("catalog.redb"),
+            file: dir.join(crate::storage::CATALOG_FILE),
             offset: 0,
             reason: other.to_string(),
         },

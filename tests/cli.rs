@@ -404,3 +404,55 @@ fn a_line_that_is_not_utf8_is_refused_alone() {
         );
     }
 }
+
+/// Commands that read or maintain a store refuse a path that holds none,
+/// instead of creating an empty store there and reporting on it.
+#[test]
+fn a_missing_store_is_an_error_not_an_empty_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    let missing = missing.to_str().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let empty = empty.to_str().unwrap();
+    for cmd in [
+        &["verify"][..],
+        &["query"],
+        &["stats"],
+        &["aggregate"],
+        &["compact"],
+        &["snapshot", "list"],
+        &["snapshot", "create"],
+    ] {
+        for (path, why) in [
+            (missing, "does not exist"),
+            (empty, "holds no catalog.redb"),
+        ] {
+            let mut args = cmd.to_vec();
+            args.extend(["--data-dir", path]);
+            let (ok, _, err) = evdb(&args);
+            assert!(!ok, "{args:?}");
+            assert!(
+                err.contains("not an evdb data directory") && err.contains(why),
+                "{args:?}: {err}"
+            );
+        }
+        assert!(
+            !std::path::Path::new(missing).exists(),
+            "{cmd:?} created the store"
+        );
+    }
+    // `ingest` creates the store it is pointed at.
+    let input = dir.path().join("one.ndjson");
+    std::fs::write(&input, "{\"source_system\":\"a\",\"event_type\":\"t\"}\n").unwrap();
+    let (ok, _, err) = evdb(&[
+        "ingest",
+        "--data-dir",
+        missing,
+        "--file",
+        input.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = evdb(&["verify", "--data-dir", missing]);
+    assert!(ok, "{out}{err}");
+}

@@ -29,6 +29,10 @@ use crossbeam_channel::{Sender, bounded};
 use parking_lot::{Mutex, RwLock};
 
 pub use active::OpenSegment;
+
+/// The catalog's file in a data directory: its presence is what makes a
+/// directory a store.
+pub const CATALOG_FILE: &str = "catalog.redb";
 use catalog::Catalog;
 use dir::FileSystem;
 use ids::{IdFilter, IdHash, hash_id};

@@ -168,7 +168,7 @@ pub(crate) fn recover(
 ) -> Result<Recovered, StorageError> {
     let lock = lock_dir(dir)?;
     let _ = config;
-    let catalog = Catalog::open(&dir.join("catalog.redb"))?;
+    let catalog = Catalog::open(&dir.join(super::CATALOG_FILE))?;
     let mut entries = catalog.segments()?;
     if entries.is_empty() {
         create_log(dir, 1)?;

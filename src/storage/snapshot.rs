@@ -157,7 +157,7 @@ impl Log {
             }),
         ));
         sync_dir(&seg_dir).map_err(io(&seg_dir))?;
-        let catalog = Catalog::open(&dest.join("catalog.redb"))?;
+        let catalog = Catalog::open(&dest.join(super::CATALOG_FILE))?;
         catalog.apply(&metas)?;
         let mut deleted: Vec<(u64, RoaringBitmap)> = Vec::new();
         let mut gone = 0u64;
