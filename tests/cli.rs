@@ -456,3 +456,35 @@ fn a_missing_store_is_an_error_not_an_empty_one() {
     let (ok, out, err) = evdb(&["verify", "--data-dir", missing]);
     assert!(ok, "{out}{err}");
 }
+
+/// An error is one line that quotes each cause once.
+#[test]
+fn errors_quote_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, "x").unwrap();
+    let under_file = file.join("data");
+    let (ok, _, err) = evdb(&["stats", "--data-dir", under_file.to_str().unwrap()]);
+    assert!(!ok);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let input = dir.path().join("none.ndjson");
+    let (ok, _, err) = evdb(&[
+        "ingest",
+        "--data-dir",
+        under_file.to_str().unwrap(),
+        "--file",
+        input.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    std::fs::write(&input, "").unwrap();
+    let (ok, _, err) = evdb(&[
+        "ingest",
+        "--data-dir",
+        under_file.to_str().unwrap(),
+        "--file",
+        input.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
+}
