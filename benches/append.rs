@@ -6,7 +6,11 @@
 //! - `encode`: the caller-side cost of validating and framing one event;
 //! - `seal`: the sealer's cost per event (block compression with a trained
 //!   dictionary, id table, text filter) for a 20,000-event log, written to
-//!   a temporary file (its fsyncs included).
+//!   a temporary file (its fsyncs included);
+//! - `index/stage1000`: what an appender spends indexing a batch of 1,000
+//!   in the open segment's in-memory index (staging, then making the rows
+//!   visible), into an index already holding 100,000 to 300,000 rows as
+//!   an open segment does.
 //!
 //! Each iteration uses fresh, never-seen ids so that nothing is a duplicate.
 #![allow(clippy::expect_used)] // a bench that cannot set up has nothing to measure
@@ -107,6 +111,40 @@ fn append(c: &mut Criterion) {
         b.iter(|| {
             segment::write_sealed(&path, 1, salt, &log, &offsets, Compression::ZstdDict, 8192)
                 .expect("seal")
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("index");
+    group.throughput(Throughput::Elements(1000));
+    let fill = |generator: &mut Generator| {
+        let mut mem = evdb::index::MemIndex::new();
+        let events = generator.batch(100_000);
+        let rows: Vec<(u32, &evdb::Event)> = (0u32..).zip(&events).collect();
+        mem.stage_batch(&rows);
+        mem.commit_rows(&(0..100_000).collect::<Vec<u32>>());
+        mem
+    };
+    let mut mem = fill(&mut generator);
+    let mut next_row = 100_000u32;
+    group.bench_function("stage1000", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if next_row >= 300_000 {
+                    mem = fill(&mut generator);
+                    next_row = 100_000;
+                }
+                let events = generator.batch(1000);
+                let rows: Vec<(u32, &evdb::Event)> = (next_row..).zip(&events).collect();
+                let numbers: Vec<u32> = rows.iter().map(|(r, _)| *r).collect();
+                next_row += 1000;
+                let start = Instant::now();
+                mem.stage_batch(&rows);
+                mem.commit_rows(&numbers);
+                total += start.elapsed();
+            }
+            total
         })
     });
     group.finish();

@@ -467,10 +467,7 @@ impl Indexes {
     /// [`MemIndex::stage`]. [`Indexes::commit`] makes them visible.
     pub fn stage(&self, set: &SegmentSet, segment: u64, rows: &[(u32, &Event)]) {
         if let Some(mem) = self.open_mem(set, segment) {
-            let mut mem = mem.write();
-            for (row, event) in rows {
-                mem.stage(*row, event);
-            }
+            mem.write().stage_batch(rows);
         }
     }
 

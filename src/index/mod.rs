@@ -95,7 +95,7 @@ pub fn severity_term(level: crate::event::Severity) -> &'static str {
 }
 
 /// Calls `f` with every (dimension, term) of an event.
-pub fn terms_of(event: &Event, mut f: impl FnMut(Dim, &str)) {
+pub fn terms_of<'a>(event: &'a Event, mut f: impl FnMut(Dim, &'a str)) {
     f(Dim::Source, &event.source);
     f(Dim::Type, &event.event_type);
     f(Dim::Severity, severity_term(event.severity));
