@@ -601,6 +601,38 @@ async fn evdb_service_every_rpc() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // By filter: an empty one would empty the store, and is refused.
+    let err = c
+        .delete(ev::DeleteRequest {
+            target: Some(ev::delete_request::Target::Filter(ev::Filter::default())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("filter: "), "{}", err.message());
+    let r = c
+        .delete(ev::DeleteRequest {
+            target: Some(ev::delete_request::Target::Filter(ev::Filter {
+                source_systems: vec!["b".into()],
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deleted, 1);
+    let err = c
+        .get(ev::GetRequest {
+            event_id: "g4".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    c.get(ev::GetRequest {
+        event_id: "g3".into(),
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
