@@ -91,12 +91,16 @@ enum Command {
         /// Events per append.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+        /// always | interval:MS | never (with --url, the daemon's own mode
+        /// applies).
         #[arg(long, env = "EVDB_FSYNC", default_value = "always")]
         fsync: String,
-        /// One JSON line per acknowledged batch, then a summary line.
+        /// One JSON line per acknowledged batch (its stored ids; with
+        /// --url, the daemon's counts), then a summary line.
         #[arg(long)]
         json: bool,
-        /// Roll the active segment at this size (default 128 MiB).
+        /// Roll the active segment at this size (default 128 MiB; not with
+        /// --url).
         #[arg(long)]
         segment_size_bytes: Option<u64>,
     },
