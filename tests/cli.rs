@@ -19,6 +19,42 @@ fn evdb(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The `event_id`s of `evdb query` output lines (the `next_cursor` line
+/// skipped).
+fn ids_of(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["event_id"].as_str().map(str::to_owned)
+        })
+        .collect()
+}
+
+/// Every `event_id` of `evdb query TARGET --limit 10 --sort-order asc`,
+/// page after page through `--cursor`.
+fn page_all(target: [&str; 2]) -> Vec<String> {
+    let mut cursor: Option<String> = None;
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let mut args = vec!["query", target[0], target[1]];
+        args.extend(["--limit", "10", "--sort-order", "asc"]);
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let (ok, out, err) = evdb(&args);
+        assert!(ok, "{err}");
+        seen.extend(ids_of(&out));
+        cursor = out.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["next_cursor"].as_str().map(str::to_owned)
+        });
+        if cursor.is_none() {
+            break;
+        }
+    }
+    seen
+}
+
 #[test]
 fn ingest_query_page_and_stats() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,48 +93,10 @@ fn ingest_query_page_and_stats() {
         "error",
     ]);
     assert!(ok);
-    let ids: Vec<String> = out
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(ids, ["e20", "e10", "e0"]);
+    assert_eq!(ids_of(&out), ["e20", "e10", "e0"]);
 
-    let mut cursor: Option<String> = None;
-    let mut seen = Vec::new();
-    for _ in 0..10 {
-        let mut args = vec![
-            "query",
-            "--data-dir",
-            data,
-            "--limit",
-            "10",
-            "--sort-order",
-            "asc",
-        ];
-        if let Some(c) = &cursor {
-            args.extend(["--cursor", c.as_str()]);
-        }
-        let (ok, out, err) = evdb(&args);
-        assert!(ok, "{err}");
-        cursor = None;
-        for line in out.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            match v.get("next_cursor") {
-                Some(c) => cursor = Some(c.as_str().unwrap().to_owned()),
-                None => seen.push(v["event_id"].as_str().unwrap().to_owned()),
-            }
-        }
-        if cursor.is_none() {
-            break;
-        }
-    }
     let want: Vec<String> = (0..25).map(|i| format!("e{i}")).collect();
-    assert_eq!(seen, want);
+    assert_eq!(page_all(["--data-dir", data]), want);
 
     let (ok, out, _) = evdb(&[
         "stats",
@@ -288,52 +286,14 @@ fn ingest_query_stats_and_aggregate_through_a_running_daemon() {
         "x y",
     ]);
     assert!(ok, "{err}");
-    let ids: Vec<String> = out
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(ids, ["r20", "r10", "r0"]);
+    assert_eq!(ids_of(&out), ["r20", "r10", "r0"]);
     // Each event as the daemon wrote it: the contract's field order.
     assert!(
         out.starts_with("{\"event_id\":\"r20\",\"timestamp\""),
         "{out}"
     );
-    let mut cursor: Option<String> = None;
-    let mut seen = Vec::new();
-    for _ in 0..10 {
-        let mut args = vec![
-            "query",
-            "--url",
-            url,
-            "--limit",
-            "10",
-            "--sort-order",
-            "asc",
-        ];
-        if let Some(c) = &cursor {
-            args.extend(["--cursor", c.as_str()]);
-        }
-        let (ok, out, err) = evdb(&args);
-        assert!(ok, "{err}");
-        cursor = None;
-        for line in out.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            match v.get("next_cursor") {
-                Some(c) => cursor = Some(c.as_str().unwrap().to_owned()),
-                None => seen.push(v["event_id"].as_str().unwrap().to_owned()),
-            }
-        }
-        if cursor.is_none() {
-            break;
-        }
-    }
     let want: Vec<String> = (0..25).map(|i| format!("r{i}")).collect();
-    assert_eq!(seen, want);
+    assert_eq!(page_all(["--url", url]), want);
 
     let (ok, out, err) = evdb(&[
         "stats",
