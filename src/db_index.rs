@@ -455,10 +455,10 @@ impl Indexes {
     /// records.
     pub fn insert(&self, set: &SegmentSet, segment: u64, rows: &[(u32, &Event)]) {
         if let Some(mem) = self.open_mem(set, segment) {
+            let numbers: Vec<u32> = rows.iter().map(|(row, _)| *row).collect();
             let mut mem = mem.write();
-            for (row, event) in rows {
-                mem.insert(*row, event);
-            }
+            mem.stage_batch(rows);
+            mem.commit_rows(&numbers);
         }
     }
 

@@ -707,8 +707,8 @@ fn ingest(
 /// Bytes of NDJSON per request body of `evdb ingest --url` (the daemon
 /// takes 16 MiB by default); a longer line goes alone.
 const REMOTE_BODY_BYTES: usize = 4 << 20;
-/// Answers 429 (rate limited) are retried after their `Retry-After`, this
-/// many times in a row at most.
+/// Answers 429 (rate limited) are retried a second apart, this many
+/// times in a row at most.
 const REMOTE_RETRIES_MAX: u32 = 10;
 
 /// `evdb ingest --url`: the input's lines, blank ones skipped, go to
@@ -734,12 +734,13 @@ fn ingest_remote(
     let mut send =
         |body: &mut Vec<u8>, lines: &mut Vec<u64>, counts: &mut Counts| -> anyhow::Result<()> {
             let mut tries = 0;
+            let payload = bytes::Bytes::from(std::mem::take(body));
             let (status, answer) = loop {
                 let (status, answer) = client.request(
                     "POST",
                     "/events/batch",
                     Some("application/x-ndjson"),
-                    bytes::Bytes::copy_from_slice(body),
+                    payload.clone(),
                 )?;
                 if status != 429 || tries >= REMOTE_RETRIES_MAX {
                     break (status, answer);
@@ -781,7 +782,6 @@ fn ingest_remote(
                 writeln!(stdout, "{line}")?;
                 stdout.flush()?;
             }
-            body.clear();
             lines.clear();
             Ok(())
         };
