@@ -11,7 +11,7 @@ use parking_lot::RwLock;
 
 use super::StorageError;
 use super::frame;
-use super::ids::{IdHash, IdHashMap};
+use super::ids::{IdHash, IdTable};
 
 #[derive(Debug, Default)]
 pub(crate) struct OpenRows {
@@ -19,11 +19,9 @@ pub(crate) struct OpenRows {
     pub offsets: Vec<u64>,
     /// End of the last frame.
     pub end: u64,
-    /// First row of each id hash; further rows with the same hash (a hash
-    /// collision or a stored duplicate never happens, but a collision can)
-    /// are in `collisions`.
-    pub ids: IdHashMap<u32>,
-    pub collisions: IdHashMap<Vec<u32>>,
+    /// Rows by id hash (several rows share a hash only by a collision: a
+    /// stored duplicate never happens).
+    pub ids: IdTable,
     pub min_ts: i64,
     pub max_ts: i64,
 }
@@ -36,7 +34,7 @@ impl OpenRows {
         OpenRows {
             offsets: Vec::with_capacity(rows),
             end,
-            ids: IdHashMap::with_capacity_and_hasher(rows, Default::default()),
+            ids: IdTable::with_capacity(rows),
             ..OpenRows::default()
         }
     }
@@ -45,14 +43,7 @@ impl OpenRows {
         let row = self.offsets.len() as u32;
         self.offsets.push(offset);
         self.end = offset + len;
-        match self.ids.entry(hash.0) {
-            std::collections::hash_map::Entry::Occupied(_) => {
-                self.collisions.entry(hash.0).or_default().push(row);
-            }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(row);
-            }
-        }
+        self.ids.insert(hash, row);
         if row == 0 {
             (self.min_ts, self.max_ts) = (ts, ts);
         } else {
@@ -73,10 +64,9 @@ impl OpenRows {
         (offset, end)
     }
 
+    /// The rows whose id hash may be `hash` (callers compare the ids).
     pub fn rows_with_hash(&self, hash: IdHash) -> impl Iterator<Item = u32> + '_ {
-        let first = self.ids.get(&hash.0).copied();
-        let more = self.collisions.get(&hash.0).into_iter().flatten().copied();
-        first.into_iter().chain(more)
+        self.ids.rows(hash)
     }
 }
 
