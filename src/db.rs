@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::db_index::{IndexSealer, Indexes};
 use crate::event::{Event, Timestamp};
-use crate::index::IndexError;
+use crate::index::{BatchTerms, IndexError};
 use crate::limits::{self, Invalid, Limits};
 use crate::query::aggregate::{AggregateResult, Aggregation, GroupBy, Metric};
 use crate::query::{self, Cursor, Hit, Page, Query, QueryError, SegmentInput, Seqs, Stats};
@@ -304,24 +304,36 @@ impl query::aggregate::RowSource for Records<'_> {
     }
 }
 
-/// The stored events of a batch grouped by segment, as (row, event), in
-/// the writer's order.
-fn stored_by_segment<'e>(
-    events: &'e [Event],
-    outcomes: &[Option<AppendOutcome>],
-    appended: &[Appended],
-) -> Vec<(u64, Vec<(u32, &'e Event)>)> {
-    let mut by_segment: Vec<(u64, Vec<(u32, &Event)>)> = Vec::new();
-    let valid = events.iter().zip(outcomes).filter(|(_, o)| o.is_none());
-    for ((event, _), outcome) in valid.zip(appended) {
+/// The rows of a batch's stored events by segment: for each segment, the
+/// row of each valid event of the batch stored there (`None` for the
+/// others), in the writer's order.
+fn rows_by_segment(appended: &[Appended]) -> Vec<(u64, Vec<Option<u32>>)> {
+    let mut by_segment: Vec<(u64, Vec<Option<u32>>)> = Vec::new();
+    for (k, outcome) in appended.iter().enumerate() {
         if let Appended::Stored(pos) = outcome {
-            match by_segment.last_mut() {
-                Some((seg, rows)) if *seg == pos.segment => rows.push((pos.row, event)),
-                _ => by_segment.push((pos.segment, vec![(pos.row, event)])),
-            }
+            let i = match by_segment.iter().position(|(seg, _)| *seg == pos.segment) {
+                Some(i) => i,
+                None => {
+                    by_segment.push((pos.segment, vec![None; appended.len()]));
+                    by_segment.len() - 1
+                }
+            };
+            by_segment[i].1[k] = Some(pos.row);
         }
     }
     by_segment
+}
+
+/// The index terms of a batch's valid events (those the writer is given),
+/// grouped while the writer checks and writes them.
+fn valid_terms<'e>(events: &'e [Event], outcomes: &[Option<AppendOutcome>]) -> BatchTerms<'e> {
+    BatchTerms::of(
+        events
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, o)| o.is_none())
+            .map(|(e, _)| e),
+    )
 }
 
 fn inputs<'a>(
@@ -456,10 +468,13 @@ impl Db {
     pub fn append_batch(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, DbError> {
         self.space.check()?;
         let (outcomes, prepared) = self.prepare(&events)?;
-        let (appended, staged) = self.log.append_staged(prepared, |positions| {
-            self.index_stored(&events, &outcomes, positions, false)
-        })?;
-        self.finish(events, outcomes, appended, staged)
+        let (appended, terms, staged) = self.log.append_staged(
+            prepared,
+            || valid_terms(&events, &outcomes),
+            |terms, positions| self.index_stored(terms, positions, false),
+        )?;
+        self.make_visible(terms, &appended, staged);
+        self.finish(events, outcomes, appended)
     }
 
     /// [`Db::append_batch`] for async callers: the task awaits the group
@@ -471,13 +486,13 @@ impl Db {
     ) -> Result<Vec<AppendOutcome>, DbError> {
         self.space.check()?;
         let (outcomes, prepared) = self.prepare(&events)?;
-        let (appended, staged) = self
-            .log
-            .append_staged_async(prepared, |positions| {
-                self.index_stored(&events, &outcomes, positions, false)
-            })
+        let pending = self.log.submit_staged(prepared)?;
+        let terms = valid_terms(&events, &outcomes);
+        let (appended, staged) = pending
+            .wait(|positions| self.index_stored(&terms, positions, false))
             .await?;
-        self.finish(events, outcomes, appended, staged)
+        self.make_visible(terms, &appended, staged);
+        self.finish(events, outcomes, appended)
     }
 
     /// [`Db::append_batch_async`] on a task of its own, so that an append
@@ -504,10 +519,12 @@ impl Db {
         let pending = self.log.submit_staged(prepared)?;
         let db = Arc::clone(self);
         let task = tokio::spawn(async move {
+            let terms = valid_terms(&events, &outcomes);
             let (appended, staged) = pending
-                .wait(|positions| db.index_stored(&events, &outcomes, positions, false))
+                .wait(|positions| db.index_stored(&terms, positions, false))
                 .await?;
-            db.finish(events, outcomes, appended, staged)
+            db.make_visible(terms, &appended, staged);
+            db.finish(events, outcomes, appended)
         });
         Ok(Box::pin(async move {
             task.await
@@ -540,21 +557,27 @@ impl Db {
         Ok((outcomes, prepared))
     }
 
-    /// Indexes (or, when `staged`, makes visible what was indexed while
-    /// the writer synced) and publishes what the writer stored; one outcome
-    /// per event.
+    /// Makes what the writer stored visible to queries: commits what was
+    /// staged while the writer synced (`staged`), or indexes it now.
+    fn make_visible(&self, terms: BatchTerms<'_>, appended: &[Appended], staged: bool) {
+        if staged {
+            for (segment, rows) in rows_by_segment(appended) {
+                let rows: Vec<u32> = rows.into_iter().flatten().collect();
+                self.indexes.commit(segment, &rows);
+            }
+        } else {
+            self.index_stored(&terms, appended, true);
+        }
+    }
+
+    /// Publishes what the writer stored to the live tail; one outcome per
+    /// event.
     fn finish(
         &self,
         events: Vec<Event>,
         outcomes: Vec<Option<AppendOutcome>>,
         appended: Vec<Appended>,
-        staged: bool,
     ) -> Result<Vec<AppendOutcome>, DbError> {
-        if staged {
-            self.commit_stored(&events, &outcomes, &appended);
-        } else {
-            self.index_stored(&events, &outcomes, &appended, true);
-        }
         self.publish_stored(events, &outcomes, &appended);
         let mut appended = appended.into_iter();
         let mut out = Vec::with_capacity(outcomes.len());
@@ -580,34 +603,16 @@ impl Db {
     /// Indexes the stored events of a batch before its caller is answered,
     /// so an acknowledged event is visible to queries at once: visible at
     /// once, or (`visible` false, while the writer syncs them) staged for
-    /// [`Db::commit_stored`] to make visible once they are durable.
-    fn index_stored(
-        &self,
-        events: &[Event],
-        outcomes: &[Option<AppendOutcome>],
-        appended: &[Appended],
-        visible: bool,
-    ) {
+    /// [`Db::make_visible`] to make visible once they are durable.
+    /// `terms` holds the batch's valid events, one per entry of `appended`.
+    fn index_stored(&self, terms: &BatchTerms<'_>, appended: &[Appended], visible: bool) {
         let set = self.log.segments();
-        for (segment, rows) in stored_by_segment(events, outcomes, appended) {
+        for (segment, rows) in rows_by_segment(appended) {
             if visible {
-                self.indexes.insert(&set, segment, &rows);
+                self.indexes.insert_terms(&set, segment, terms, &rows);
             } else {
-                self.indexes.stage(&set, segment, &rows);
+                self.indexes.stage_terms(&set, segment, terms, &rows);
             }
-        }
-    }
-
-    /// Makes the staged rows of a durable batch visible.
-    fn commit_stored(
-        &self,
-        events: &[Event],
-        outcomes: &[Option<AppendOutcome>],
-        appended: &[Appended],
-    ) {
-        for (segment, rows) in stored_by_segment(events, outcomes, appended) {
-            let rows: Vec<u32> = rows.iter().map(|(row, _)| *row).collect();
-            self.indexes.commit(segment, &rows);
         }
     }
 

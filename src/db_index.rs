@@ -16,8 +16,8 @@ use roaring::RoaringBitmap;
 use crate::index::file::SMALL_DIM_TERMS_MAX;
 use crate::index::numeric::{SUMMARY_ALL, Summary, SummaryRef, summarize};
 use crate::index::{
-    Column, Dim, IndexError, IndexView, MemIndex, NumericFile, SealedIndex, write_index_file,
-    write_numeric_file,
+    BatchTerms, Column, Dim, IndexError, IndexView, MemIndex, NumericFile, SealedIndex,
+    write_index_file, write_numeric_file,
 };
 use crate::storage::{SealHook, SealedSegment, SegmentRef, SegmentSet, StorageError, record};
 
@@ -450,24 +450,44 @@ impl Indexes {
         Ok(())
     }
 
-    /// Indexes a stored event of an open segment. Events of a segment that
-    /// is sealed meanwhile need nothing: its index file was built from its
-    /// records.
-    pub fn insert(&self, set: &SegmentSet, segment: u64, rows: &[(u32, &Event)]) {
+    /// Indexes stored events of an open segment and makes them visible
+    /// (`rows[k]`: the row of the `k`th event of `terms`, `None` for one
+    /// not stored in this segment). Events of a segment that is sealed
+    /// meanwhile need nothing: its index file was built from its records.
+    pub fn insert_terms(
+        &self,
+        set: &SegmentSet,
+        segment: u64,
+        terms: &BatchTerms<'_>,
+        rows: &[Option<u32>],
+    ) {
         if let Some(mem) = self.open_mem(set, segment) {
-            let numbers: Vec<u32> = rows.iter().map(|(row, _)| *row).collect();
+            let numbers: Vec<u32> = rows.iter().copied().flatten().collect();
             let mut mem = mem.write();
-            mem.stage_batch(rows);
+            mem.stage_terms(terms, rows);
             mem.commit_rows(&numbers);
         }
+    }
+
+    /// [`Indexes::insert_terms`] for (row, event) pairs.
+    pub fn insert(&self, set: &SegmentSet, segment: u64, rows: &[(u32, &Event)]) {
+        let terms = BatchTerms::of(rows.iter().map(|&(_, e)| e));
+        let numbers: Vec<Option<u32>> = rows.iter().map(|&(row, _)| Some(row)).collect();
+        self.insert_terms(set, segment, &terms, &numbers);
     }
 
     /// Indexes stored events of an open segment without making them
     /// visible (their bytes may not be durable yet): see
     /// [`MemIndex::stage`]. [`Indexes::commit`] makes them visible.
-    pub fn stage(&self, set: &SegmentSet, segment: u64, rows: &[(u32, &Event)]) {
+    pub fn stage_terms(
+        &self,
+        set: &SegmentSet,
+        segment: u64,
+        terms: &BatchTerms<'_>,
+        rows: &[Option<u32>],
+    ) {
         if let Some(mem) = self.open_mem(set, segment) {
-            mem.write().stage_batch(rows);
+            mem.write().stage_terms(terms, rows);
         }
     }
 

@@ -27,6 +27,40 @@ pub struct MemIndex {
     numbers: Vec<(Box<str>, Vec<f64>)>,
 }
 
+/// A batch's index terms grouped by term before its rows are known (an
+/// appender groups them while the writer checks and writes the batch),
+/// for [`MemIndex::stage_terms`].
+#[derive(Debug, Default)]
+pub struct BatchTerms<'a> {
+    events: Vec<&'a Event>,
+    /// One map per dimension, in `Dim` order: each term with the
+    /// positions in `events` of the events that hold it.
+    groups: [FxHashMap<&'a str, Vec<u32>>; 5],
+}
+
+impl<'a> BatchTerms<'a> {
+    pub fn of(events: impl IntoIterator<Item = &'a Event>) -> BatchTerms<'a> {
+        let mut terms = BatchTerms::default();
+        for event in events {
+            let k = terms.events.len() as u32;
+            terms_of(event, |dim, term| {
+                terms.groups[dim as usize].entry(term).or_default().push(k);
+            });
+            terms.events.push(event);
+        }
+        terms
+    }
+
+    /// The events grouped.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
 impl MemIndex {
     pub fn new() -> MemIndex {
         MemIndex::default()
@@ -106,28 +140,39 @@ impl MemIndex {
         self.staged.insert(row);
     }
 
-    /// [`MemIndex::stage`] for a batch, one row per event. Term by term:
-    /// the batch's rows of each distinct term go into its bitmap together,
-    /// so each bitmap and its map entry are looked up once per batch
-    /// instead of once per row.
+    /// [`MemIndex::stage`] for a batch, one row per event: see
+    /// [`MemIndex::stage_terms`].
     pub fn stage_batch(&mut self, rows: &[(u32, &Event)]) {
-        let mut groups: [FxHashMap<&str, Vec<u32>>; 5] = Default::default();
-        for &(row, event) in rows {
-            terms_of(event, |dim, term| {
-                groups[dim as usize].entry(term).or_default().push(row);
-            });
-            self.stage_columns(row, event);
+        let terms = BatchTerms::of(rows.iter().map(|&(_, event)| event));
+        let numbers: Vec<Option<u32>> = rows.iter().map(|&(row, _)| Some(row)).collect();
+        self.stage_terms(&terms, &numbers);
+    }
+
+    /// Stages the events of `terms` whose row here is known: `rows[k]` is
+    /// the row of its `k`th event (`None`: not stored in this segment).
+    /// Term by term: the batch's rows of each distinct term go into its
+    /// bitmap together, so each bitmap and its map entry are looked up
+    /// once per batch instead of once per row.
+    pub fn stage_terms(&mut self, terms: &BatchTerms<'_>, rows: &[Option<u32>]) {
+        for (k, event) in terms.events.iter().enumerate() {
+            if let Some(&Some(row)) = rows.get(k) {
+                self.stage_columns(row, event);
+            }
         }
-        for (map, group) in self.terms.iter_mut().zip(groups) {
-            for (term, rows) in group {
+        let row_of = |k: &u32| rows.get(*k as usize).copied().flatten();
+        for (map, group) in self.terms.iter_mut().zip(&terms.groups) {
+            for (&term, keys) in group {
                 match map.get_mut(term) {
                     Some(b) => {
-                        for row in rows {
+                        for row in keys.iter().filter_map(row_of) {
                             b.insert(row);
                         }
                     }
                     None => {
-                        map.insert(term.into(), rows.into_iter().collect());
+                        let b: RoaringBitmap = keys.iter().filter_map(row_of).collect();
+                        if !b.is_empty() {
+                            map.insert(term.into(), b);
+                        }
                     }
                 }
             }
@@ -308,25 +353,31 @@ mod tests {
         #[test]
         fn staging_a_batch_is_staging_each_row(
             rows in proptest::collection::vec(
-                (0u32..140_000, 0u8..3, proptest::collection::vec(0u8..4, 0..4), proptest::option::of(0u8..5)),
+                (0u32..140_000, 0u8..3, proptest::collection::vec(0u8..4, 0..4), proptest::option::of(0u8..5), proptest::bool::weighted(0.8)),
                 0..200,
             ),
         ) {
-            let events: Vec<(u32, Event)> = rows
+            let events: Vec<(u32, Event, bool)> = rows
                 .iter()
-                .map(|(row, source, tags, corr)| {
+                .map(|(row, source, tags, corr, stored)| {
                     let mut e = event(i64::from(*row) * 3, &format!("s{source}"));
                     e.tags = tags.iter().map(|t| format!("t{t}")).collect();
                     e.correlation_id = corr.map(|c| format!("c{c}"));
-                    (*row, e)
+                    (*row, e, *stored)
                 })
                 .collect();
+            // Events not stored here (duplicates, another segment) are
+            // grouped with the batch but leave no trace in the index.
             let (mut each, mut batch) = (MemIndex::new(), MemIndex::new());
-            for (row, e) in &events {
-                each.stage(*row, e);
+            for (row, e, stored) in &events {
+                if *stored {
+                    each.stage(*row, e);
+                }
             }
-            let refs: Vec<(u32, &Event)> = events.iter().map(|(r, e)| (*r, e)).collect();
-            batch.stage_batch(&refs);
+            let terms = BatchTerms::of(events.iter().map(|(_, e, _)| e));
+            let numbers: Vec<Option<u32>> =
+                events.iter().map(|(r, _, stored)| stored.then_some(*r)).collect();
+            batch.stage_terms(&terms, &numbers);
             for dim in Dim::ALL {
                 let mut a = each.terms(dim).unwrap();
                 let mut b = batch.terms(dim).unwrap();

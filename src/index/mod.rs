@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use roaring::RoaringBitmap;
 
 pub use file::{SealedIndex, fuzz_index, write_index_file};
-pub use mem::MemIndex;
+pub use mem::{BatchTerms, MemIndex};
 pub use numeric::{Column, NumericFile, write_numeric_file};
 
 use crate::event::Event;

@@ -528,21 +528,24 @@ impl Log {
     }
 
     /// Appends prepared events; returns one outcome per event, in order,
-    /// once they are acknowledged under the configured fsync mode. Also
-    /// calls `on_staged` with the outcomes as soon as the frames are
-    /// written, while they are being synced (under `--fsync always`; not at
-    /// all otherwise). The stored rows are not
-    /// visible yet: the caller may index them before they are durable, and
-    /// must make them visible only after this returns `Ok`. Returns the
-    /// outcomes and whether `on_staged` was called.
-    pub fn append_staged(
+    /// once they are acknowledged under the configured fsync mode. Runs
+    /// `meanwhile` once the events are handed to the writer, while it
+    /// checks and writes them; then calls `on_staged` with its value and
+    /// the outcomes as soon as the frames are written, while they are
+    /// being synced (under `--fsync always`; not at all otherwise). The
+    /// stored rows are not visible yet: the caller may index them before
+    /// they are durable, and must make them visible only after this
+    /// returns `Ok`. Returns the outcomes, the value of `meanwhile` and
+    /// whether `on_staged` was called.
+    pub fn append_staged<T>(
         &self,
         events: Prepared,
-        on_staged: impl FnOnce(&[Appended]),
-    ) -> Result<(Vec<Appended>, bool), StorageError> {
+        meanwhile: impl FnOnce() -> T,
+        on_staged: impl FnOnce(&T, &[Appended]),
+    ) -> Result<(Vec<Appended>, T, bool), StorageError> {
         self.shared.check_poisoned()?;
         if events.is_empty() {
-            return Ok((Vec::new(), false));
+            return Ok((Vec::new(), meanwhile(), false));
         }
         let (done, rx) = bounded(1);
         let (staged_tx, staged_rx) = bounded(1);
@@ -553,31 +556,22 @@ impl Log {
         self.sender()?
             .send(writer::Command::Append { events, reply })
             .map_err(|_| StorageError::Closed)?;
+        let value = meanwhile();
         // The writer sends the positions or drops the sender, at the
         // latest with the final outcome.
         let staged = staged_rx.recv().ok();
         let called = staged.is_some();
         if let Some(positions) = staged {
-            on_staged(&positions);
+            on_staged(&value, &positions);
         }
         let outcomes = rx.recv().map_err(|_| StorageError::Closed)??;
-        Ok((outcomes, called))
+        Ok((outcomes, value, called))
     }
 
-    /// [`Log::append_staged`] for async callers: the task awaits the
-    /// writer's answer instead of blocking its thread. (Handing the request
-    /// over may wait briefly when the writer's queue is full: that is
-    /// backpressure.)
-    pub async fn append_staged_async(
-        &self,
-        events: Prepared,
-        on_staged: impl FnOnce(&[Appended]),
-    ) -> Result<(Vec<Appended>, bool), StorageError> {
-        self.submit_staged(events)?.wait(on_staged).await
-    }
-
-    /// Hands `events` to the writer now (the first half of
-    /// [`Log::append_staged_async`]): appends submitted one after another
+    /// Hands `events` to the writer now, for async callers (the task then
+    /// awaits the writer's answer instead of blocking its thread; handing
+    /// the request over may wait briefly when the writer's queue is full:
+    /// that is backpressure): appends submitted one after another
     /// are written in that order. Await the answer with
     /// [`PendingAppend::wait`].
     pub fn submit_staged(&self, events: Prepared) -> Result<PendingAppend, StorageError> {
