@@ -305,9 +305,25 @@ impl Prepared {
         &self.frames[item.id_start..item.id_end]
     }
 
-    fn frame(&self, i: usize) -> &[u8] {
+    fn frame_len(&self, i: usize) -> usize {
         let item = &self.items[i];
-        &self.frames[item.start..item.end]
+        item.end - item.start
+    }
+
+    fn frame_mut(&mut self, i: usize) -> &mut [u8] {
+        let item = &self.items[i];
+        &mut self.frames[item.start..item.end]
+    }
+
+    /// The frames of events `first..end`, which lie back to back.
+    fn frames(&self, first: usize, end: usize) -> &[u8] {
+        match (
+            self.items.get(first),
+            end.checked_sub(1).and_then(|l| self.items.get(l)),
+        ) {
+            (Some(a), Some(b)) if first < end => &self.frames[a.start..b.end],
+            _ => &[],
+        }
     }
 }
 

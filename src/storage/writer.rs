@@ -1,7 +1,7 @@
 //! The writer thread (group commit, roll) and the sealer thread.
 //!
 //! The writer drains every request queued while it was busy into one group,
-//! checks ids, writes the group's frames with one `write`, makes them
+//! checks ids, writes the group's frames with one gathering write, makes them
 //! durable with one `fdatasync` (under `--fsync always`), publishes the new
 //! rows to readers and only then answers every caller of the group. A failed
 //! write or sync poisons the store: after a failed fsync the kernel may have
@@ -106,14 +106,7 @@ pub(crate) struct Writer {
     dirty: bool,
     last_sync: Instant,
     seal_tx: Option<Sender<Arc<OpenSegment>>>,
-    /// The frames of the group being written, kept between groups so that
-    /// each group does not fault in freshly mapped pages.
-    stage: Vec<u8>,
 }
-
-/// Capacity of the staging buffer kept between groups; a larger group's
-/// buffer is released after its write.
-const STAGE_KEEP_BYTES: usize = 8 << 20;
 
 impl Writer {
     pub fn new(
@@ -133,7 +126,6 @@ impl Writer {
             fs,
             log: file,
             active,
-            stage: Vec::new(),
             end: log.end,
             rows,
             opened_at: Instant::now(),
@@ -323,10 +315,11 @@ impl Writer {
         appends: &mut [PendingAppend],
     ) -> Result<Vec<Vec<Appended>>, StorageError> {
         let set = self.shared.set.read().clone();
-        let total: usize = appends.iter().map(|(e, _)| e.bytes()).sum();
-        let mut buf = std::mem::take(&mut self.stage);
-        buf.clear();
-        buf.reserve(total);
+        // Bytes of the group's new frames.
+        let mut written = 0usize;
+        // The new frames as runs of back-to-back events of one request:
+        // (request, first event, end event).
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
         // Staged rows, in row order: (request, event) of each.
         let mut staged: Vec<(usize, usize)> = Vec::new();
         let mut outcomes = Vec::with_capacity(appends.len());
@@ -368,12 +361,14 @@ impl Writer {
                         out.push(Appended::Duplicate(pos));
                         continue;
                     }
-                    let offset = self.end + buf.len() as u64;
-                    let frame = events.frame(e);
-                    let at = buf.len();
-                    buf.extend_from_slice(frame);
-                    frame::xor_checksum(&mut buf[at..], self.active.salt);
-                    let row = rows.push(offset, frame.len() as u64, item.hash, item.timestamp_us);
+                    let offset = self.end + written as u64;
+                    let len = events.frame_len(e);
+                    written += len;
+                    match runs.last_mut() {
+                        Some((run_r, _, end)) if *run_r == r && *end == e => *end = e + 1,
+                        _ => runs.push((r, e, e + 1)),
+                    }
+                    let row = rows.push(offset, len as u64, item.hash, item.timestamp_us);
                     staged.push((r, e));
                     out.push(Appended::Stored(Position {
                         segment: active_id,
@@ -386,17 +381,27 @@ impl Writer {
         // Held no longer than the id checks: a sealed segment's log is
         // reused only once nothing else holds the segment (`retire_log`).
         drop(set);
-        let written = buf.len();
         if written == 0 {
-            self.keep_stage(buf);
             return Ok(outcomes);
         }
+        // Salted where the callers framed them, and written from there with
+        // one gathering write: no copy of the group into a buffer of its own.
+        for &(r, first, end) in &runs {
+            for e in first..end {
+                frame::xor_checksum(appends[r].0.frame_mut(e), self.active.salt);
+            }
+        }
+        let slices: Vec<&[u8]> = runs
+            .iter()
+            .map(|&(r, first, end)| appends[r].0.frames(first, end))
+            .collect();
+        debug_assert_eq!(slices.iter().map(|s| s.len()).sum::<usize>(), written);
         let path = self.shared.log_path(active_id);
         // A failed write or sync poisons the store (the caller does it), so
         // staged rows that never reached the disk are never published.
-        let result = self.log.append(&buf);
-        self.keep_stage(buf);
-        result.map_err(|e| StorageError::io(&path, e))?;
+        self.log
+            .append_all(&slices)
+            .map_err(|e| StorageError::io(&path, e))?;
         self.dirty = true;
         self.end += written as u64;
         self.rows += staged.len() as u32;
@@ -410,14 +415,6 @@ impl Writer {
         }
         self.active.publish(self.rows);
         Ok(outcomes)
-    }
-
-    /// Keeps `buf` for the next group unless it grew past
-    /// `STAGE_KEEP_BYTES`.
-    fn keep_stage(&mut self, buf: Vec<u8>) {
-        if buf.capacity() <= STAGE_KEEP_BYTES {
-            self.stage = buf;
-        }
     }
 
     fn roll_if_rows(&mut self, reuse: bool) -> Result<(), StorageError> {
