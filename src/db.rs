@@ -617,7 +617,8 @@ impl Db {
     }
 
     /// Hands the stored events to the live tail, as runs of consecutive
-    /// arrival numbers.
+    /// arrival numbers. Without subscribers only the runs go (the hub
+    /// keeps counting arrivals), and the events are not walked at all.
     fn publish_stored(
         &self,
         events: Vec<Event>,
@@ -625,40 +626,45 @@ impl Db {
         appended: &[Appended],
     ) {
         let set = self.log.segments();
-        let listening = self.tail.has_subscribers();
+        let mut valid = self.tail.has_subscribers().then(|| {
+            events
+                .into_iter()
+                .zip(outcomes)
+                .filter(|(_, o)| o.is_none())
+                .map(|(e, _)| e)
+        });
         let mut run: Option<(u64, u64, Vec<Arc<Event>>)> = None;
-        let valid = events
-            .into_iter()
-            .zip(outcomes)
-            .filter(|(_, o)| o.is_none());
-        for ((event, _), outcome) in valid.zip(appended) {
+        // The segment of the previous event and its first arrival number.
+        let mut segment: Option<(u64, u64)> = None;
+        for outcome in appended {
+            let event = valid.as_mut().and_then(Iterator::next);
             let Appended::Stored(pos) = outcome else {
                 continue;
             };
-            let Some(first_seq) = set.get(pos.segment).map(|s| match s {
-                SegmentRef::Open(o) => o.first_seq,
-                SegmentRef::Sealed(s) => s.first_seq,
-            }) else {
-                continue;
+            let first_seq = match segment {
+                Some((id, first_seq)) if id == pos.segment => first_seq,
+                _ => {
+                    let Some(first_seq) = set.get(pos.segment).map(|s| match s {
+                        SegmentRef::Open(o) => o.first_seq,
+                        SegmentRef::Sealed(s) => s.first_seq,
+                    }) else {
+                        continue;
+                    };
+                    segment = Some((pos.segment, first_seq));
+                    first_seq
+                }
             };
             let seq = first_seq + u64::from(pos.row);
             match &mut run {
                 Some((first, count, events)) if *first + *count == seq => {
                     *count += 1;
-                    if listening {
-                        events.push(Arc::new(event));
-                    }
+                    events.extend(event.map(Arc::new));
                 }
                 _ => {
                     if let Some((first, count, events)) = run.take() {
                         self.tail.publish(first, count, events);
                     }
-                    let events = if listening {
-                        vec![Arc::new(event)]
-                    } else {
-                        Vec::new()
-                    };
-                    run = Some((seq, 1, events));
+                    run = Some((seq, 1, event.map(Arc::new).into_iter().collect()));
                 }
             }
         }

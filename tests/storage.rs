@@ -463,3 +463,37 @@ async fn an_append_whose_caller_goes_away_is_still_indexed() {
         .unwrap();
     assert_eq!(page.events.len() as u64, stored.min(1000));
 }
+
+/// The live tail gets exactly the events a batch stored, in order: not
+/// the invalid ones nor the duplicates. Batches stored while nobody
+/// listened still count, so a later subscriber is not left waiting for
+/// them.
+#[test]
+fn the_tail_gets_the_stored_events_of_a_batch_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), small_config()).unwrap();
+    let first = events(300, 21);
+    assert_eq!(stored(&db.append_batch(first.clone()).unwrap()), 300);
+    let mut sub = db.subscribe(evdb::tail::TailFilter::default());
+    let fresh = events(3, 22);
+    let mut invalid = fresh[1].clone();
+    invalid.source = String::new();
+    invalid.id = "never-stored".into();
+    let batch = vec![
+        fresh[0].clone(),
+        invalid,
+        first[7].clone(),
+        fresh[1].clone(),
+        fresh[0].clone(),
+        fresh[2].clone(),
+    ];
+    let outcomes = db.append_batch(batch).unwrap();
+    assert_eq!(stored(&outcomes), 3);
+    let mut got = Vec::new();
+    while let Some(e) = sub.try_next().unwrap() {
+        got.push(e.id.clone());
+    }
+    let want: Vec<String> = fresh.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(got, want);
+    db.close().unwrap();
+}
