@@ -163,11 +163,9 @@ impl MemIndex {
         for (map, group) in self.terms.iter_mut().zip(&terms.groups) {
             for (&term, keys) in group {
                 match map.get_mut(term) {
-                    Some(b) => {
-                        for row in keys.iter().filter_map(row_of) {
-                            b.insert(row);
-                        }
-                    }
+                    // One container lookup per change of container, not
+                    // per row.
+                    Some(b) => b.extend(keys.iter().filter_map(row_of)),
                     None => {
                         let b: RoaringBitmap = keys.iter().filter_map(row_of).collect();
                         if !b.is_empty() {
