@@ -395,7 +395,11 @@ impl Writer {
             .iter()
             .map(|&(r, first, end)| appends[r].0.frames(first, end))
             .collect();
-        debug_assert_eq!(slices.iter().map(|s| s.len()).sum::<usize>(), written);
+        assert_eq!(
+            slices.iter().map(|s| s.len()).sum::<usize>(),
+            written,
+            "the row table disagrees with the frames written"
+        );
         let path = self.shared.log_path(active_id);
         // A failed write or sync poisons the store (the caller does it), so
         // staged rows that never reached the disk are never published.
