@@ -224,6 +224,8 @@ impl Db {
             report.events_removed += compacted.rows_removed();
             report.bytes_before += run_bytes;
             report.bytes_after += compacted.sealed.as_ref().map_or(0, |s| s.file_bytes());
+            let inputs = compacted.inputs.into_iter().map(|i| i.segment).collect();
+            self.log().compact_unlink(inputs)?;
             progress(CompactProgress {
                 bytes_done: done,
                 bytes_total,
@@ -245,7 +247,8 @@ impl Db {
     }
 
     /// Makes a written compaction visible: carries over the deletions
-    /// made while it was written, swaps it in, and unlinks its inputs.
+    /// made while it was written and swaps it in. Its inputs' files are
+    /// the caller's to unlink, once it lets go of the inputs.
     fn swap_compacted(&self, compacted: &Compacted) -> Result<(), DbError> {
         {
             // Deletions wait while the swap carries theirs over.
@@ -270,7 +273,6 @@ impl Db {
                     .compact_swap(compacted, &deleted, Timestamp::now().as_micros())?;
             self.indexes().forget(&removed);
         }
-        self.log().compact_unlink(&compacted.input_ids())?;
         Ok(())
     }
 
@@ -333,6 +335,9 @@ impl Db {
                 .filter(|s| victims.contains(&s.id))
                 .map(|s| s.file_bytes())
                 .sum();
+            // Let go of the victims first: a segment nobody holds has its
+            // file given back in steps (`Log::compact_unlink`).
+            drop(set);
             let dropped = self.log().drop_sealed(&victims)?;
             self.indexes().forget(&dropped);
             report.segments_dropped = dropped.len();

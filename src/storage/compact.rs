@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use roaring::RoaringBitmap;
 
 use super::catalog::{SegmentMeta, SegmentState};
-use super::dir::sync_dir;
+use super::dir::{self, sync_dir};
 use super::segment::{self, Block, BlockCompressor, SealedSegment, SealedWriter};
 use super::{Log, SegmentSet, StorageError};
 
@@ -540,11 +540,23 @@ impl Log {
         Ok(removed)
     }
 
-    /// Step 3: unlinks the files of segments the catalog no longer names.
-    pub fn compact_unlink(&self, removed: &[u64]) -> Result<(), StorageError> {
-        for id in removed {
-            let path = self.shared.seg_path(*id);
-            match std::fs::remove_file(&path) {
+    /// Step 3: unlinks the files of segments the catalog no longer names
+    /// (they have left the segment set). A segment nobody else holds any
+    /// more (waited for briefly) is unmapped and its file given back in
+    /// steps ([`dir::remove_in_steps`]: appends' syncs do not wait for
+    /// the whole file's blocks at once); one a reader still holds is only
+    /// unlinked, and the reader keeps its mapping until it lets go.
+    pub fn compact_unlink(&self, removed: Vec<Arc<SealedSegment>>) -> Result<(), StorageError> {
+        for segment in removed {
+            let path = self.shared.seg_path(segment.id);
+            let result = match unwrap_when_alone(segment) {
+                Ok(segment) => {
+                    drop(segment);
+                    dir::remove_in_steps(&path, dir::RELEASE_STEP)
+                }
+                Err(_still_read) => std::fs::remove_file(&path),
+            };
+            match result {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StorageError::io(&path, e)),
@@ -558,4 +570,18 @@ impl Log {
     pub fn deleted_since(&self) -> Result<Vec<(u64, i64)>, StorageError> {
         self.shared.catalog.deleted_since()
     }
+}
+
+/// The segment itself once no one else holds it: a reader that cloned
+/// the segment set just before the swap lets go within moments, so this
+/// waits up to 20 ms for that; past it, the segment is handed back.
+fn unwrap_when_alone(mut segment: Arc<SealedSegment>) -> Result<SealedSegment, Arc<SealedSegment>> {
+    for _ in 0..20 {
+        match Arc::try_unwrap(segment) {
+            Ok(owned) => return Ok(owned),
+            Err(shared) => segment = shared,
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Arc::try_unwrap(segment)
 }

@@ -678,8 +678,8 @@ impl Log {
     /// (those of `ids` that were sealed segments).
     pub fn drop_sealed(&self, ids: &[u64]) -> Result<Vec<u64>, StorageError> {
         self.shared.check_poisoned()?;
-        let set = self.segments();
-        let victims: Vec<u64> = set
+        let victims: Vec<u64> = self
+            .segments()
             .sealed
             .iter()
             .filter(|s| ids.contains(&s.id))
@@ -691,13 +691,17 @@ impl Log {
         let changes: Vec<(u64, Option<catalog::SegmentMeta>)> =
             victims.iter().map(|id| (*id, None)).collect();
         self.shared.catalog.apply(&changes)?;
-        {
+        let dropped = {
             let mut current = self.shared.set.write();
             let mut next = SegmentSet::clone(&current);
-            next.sealed.retain(|s| !victims.contains(&s.id));
+            let (dropped, kept) = std::mem::take(&mut next.sealed)
+                .into_iter()
+                .partition(|s| victims.contains(&s.id));
+            next.sealed = kept;
             *current = Arc::new(next);
-        }
-        self.compact_unlink(&victims)?;
+            dropped
+        };
+        self.compact_unlink(dropped)?;
         Ok(victims)
     }
 
