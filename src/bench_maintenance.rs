@@ -10,7 +10,10 @@
 //!   input bytes per second, next to the 200 MB/s target;
 //! * append latency (100-event batches, `--fsync always`, one every 5 ms)
 //!   while compaction runs, next to the same appends without it (p99): at
-//!   full speed, and again (after as many deletes) under a 16 MiB/s limit.
+//!   full speed, and again (after as many deletes) under a 16 MiB/s limit;
+//! * the same appends while size retention drops the oldest sealed
+//!   segments (about half the bytes): p99 and the slowest append, next to
+//!   those without it.
 
 use std::time::{Duration, Instant};
 
@@ -73,6 +76,31 @@ fn compact_with_appends(
             |_| {},
         );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let latencies = appender
+            .join()
+            .map_err(|_| anyhow::anyhow!("the appender panicked"))?;
+        Ok((report?, latencies?))
+    })
+}
+
+/// Applies size retention that drops the oldest sealed segments while
+/// appending at a steady pace (half a second before, and on for two
+/// seconds in all: the file system frees the blocks after the call
+/// returns); returns the report and each append's latency.
+fn retention_with_appends(
+    db: &Db,
+    max_bytes: u64,
+    seed: u64,
+) -> anyhow::Result<(crate::maintenance::RetentionReport, Vec<f64>)> {
+    let stop = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|s| {
+        let appender = s.spawn(|| paced_appends(db, seed, Duration::from_secs(2), &stop));
+        std::thread::sleep(Duration::from_millis(500));
+        let policy = crate::maintenance::RetentionPolicy {
+            max_bytes: Some(max_bytes),
+            ..Default::default()
+        };
+        let report = db.apply_retention_policy(&policy, Timestamp::now());
         let latencies = appender
             .join()
             .map_err(|_| anyhow::anyhow!("the appender panicked"))?;
@@ -162,6 +190,7 @@ pub fn maintenance(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let idle = std::sync::atomic::AtomicBool::new(true);
     let mut quiet = paced_appends(&db, 77, Duration::from_secs(3), &idle)?;
     let quiet_p99 = percentile(&mut quiet, 0.99);
+    let quiet_max = percentile(&mut quiet, 1.0);
     for (round, io_limit) in [(0u64, 0u64), (1, 16 << 20)] {
         if round == 1 {
             for source in SOURCES.iter().skip(5) {
@@ -207,6 +236,42 @@ pub fn maintenance(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             quiet_p99,
         ));
     }
+
+    // Size retention dropping the oldest sealed segments (about half the
+    // bytes) while appending: their files' blocks go back to the file
+    // system, whose journal commits every append's fsync waits for.
+    progress(opts, "retention with appends");
+    let total: u64 = db
+        .log()
+        .segments()
+        .sealed
+        .iter()
+        .map(|s| s.file_bytes())
+        .sum();
+    let (report, mut busy) = retention_with_appends(&db, total / 2, 80)?;
+    let what = format!(
+        "{} segments, {} MiB",
+        report.segments_dropped,
+        report.bytes_freed >> 20
+    );
+    figures.push(Figure::new(
+        "maintenance",
+        &format!("append p99 while retention drops {what} (100-event batches, fsync always)"),
+        n,
+        "ms_p99",
+        percentile(&mut busy, 0.99),
+        "without retention",
+        quiet_p99,
+    ));
+    figures.push(Figure::new(
+        "maintenance",
+        &format!("append max while retention drops {what} (100-event batches, fsync always)"),
+        n,
+        "ms_max",
+        percentile(&mut busy, 1.0),
+        "without retention",
+        quiet_max,
+    ));
     db.close()?;
     drop(keep_dirs);
     Ok(figures)
