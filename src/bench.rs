@@ -540,13 +540,7 @@ pub fn compression(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             done += 1000;
         }
         db.seal()?;
-        let seg_bytes: u64 = db
-            .log()
-            .segments()
-            .sealed
-            .iter()
-            .map(|s| s.file_bytes())
-            .sum();
+        let seg_bytes: u64 = db.log().segments().sealed_bytes();
         let mut lat = Vec::with_capacity(ids.len());
         for id in &ids {
             let t = Instant::now();

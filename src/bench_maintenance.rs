@@ -125,13 +125,7 @@ pub fn maintenance(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     // Snapshots.
     progress(opts, "snapshots");
     let segments = db.log().segments().sealed.len();
-    let bytes: u64 = db
-        .log()
-        .segments()
-        .sealed
-        .iter()
-        .map(|s| s.file_bytes())
-        .sum();
+    let bytes: u64 = db.log().segments().sealed_bytes();
     let mut snap_ms = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
@@ -241,13 +235,7 @@ pub fn maintenance(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     // bytes) while appending: their files' blocks go back to the file
     // system, whose journal commits every append's fsync waits for.
     progress(opts, "retention with appends");
-    let total: u64 = db
-        .log()
-        .segments()
-        .sealed
-        .iter()
-        .map(|s| s.file_bytes())
-        .sum();
+    let total: u64 = db.log().segments().sealed_bytes();
     let (report, mut busy) = retention_with_appends(&db, total / 2, 80)?;
     let what = format!(
         "{} segments, {} MiB",

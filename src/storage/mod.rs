@@ -388,6 +388,11 @@ impl SegmentSet {
         self.iter().map(|s| u64::from(s.rows())).sum()
     }
 
+    /// Bytes of the sealed segments' files.
+    pub fn sealed_bytes(&self) -> u64 {
+        self.sealed.iter().map(|s| s.file_bytes()).sum()
+    }
+
     /// The largest segment id in the set.
     pub fn max_id(&self) -> u64 {
         self.iter().map(|s| s.id()).max().unwrap_or(0)
