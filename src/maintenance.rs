@@ -328,19 +328,25 @@ impl Db {
             }
         }
         if !victims.is_empty() {
-            let _no_deletes = self.delete_lock().lock();
-            report.bytes_freed = set
-                .sealed
-                .iter()
-                .filter(|s| victims.contains(&s.id))
-                .map(|s| s.file_bytes())
-                .sum();
-            // Let go of the victims first: a segment nobody holds has its
-            // file given back in steps (`Log::compact_unlink`).
-            drop(set);
-            let dropped = self.log().drop_sealed(&victims)?;
-            self.indexes().forget(&dropped);
-            report.segments_dropped = dropped.len();
+            let dropped = {
+                let _no_deletes = self.delete_lock().lock();
+                report.bytes_freed = set
+                    .sealed
+                    .iter()
+                    .filter(|s| victims.contains(&s.id))
+                    .map(|s| s.file_bytes())
+                    .sum();
+                // Let go of the victims: a segment nobody holds has its
+                // file given back in steps (`Log::compact_unlink`).
+                drop(set);
+                self.log().drop_sealed(&victims)?
+            };
+            let ids: Vec<u64> = dropped.iter().map(|s| s.id).collect();
+            self.indexes().forget(&ids);
+            report.segments_dropped = ids.len();
+            // Outside the delete lock: a delete need not wait for the
+            // steps' syncs.
+            self.log().compact_unlink(dropped)?;
         }
         if report.segments_dropped > 0 || report.events_deleted > 0 {
             tracing::info!(

@@ -676,12 +676,13 @@ impl Log {
     }
 
     /// Drops the sealed segments `ids` (retention): the catalog forgets
-    /// them in one durable transaction (with their tombstones), readers
-    /// stop seeing them, then their files are unlinked (a reader that still
-    /// holds one keeps its mapping). A crash between the commit and the
-    /// unlink leaves files that recovery removes. Returns the dropped ids
-    /// (those of `ids` that were sealed segments).
-    pub fn drop_sealed(&self, ids: &[u64]) -> Result<Vec<u64>, StorageError> {
+    /// them in one durable transaction (with their tombstones) and readers
+    /// stop seeing them. Returns the dropped segments (those of `ids` that
+    /// were sealed), whose files the caller then unlinks with
+    /// [`Log::compact_unlink`] (it may first let go of its locks: giving
+    /// the blocks back takes a sync per step). Files left behind, by a
+    /// crash or a caller that did not unlink, are removed by recovery.
+    pub fn drop_sealed(&self, ids: &[u64]) -> Result<Vec<Arc<SealedSegment>>, StorageError> {
         self.shared.check_poisoned()?;
         let victims: Vec<u64> = self
             .segments()
@@ -691,7 +692,7 @@ impl Log {
             .map(|s| s.id)
             .collect();
         if victims.is_empty() {
-            return Ok(victims);
+            return Ok(Vec::new());
         }
         let changes: Vec<(u64, Option<catalog::SegmentMeta>)> =
             victims.iter().map(|id| (*id, None)).collect();
@@ -706,8 +707,7 @@ impl Log {
             *current = Arc::new(next);
             dropped
         };
-        self.compact_unlink(dropped)?;
-        Ok(victims)
+        Ok(dropped)
     }
 
     /// Bytes of memory the id filter of sealed segments holds.
