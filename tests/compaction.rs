@@ -187,18 +187,15 @@ fn inputs_leave_the_directory_and_a_reader_holding_one_reads_on() {
     assert_eq!(db.stats(&Query::default()).unwrap().total, 0);
 }
 
-/// A snapshot hard-links the segments it holds: compaction and retention
-/// removing them from the store must leave the snapshot's files whole.
-#[test]
-fn a_snapshot_keeps_its_segments_whole_through_compaction_and_retention() {
-    let dir = tempfile::tempdir().unwrap();
-    // Segments of several MiB (past the step in which files are given
-    // back), stored uncompressed: 160 events a segment with 32 KiB each.
+/// Uncompressed segments of several MiB each (past the step in which
+/// removed files are given back): `segments` of 160 events with 32 KiB
+/// of data each.
+fn big_store(dir: &std::path::Path, segments: u32) -> (Db, Config) {
     let mut c = config();
     c.storage.compression = evdb::storage::Compression::None;
-    let db = Db::open(dir.path(), c.clone()).unwrap();
+    let db = Db::open(dir, c.clone()).unwrap();
     let pad = "x".repeat(32 << 10);
-    for s in 0..3 {
+    for s in 0..segments {
         let batch = (s * 160..(s + 1) * 160)
             .map(|i| {
                 let mut e = event(i);
@@ -209,7 +206,43 @@ fn a_snapshot_keeps_its_segments_whole_through_compaction_and_retention() {
         db.append_batch(batch).unwrap();
         db.seal().unwrap();
     }
-    assert!(seg_bytes(&db) > 3 * (4 << 20), "{}", seg_bytes(&db));
+    assert!(seg_bytes(&db) > u64::from(segments) * (4 << 20));
+    (db, c)
+}
+
+/// An input no reader maps is given back in steps: unlinked, then cut
+/// down to at most one step (seen through a plain file handle, which
+/// does not count as a reader of the store).
+#[test]
+fn an_input_nobody_maps_is_truncated_after_its_unlink() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _) = big_store(dir.path(), 2);
+    let handles: Vec<std::fs::File> = seg_files(dir.path())
+        .iter()
+        .map(|n| std::fs::File::open(dir.path().join("segments").join(n)).unwrap())
+        .collect();
+    assert_eq!(handles.len(), 2);
+    db.delete_matching(&Query {
+        severity: Some(Severity::Error),
+        ..Query::default()
+    })
+    .unwrap();
+    assert_eq!(db.compact(&force(), |_| {}).unwrap().segments_in, 2);
+    for h in &handles {
+        let meta = h.metadata().unwrap();
+        assert_eq!(meta.nlink(), 0, "unlinked");
+        assert!(meta.len() <= 4 << 20, "truncated in steps: {}", meta.len());
+    }
+    assert_eq!(db.stats(&Query::default()).unwrap().total, 320 - 107);
+}
+
+/// A snapshot hard-links the segments it holds: compaction and retention
+/// removing them from the store must leave the snapshot's files whole.
+#[test]
+fn a_snapshot_keeps_its_segments_whole_through_compaction_and_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, c) = big_store(dir.path(), 3);
     let snap = db.snapshot().unwrap();
     db.delete_matching(&Query {
         severity: Some(Severity::Error),
