@@ -497,3 +497,102 @@ fn the_tail_gets_the_stored_events_of_a_batch_and_nothing_else() {
     assert_eq!(got, want);
     db.close().unwrap();
 }
+
+/// Holds every seal until the test lets it go (or for at most 10 s, so a
+/// failing test still ends), so a rolled segment stays open (neither
+/// active nor sealed) for as long as the test needs.
+struct HeldSeals(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl evdb::storage::SealHook for HeldSeals {
+    fn sealed(&self, _: &evdb::storage::SealedSegment) -> Result<(), String> {
+        let _ = self
+            .0
+            .lock()
+            .unwrap()
+            .recv_timeout(std::time::Duration::from_secs(10));
+        Ok(())
+    }
+}
+
+#[test]
+fn an_id_is_a_duplicate_in_the_active_a_rolled_and_a_sealed_segment() {
+    use evdb::storage::{Appended, Log, Prepared, StorageConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let (release, held) = std::sync::mpsc::channel();
+    let config = StorageConfig {
+        segment_size_bytes: 64 * 1024,
+        ..StorageConfig::default()
+    };
+    let log = Log::open_with(
+        dir.path(),
+        config,
+        Arc::new(evdb::storage::dir::RealFs),
+        Some(Arc::new(HeldSeals(std::sync::Mutex::new(held)))),
+    )
+    .unwrap();
+    let append = |events: &[Event]| {
+        let mut prepared = Prepared::with_capacity(events.len());
+        for e in events {
+            prepared.push(e, 1 << 20).unwrap();
+        }
+        log.append_staged(prepared, || (), |_, _| {}).unwrap().0
+    };
+    let stored_at = |out: &[Appended]| -> Vec<_> {
+        out.iter()
+            .map(|a| match a {
+                Appended::Stored(p) => *p,
+                Appended::Duplicate(p) => panic!("{p:?} is not new"),
+            })
+            .collect()
+    };
+    // More than a segment: the group rolls the log, whose seal is held.
+    let first = events(300, 11);
+    let first_at = stored_at(&append(&first));
+    let second = events(20, 12);
+    let second_at = stored_at(&append(&second));
+    let set = log.segments();
+    assert_eq!(
+        set.sealing.len(),
+        1,
+        "the first segment is rolled, unsealed"
+    );
+    assert!(set.sealed.is_empty());
+    assert!(first_at.iter().all(|p| p.segment == set.sealing[0].id));
+    assert!(second_at.iter().all(|p| p.segment == set.active.id));
+    drop(set);
+
+    // Ids of the rolled and the active segment, mixed with new ones, in
+    // runs longer than the writer reads ahead at a time.
+    let fresh = events(200, 13);
+    let mut mixed = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..200 {
+        let (e, dup) = match i % 3 {
+            0 => (first[i].clone(), Some(first_at[i])),
+            1 => (second[i % 20].clone(), Some(second_at[i % 20])),
+            _ => (fresh[i].clone(), None),
+        };
+        mixed.push(e);
+        expected.push(dup);
+    }
+    let out = append(&mixed);
+    for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+        match (got, want) {
+            (Appended::Duplicate(p), Some(q)) => assert_eq!(p, q, "event {i}"),
+            (Appended::Stored(_), None) => {}
+            _ => panic!("event {i}: {got:?}, expected a duplicate at {want:?}"),
+        }
+    }
+
+    // Once sealed, the same ids are found through the filter.
+    for _ in 0..16 {
+        release.send(()).unwrap();
+    }
+    log.seal().unwrap();
+    assert!(!log.segments().sealed.is_empty());
+    let again = append(&first[..50]);
+    for (i, got) in again.iter().enumerate() {
+        assert_eq!(got, &Appended::Duplicate(first_at[i]), "sealed event {i}");
+    }
+    log.close().unwrap();
+}

@@ -64,6 +64,12 @@ impl OpenRows {
         (offset, end)
     }
 
+    /// Reads the id table where a lookup of `hash` starts (a warm-up: see
+    /// [`IdTable::home_slot`]).
+    pub fn touch_id(&self, hash: IdHash) -> u64 {
+        self.ids.home_slot(hash)
+    }
+
     /// The rows whose id hash may be `hash` (callers compare the ids).
     pub fn rows_with_hash(&self, hash: IdHash) -> impl Iterator<Item = u32> + '_ {
         self.ids.rows(hash)

@@ -195,6 +195,14 @@ impl IdTable {
         }
     }
 
+    /// The slot a lookup of `hash` reads first. Reading it for a run of
+    /// ids before looking them up lets their cache misses overlap: a
+    /// lookup of a segment-sized table otherwise waits for memory on
+    /// every id (`Writer::append_group`).
+    pub fn home_slot(&self, hash: IdHash) -> u64 {
+        self.slots[self.home((hash.0 >> 32) as u32)]
+    }
+
     /// The rows whose id hash may be `hash`, in no particular order.
     pub fn rows(&self, hash: IdHash) -> impl Iterator<Item = u32> + '_ {
         let fingerprint = (hash.0 >> 32) as u32;
@@ -277,6 +285,13 @@ impl IdFilter {
             self.words[base + (bit / 64) as usize] |= 1 << (bit % 64);
         }
         self.len += 1;
+    }
+
+    /// The first word of the block `hash` maps to (the block is one
+    /// cache line): read ahead of [`IdFilter::may_contain`] like
+    /// [`IdTable::home_slot`].
+    pub fn block_word(&self, hash: IdHash) -> u64 {
+        self.words[self.probes(hash).0]
     }
 
     pub fn may_contain(&self, hash: IdHash) -> bool {

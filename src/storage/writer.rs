@@ -24,6 +24,48 @@ use super::{
 };
 use crate::limits;
 
+/// Ids whose table slots are read ahead at a time (see [`warm_id_lookups`]).
+const WARM_RUN: usize = 128;
+
+/// Reads, for up to [`WARM_RUN`] events of the group from `(request,
+/// event)` on, the cache lines their id checks will look at first: the
+/// active segment's id table, each rolled segment's and the id filter.
+/// These are tables of a segment's size and more, so each lookup misses
+/// the cache; read in a tight loop of independent loads, the misses of a
+/// run overlap instead of stalling the checks one id at a time (a profile
+/// of one caller's batches had 30 % of the writer's CPU on the first read
+/// of the active segment's table). Returns where the next run starts (past
+/// requests without events).
+fn warm_id_lookups(
+    set: &SegmentSet,
+    filter: &IdFilter,
+    active: &OpenRows,
+    appends: &[PendingAppend],
+    (mut r, mut e): (usize, usize),
+) -> (usize, usize) {
+    let rolled: Vec<_> = set.sealing.iter().map(|s| s.rows.read()).collect();
+    let mut warm = 0u64;
+    let mut left = WARM_RUN;
+    while let Some((events, _)) = appends.get(r) {
+        if e == events.len() {
+            (r, e) = (r + 1, 0);
+            continue;
+        }
+        if left == 0 {
+            break;
+        }
+        let hash = events.items[e].hash;
+        warm ^= active.touch_id(hash) ^ filter.block_word(hash);
+        for rows in &rolled {
+            warm ^= rows.touch_id(hash);
+        }
+        e += 1;
+        left -= 1;
+    }
+    std::hint::black_box(warm);
+    (r, e)
+}
+
 pub(crate) enum Control {
     Sync,
     Roll,
@@ -297,8 +339,17 @@ impl Writer {
         // Newest first, the active segment (checked by the caller) skipped:
         // rolled segments, then sealed ones, which the filter can rule out.
         for seg in set.iter().rev().skip(1) {
-            if matches!(seg, SegmentRef::Sealed(_)) && !in_sealed {
-                break;
+            match seg {
+                SegmentRef::Sealed(_) if !in_sealed => break,
+                // Most ids are new: rule a rolled segment out without
+                // collecting its candidates.
+                SegmentRef::Open(open) => {
+                    let visible = open.visible_rows();
+                    if !open.rows.read().rows_with_hash(hash).any(|r| r < visible) {
+                        continue;
+                    }
+                }
+                SegmentRef::Sealed(_) => {}
             }
             if let Some((pos, _)) = super::find_id_in(set, seg, id, hash)? {
                 return Ok(Some(pos));
@@ -327,9 +378,14 @@ impl Writer {
         {
             let filter = self.shared.filter.lock();
             let mut rows = self.active.rows.write();
+            // The first event of the group whose lookups are not warmed.
+            let mut warmed_to = (0, 0);
             for (r, (events, _)) in appends.iter().enumerate() {
                 let mut out = Vec::with_capacity(events.len());
                 for e in 0..events.len() {
+                    if (r, e) >= warmed_to {
+                        warmed_to = warm_id_lookups(&set, &filter, &rows, appends, (r, e));
+                    }
                     let item = events.items[e];
                     let id = events.id(e);
                     let mut dup = None;
