@@ -468,12 +468,25 @@ impl Db {
     pub fn append_batch(&self, events: Vec<Event>) -> Result<Vec<AppendOutcome>, DbError> {
         self.space.check()?;
         let (outcomes, prepared) = self.prepare(&events)?;
-        let (appended, terms, staged) = self.log.append_staged(
-            prepared,
-            || valid_terms(&events, &outcomes),
-            |terms, positions| self.index_stored(terms, positions, false),
-        )?;
-        self.make_visible(terms, &appended, staged);
+        let mut pending = self.log.submit_blocking(prepared)?;
+        let terms = valid_terms(&events, &outcomes);
+        let (appended, events) = match pending.staged() {
+            Some(positions) => {
+                self.index_stored(&terms, &positions, false);
+                drop(terms);
+                // Freed while the writer syncs, not after.
+                let events = self.keep_for_tail(events);
+                let appended = pending.done()?;
+                self.commit_staged(&appended);
+                (appended, events)
+            }
+            None => {
+                let appended = pending.done()?;
+                self.index_stored(&terms, &appended, true);
+                drop(terms);
+                (appended, Some(events))
+            }
+        };
         self.finish(events, outcomes, appended)
     }
 
@@ -487,12 +500,7 @@ impl Db {
         self.space.check()?;
         let (outcomes, prepared) = self.prepare(&events)?;
         let pending = self.log.submit_staged(prepared)?;
-        let terms = valid_terms(&events, &outcomes);
-        let (appended, staged) = pending
-            .wait(|positions| self.index_stored(&terms, positions, false))
-            .await?;
-        self.make_visible(terms, &appended, staged);
-        self.finish(events, outcomes, appended)
+        self.await_stored(pending, events, outcomes).await
     }
 
     /// [`Db::append_batch_async`] on a task of its own, so that an append
@@ -518,18 +526,55 @@ impl Db {
         let (outcomes, prepared) = self.prepare(&events)?;
         let pending = self.log.submit_staged(prepared)?;
         let db = Arc::clone(self);
-        let task = tokio::spawn(async move {
-            let terms = valid_terms(&events, &outcomes);
-            let (appended, staged) = pending
-                .wait(|positions| db.index_stored(&terms, positions, false))
-                .await?;
-            db.make_visible(terms, &appended, staged);
-            db.finish(events, outcomes, appended)
-        });
+        let task = tokio::spawn(async move { db.await_stored(pending, events, outcomes).await });
         Ok(Box::pin(async move {
             task.await
                 .map_err(|e| DbError::Unavailable(format!("the append task stopped: {e}")))?
         }))
+    }
+
+    /// The rest of an async append once the writer has it: indexes the
+    /// batch while it is synced, frees the events meanwhile when the tail
+    /// does not need them, and makes it visible and published once it is
+    /// durable.
+    async fn await_stored(
+        &self,
+        mut pending: storage::PendingAppend,
+        events: Vec<Event>,
+        outcomes: Vec<Option<AppendOutcome>>,
+    ) -> Result<Vec<AppendOutcome>, DbError> {
+        let terms = valid_terms(&events, &outcomes);
+        let (appended, events) = match pending.staged().await {
+            Some(positions) => {
+                self.index_stored(&terms, &positions, false);
+                drop(terms);
+                let events = self.keep_for_tail(events);
+                let appended = pending.done().await?;
+                self.commit_staged(&appended);
+                (appended, events)
+            }
+            None => {
+                let appended = pending.done().await?;
+                self.index_stored(&terms, &appended, true);
+                drop(terms);
+                (appended, Some(events))
+            }
+        };
+        self.finish(events, outcomes, appended)
+    }
+
+    /// The batch's events while the tail has subscribers (it publishes
+    /// them once they are durable); freed now otherwise, while the
+    /// writer syncs them, and read back from the log by
+    /// [`Db::publish_stored`] for a subscriber that joins before they
+    /// are published.
+    fn keep_for_tail(&self, events: Vec<Event>) -> Option<Vec<Event>> {
+        if self.tail.has_subscribers() {
+            Some(events)
+        } else {
+            drop(events);
+            None
+        }
     }
 
     /// Validates and encodes a batch: `None` for each event to store, the
@@ -557,16 +602,12 @@ impl Db {
         Ok((outcomes, prepared))
     }
 
-    /// Makes what the writer stored visible to queries: commits what was
-    /// staged while the writer synced (`staged`), or indexes it now.
-    fn make_visible(&self, terms: BatchTerms<'_>, appended: &[Appended], staged: bool) {
-        if staged {
-            for (segment, rows) in rows_by_segment(appended) {
-                let rows: Vec<u32> = rows.into_iter().flatten().collect();
-                self.indexes.commit(segment, &rows);
-            }
-        } else {
-            self.index_stored(&terms, appended, true);
+    /// Makes what the writer stored, indexed while it synced (staged),
+    /// visible to queries.
+    fn commit_staged(&self, appended: &[Appended]) {
+        for (segment, rows) in rows_by_segment(appended) {
+            let rows: Vec<u32> = rows.into_iter().flatten().collect();
+            self.indexes.commit(segment, &rows);
         }
     }
 
@@ -574,7 +615,7 @@ impl Db {
     /// event.
     fn finish(
         &self,
-        events: Vec<Event>,
+        events: Option<Vec<Event>>,
         outcomes: Vec<Option<AppendOutcome>>,
         appended: Vec<Appended>,
     ) -> Result<Vec<AppendOutcome>, DbError> {
@@ -619,20 +660,25 @@ impl Db {
     /// Hands the stored events to the live tail, as runs of consecutive
     /// arrival numbers. Without subscribers only the runs go (the hub
     /// keeps counting arrivals), and the events are not walked at all.
+    /// `events` is the batch (`None` when it was freed because nobody
+    /// listened then): a subscriber that has joined since gets the stored
+    /// events read back from the log.
     fn publish_stored(
         &self,
-        events: Vec<Event>,
+        events: Option<Vec<Event>>,
         outcomes: &[Option<AppendOutcome>],
         appended: &[Appended],
     ) {
         let set = self.log.segments();
-        let mut valid = self.tail.has_subscribers().then(|| {
+        let listening = self.tail.has_subscribers();
+        let mut valid = events.filter(|_| listening).map(|events| {
             events
                 .into_iter()
                 .zip(outcomes)
                 .filter(|(_, o)| o.is_none())
                 .map(|(e, _)| e)
         });
+        let mut reader = (listening && valid.is_none()).then(|| RowReader::new(set.clone()));
         let mut run: Option<(u64, u64, Vec<Arc<Event>>)> = None;
         // The segment of the previous event and its first arrival number.
         let mut segment: Option<(u64, u64)> = None;
@@ -640,6 +686,22 @@ impl Db {
             let event = valid.as_mut().and_then(Iterator::next);
             let Appended::Stored(pos) = outcome else {
                 continue;
+            };
+            let event = match (event, reader.as_mut()) {
+                (Some(e), _) => Some(e),
+                (None, Some(reader)) => match reader.event(*pos) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(
+                            segment = pos.segment,
+                            row = pos.row,
+                            error = %e,
+                            "a stored event could not be read back for the live tail"
+                        );
+                        None
+                    }
+                },
+                (None, None) => None,
             };
             let first_seq = match segment {
                 Some((id, first_seq)) if id == pos.segment => first_seq,

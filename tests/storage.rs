@@ -498,6 +498,105 @@ fn the_tail_gets_the_stored_events_of_a_batch_and_nothing_else() {
     db.close().unwrap();
 }
 
+/// A log whose next sync, once armed, tells the test it has begun and
+/// waits until the test lets it go (or for at most 10 s, so a failing
+/// test still ends).
+#[derive(Clone)]
+struct HeldSync(Arc<HeldSyncState>);
+
+struct HeldSyncState {
+    armed: std::sync::atomic::AtomicBool,
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+struct HeldSyncLog {
+    inner: Box<dyn evdb::storage::dir::LogFile>,
+    state: Arc<HeldSyncState>,
+}
+
+impl evdb::storage::dir::LogFile for HeldSyncLog {
+    fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.append(buf)
+    }
+
+    fn append_all(&mut self, bufs: &[&[u8]]) -> std::io::Result<()> {
+        self.inner.append_all(bufs)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self
+            .state
+            .armed
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            let _ = self.state.entered.lock().unwrap().send(());
+            let _ = self
+                .state
+                .release
+                .lock()
+                .unwrap()
+                .recv_timeout(std::time::Duration::from_secs(10));
+        }
+        self.inner.sync()
+    }
+}
+
+impl evdb::storage::dir::FileSystem for HeldSync {
+    fn open_log(
+        &self,
+        path: &std::path::Path,
+        end: u64,
+    ) -> std::io::Result<Box<dyn evdb::storage::dir::LogFile>> {
+        Ok(Box::new(HeldSyncLog {
+            inner: evdb::storage::dir::RealFs.open_log(path, end)?,
+            state: self.0.clone(),
+        }))
+    }
+}
+
+/// A batch's events are freed while the writer syncs them when nobody
+/// listens. A subscriber that joins during that sync still gets them,
+/// whole and in order, once they are acknowledged: they are read back
+/// from the log.
+#[test]
+fn a_subscriber_that_joins_while_a_batch_is_synced_gets_it() {
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let fs = HeldSync(Arc::new(HeldSyncState {
+        armed: std::sync::atomic::AtomicBool::new(false),
+        entered: std::sync::Mutex::new(entered_tx),
+        release: std::sync::Mutex::new(release_rx),
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(Db::open_with(dir.path(), small_config(), Arc::new(fs.clone())).unwrap());
+    assert_eq!(stored(&db.append_batch(events(40, 31)).unwrap()), 40);
+    let batch = events(60, 32);
+    fs.0.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writer = {
+        let db = db.clone();
+        let batch = batch.clone();
+        std::thread::spawn(move || db.append_batch(batch).unwrap())
+    };
+    entered
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the batch's sync began");
+    // The caller indexes the batch and frees its events while the sync
+    // is held; give it ample time to get there.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut sub = db.subscribe(evdb::tail::TailFilter::default());
+    release.send(()).unwrap();
+    assert_eq!(stored(&writer.join().unwrap()), 60);
+    let mut got = Vec::new();
+    while let Some(e) = sub.try_next().unwrap() {
+        got.push((*e).clone());
+    }
+    let ids = |events: &[Event]| events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&got), ids(&batch));
+    assert!(got == batch, "the tail's events differ from those stored");
+    db.close().unwrap();
+}
+
 /// Holds every seal until the test lets it go (or for at most 10 s, so a
 /// failing test still ends), so a rolled segment stays open (neither
 /// active nor sealed) for as long as the test needs.

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 use parking_lot::{Mutex, RwLock};
 
 pub use active::OpenSegment;
@@ -207,29 +207,62 @@ pub struct PendingAppend(Option<Replies>);
 /// written), and its outcome (once durable).
 #[derive(Debug)]
 struct Replies {
-    staged: tokio::sync::oneshot::Receiver<Vec<Appended>>,
+    /// Taken by the first call of [`PendingAppend::staged`].
+    staged: Option<tokio::sync::oneshot::Receiver<Vec<Appended>>>,
     done: tokio::sync::oneshot::Receiver<Result<Vec<Appended>, StorageError>>,
 }
 
 impl PendingAppend {
-    /// Calls `on_staged` with the rows' positions once they are written
-    /// (before they are durable, when the writer says so), then waits
-    /// until they are durable. Returns the positions and whether
-    /// `on_staged` was called.
-    pub async fn wait(
-        self,
-        on_staged: impl FnOnce(&[Appended]),
-    ) -> Result<(Vec<Appended>, bool), StorageError> {
-        let Some(Replies { staged, done }) = self.0 else {
-            return Ok((Vec::new(), false));
-        };
-        let staged = staged.await.ok();
-        let called = staged.is_some();
-        if let Some(positions) = staged {
-            on_staged(&positions);
+    /// Waits until the rows are written and returns their positions
+    /// (before they are durable), when the writer says so: under
+    /// `--fsync always`, while it syncs them. `None` when it does not (or
+    /// on a second call); the outcome is then only known from
+    /// [`PendingAppend::done`].
+    pub async fn staged(&mut self) -> Option<Vec<Appended>> {
+        // The writer sends the positions or drops the sender, at the
+        // latest with the final outcome.
+        self.0.as_mut()?.staged.take()?.await.ok()
+    }
+
+    /// Waits until the rows are durable; one outcome per event.
+    pub async fn done(self) -> Result<Vec<Appended>, StorageError> {
+        match self.0 {
+            None => Ok(Vec::new()),
+            Some(r) => r.done.await.map_err(|_| StorageError::Closed)?,
         }
-        let outcomes = done.await.map_err(|_| StorageError::Closed)??;
-        Ok((outcomes, called))
+    }
+}
+
+/// An append handed to the writer by [`Log::submit_blocking`], not yet
+/// answered.
+#[derive(Debug)]
+pub struct BlockingAppend(Option<BlockingReplies>);
+
+#[derive(Debug)]
+struct BlockingReplies {
+    /// Taken by the first call of [`BlockingAppend::staged`].
+    staged: Option<Receiver<Vec<Appended>>>,
+    done: Receiver<Result<Vec<Appended>, StorageError>>,
+}
+
+impl BlockingAppend {
+    /// Waits until the rows are written and returns their positions
+    /// (before they are durable), when the writer says so: under
+    /// `--fsync always`, while it syncs them. `None` when it does not (or
+    /// on a second call); the outcome is then only known from
+    /// [`BlockingAppend::done`].
+    pub fn staged(&mut self) -> Option<Vec<Appended>> {
+        // The writer sends the positions or drops the sender, at the
+        // latest with the final outcome.
+        self.0.as_mut()?.staged.take()?.recv().ok()
+    }
+
+    /// Waits until the rows are acknowledged; one outcome per event.
+    pub fn done(self) -> Result<Vec<Appended>, StorageError> {
+        match self.0 {
+            None => Ok(Vec::new()),
+            Some(r) => r.done.recv().map_err(|_| StorageError::Closed)?,
+        }
     }
 }
 
@@ -557,16 +590,33 @@ impl Log {
     /// stored rows are not visible yet: the caller may index them before
     /// they are durable, and must make them visible only after this
     /// returns `Ok`. Returns the outcomes, the value of `meanwhile` and
-    /// whether `on_staged` was called.
+    /// whether `on_staged` was called. [`Log::submit_blocking`] gives the
+    /// same steps one at a time.
     pub fn append_staged<T>(
         &self,
         events: Prepared,
         meanwhile: impl FnOnce() -> T,
         on_staged: impl FnOnce(&T, &[Appended]),
     ) -> Result<(Vec<Appended>, T, bool), StorageError> {
+        let mut pending = self.submit_blocking(events)?;
+        let value = meanwhile();
+        let staged = pending.staged();
+        let called = staged.is_some();
+        if let Some(positions) = staged {
+            on_staged(&value, &positions);
+        }
+        Ok((pending.done()?, value, called))
+    }
+
+    /// Hands `events` to the writer now, for callers that block their
+    /// thread: [`BlockingAppend::staged`] then waits until they are
+    /// written, and [`BlockingAppend::done`] until they are acknowledged
+    /// (the steps of [`Log::append_staged`], for a caller that wants to
+    /// do more between them than one closure can borrow).
+    pub fn submit_blocking(&self, events: Prepared) -> Result<BlockingAppend, StorageError> {
         self.shared.check_poisoned()?;
         if events.is_empty() {
-            return Ok((Vec::new(), meanwhile(), false));
+            return Ok(BlockingAppend(None));
         }
         let (done, rx) = bounded(1);
         let (staged_tx, staged_rx) = bounded(1);
@@ -577,16 +627,10 @@ impl Log {
         self.sender()?
             .send(writer::Command::Append { events, reply })
             .map_err(|_| StorageError::Closed)?;
-        let value = meanwhile();
-        // The writer sends the positions or drops the sender, at the
-        // latest with the final outcome.
-        let staged = staged_rx.recv().ok();
-        let called = staged.is_some();
-        if let Some(positions) = staged {
-            on_staged(&value, &positions);
-        }
-        let outcomes = rx.recv().map_err(|_| StorageError::Closed)??;
-        Ok((outcomes, value, called))
+        Ok(BlockingAppend(Some(BlockingReplies {
+            staged: Some(staged_rx),
+            done: rx,
+        })))
     }
 
     /// Hands `events` to the writer now, for async callers (the task then
@@ -610,7 +654,7 @@ impl Log {
             .send(writer::Command::Append { events, reply })
             .map_err(|_| StorageError::Closed)?;
         Ok(PendingAppend(Some(Replies {
-            staged: staged_rx,
+            staged: Some(staged_rx),
             done: rx,
         })))
     }
