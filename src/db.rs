@@ -569,12 +569,7 @@ impl Db {
     /// [`Db::publish_stored`] for a subscriber that joins before they
     /// are published.
     fn keep_for_tail(&self, events: Vec<Event>) -> Option<Vec<Event>> {
-        if self.tail.has_subscribers() {
-            Some(events)
-        } else {
-            drop(events);
-            None
-        }
+        self.tail.has_subscribers().then_some(events)
     }
 
     /// Validates and encodes a batch: `None` for each event to store, the
