@@ -639,7 +639,7 @@ impl Db {
     /// Indexes the stored events of a batch before its caller is answered,
     /// so an acknowledged event is visible to queries at once: visible at
     /// once, or (`visible` false, while the writer syncs them) staged for
-    /// [`Db::make_visible`] to make visible once they are durable.
+    /// [`Db::commit_staged`] to make visible once they are durable.
     /// `terms` holds the batch's valid events, one per entry of `appended`.
     fn index_stored(&self, terms: &BatchTerms<'_>, appended: &[Appended], visible: bool) {
         let set = self.log.segments();
