@@ -113,14 +113,12 @@ fn open_log(dir: &Path, id: u64, first_seq: u64) -> Result<OpenSegment, StorageE
         end: segment::HEADER_SIZE as u64,
         ..OpenRows::default()
     };
-    for (i, &offset) in scan.offsets.iter().enumerate() {
-        let end = scan.offsets.get(i + 1).copied().unwrap_or(scan.valid_len);
-        let (frame, _) =
-            super::frame::decode_salted(&map[offset as usize..end as usize], scan.salt)
-                .map_err(|e| StorageError::corrupted(id, offset, e.to_string()))?;
-        let (event_id, ts) = peek_id_and_timestamp(frame.payload)
-            .map_err(|e| StorageError::corrupted(id, offset, e.to_string()))?;
-        rows.push(offset, end - offset, hash_id(event_id), ts);
+    for (offset, len, payload) in scan.frames(&map) {
+        let corrupted =
+            |e: &dyn std::fmt::Display| StorageError::corrupted(id, offset, e.to_string());
+        let payload = payload.map_err(|e| corrupted(&e))?;
+        let (event_id, ts) = peek_id_and_timestamp(payload).map_err(|e| corrupted(&e))?;
+        rows.push(offset, len, hash_id(event_id), ts);
     }
     drop(map);
     if scan.valid_len < len {

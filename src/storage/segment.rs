@@ -258,6 +258,31 @@ pub struct LogScan {
     pub stale_from: Option<u64>,
 }
 
+impl LogScan {
+    /// Each frame the scan found in `bytes` (the file it scanned): its
+    /// offset, its length and its payload, decoded again.
+    pub fn frames<'a>(
+        &'a self,
+        bytes: &'a [u8],
+    ) -> impl Iterator<Item = (u64, u64, Result<&'a [u8], FrameError>)> + 'a {
+        self.offsets.iter().enumerate().map(move |(i, &offset)| {
+            let end = self.offsets.get(i + 1).copied().unwrap_or(self.valid_len);
+            let payload = bytes
+                .get(offset as usize..end as usize)
+                .ok_or(FrameError::Truncated {
+                    needed: end as usize,
+                    available: bytes.len(),
+                })
+                .and_then(|slice| frame::decode_salted(slice, self.salt))
+                .map(|(frame, used)| {
+                    debug_assert_eq!(used as u64, end - offset, "the scan's frame length");
+                    frame.payload
+                });
+            (offset, end - offset, payload)
+        })
+    }
+}
+
 /// Scans the frames of a log file's bytes (header included).
 pub fn scan_log(bytes: &[u8], segment: u64) -> Result<LogScan, &'static str> {
     let salt = decode_log_header(bytes, segment)?;
@@ -1397,8 +1422,9 @@ impl Block {
 }
 
 /// Scans an active log held in `data` as recovery does: the header (its
-/// segment id taken from the bytes), every frame up to the first bad one,
-/// and each frame's event id and timestamp, then the whole record. The
+/// segment id taken from the bytes), every frame up to the first bad one
+/// ([`LogScan::frames`]), and each frame's event id and timestamp, then
+/// the whole record. The
 /// entry point of the `log_scan` fuzz target and of the arbitrary-bytes
 /// property test. Returns the frames read.
 pub fn fuzz_log(data: &[u8]) -> Result<usize, &'static str> {
@@ -1408,16 +1434,10 @@ pub fn fuzz_log(data: &[u8]) -> Result<usize, &'static str> {
         0
     };
     let scan = scan_log(data, id)?;
-    for (i, &offset) in scan.offsets.iter().enumerate() {
-        let end = scan.offsets.get(i + 1).copied().unwrap_or(scan.valid_len);
-        let slice = data
-            .get(offset as usize..end as usize)
-            .ok_or("a frame offset past the scanned length")?;
-        let (frame, used) = frame::decode_salted(slice, scan.salt)
-            .map_err(|_| "a scanned frame fails to decode")?;
-        assert_eq!(used, slice.len(), "a scanned frame's length disagrees");
-        if peek_id_and_timestamp(frame.payload).is_ok() {
-            let _ = super::record::decode(frame.payload);
+    for (_, _, payload) in scan.frames(data) {
+        let payload = payload.map_err(|_| "a scanned frame fails to decode")?;
+        if peek_id_and_timestamp(payload).is_ok() {
+            let _ = super::record::decode(payload);
         }
     }
     Ok(scan.offsets.len())
