@@ -536,7 +536,7 @@ impl Log {
         hook: Option<Arc<dyn SealHook>>,
     ) -> Result<Log, StorageError> {
         config.check()?;
-        let recovered = recovery::recover(dir, &config, fs.as_ref())?;
+        let recovered = recovery::recover(dir)?;
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             config,

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use super::active::{OpenRows, OpenSegment};
 use super::catalog::{Catalog, SegmentMeta, SegmentState};
-use super::dir::{FileSystem, sync_dir};
+use super::dir::sync_dir;
 use super::ids::{hash_id, peek_id_and_timestamp};
 use super::segment::{self, SealedSegment};
-use super::{SegmentSet, StorageConfig, StorageError, segment_path};
+use super::{SegmentSet, StorageError, segment_path};
 
 pub(crate) struct Recovered {
     pub lock: File,
@@ -159,13 +159,8 @@ fn remove_quietly(path: &Path) -> Result<(), StorageError> {
     }
 }
 
-pub(crate) fn recover(
-    dir: &Path,
-    config: &StorageConfig,
-    _fs: &dyn FileSystem,
-) -> Result<Recovered, StorageError> {
+pub(crate) fn recover(dir: &Path) -> Result<Recovered, StorageError> {
     let lock = lock_dir(dir)?;
-    let _ = config;
     let catalog = Catalog::open(&dir.join(super::CATALOG_FILE))?;
     let mut entries = catalog.segments()?;
     if entries.is_empty() {
